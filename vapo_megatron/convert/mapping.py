@@ -1,0 +1,226 @@
+"""The one place that knows how Hugging Face tensors map onto megatron-core parameters.
+
+Three views of every parameter:
+  * HF: the names and shapes of a transformers checkpoint (`model.layers.3.self_attn.q_proj.weight`, ...);
+  * Megatron *full*: the GPTModel parameter at TP=1, named with the *global* layer index
+    (`decoder.layers.3.self_attention.linear_qkv.weight`, fused QKV in Megatron's per-query-group order);
+  * Megatron *shard*: what one (tp_rank, pp_stage) holds, named with the *local* layer index.
+
+`ParamMap` entries are plain data; `hf_to_full`, `full_to_hf`, `split_tp`, `merge_tp` are pure functions over
+tensors, so the converter, the trainer's equivalence tests and the hybrid engine's weight sync all share them.
+
+Fused layouts:
+  * QKV: for each of the `g` query groups, that group's `h/g` query heads, then its key head, then its value
+    head, each `head_dim` rows. TP splits this along rows into whole groups.
+  * gate/up (SwiGLU fc1): `[gate; up]` at TP=1; a TP rank holds `[gate_r; up_r]`, so TP split/merge work on
+    the two halves separately.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from vapo_megatron.models.hf_config import ModelArch
+
+QKV, GLU, PLAIN = "qkv", "glu", "plain"
+
+
+class ShapeMismatchError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ParamMap:
+    """One Megatron parameter and the HF tensors it is made of."""
+
+    name: str  # Megatron full name, global layer index
+    hf_names: tuple[str, ...]
+    kind: str = PLAIN  # QKV, GLU or PLAIN
+    tp_dim: int | None = None  # dimension split over TP ranks; None = replicated
+    vocab: bool = False  # rows are vocabulary entries (padded to a multiple of tp)
+    layer: int | None = None  # global layer index, None for embedding / final norm / heads
+
+    def local_name(self, layer_offset: int) -> str:
+        if self.layer is None:
+            return self.name
+        return self.name.replace(f"decoder.layers.{self.layer}.", f"decoder.layers.{self.layer - layer_offset}.", 1)
+
+
+def _layer_maps(i: int, arch: ModelArch) -> list[ParamMap]:
+    hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+    maps = [
+        ParamMap(mg + "input_layernorm.weight", (hf + "input_layernorm.weight",), layer=i),
+        ParamMap(mg + "self_attention.linear_qkv.weight",
+                 tuple(hf + f"self_attn.{p}_proj.weight" for p in "qkv"), QKV, 0, layer=i),
+        ParamMap(mg + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",), tp_dim=1, layer=i),
+        ParamMap(mg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",), layer=i),
+        ParamMap(mg + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), GLU, 0,
+                 layer=i),
+        ParamMap(mg + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), tp_dim=1, layer=i),
+    ]
+    if arch.qkv_bias:
+        maps.insert(2, ParamMap(mg + "self_attention.linear_qkv.bias",
+                                tuple(hf + f"self_attn.{p}_proj.bias" for p in "qkv"), QKV, 0, layer=i))
+    return maps
+
+
+def param_maps(arch: ModelArch, role: str = "policy") -> list[ParamMap]:
+    """Every Megatron parameter of the `role` ("policy" or "critic") model, in forward order."""
+    if role not in ("policy", "critic"):
+        raise ValueError(f"role must be 'policy' or 'critic', got {role!r}")
+    maps = [ParamMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), tp_dim=0, vocab=True)]
+    for i in range(arch.num_layers):
+        maps += _layer_maps(i, arch)
+    maps.append(ParamMap("decoder.final_layernorm.weight", ("model.norm.weight",)))
+    if role == "critic":
+        maps.append(ParamMap("value_head.weight", ("score.weight",)))
+    elif not arch.tie_word_embeddings:
+        maps.append(ParamMap("output_layer.weight", ("lm_head.weight",), tp_dim=0, vocab=True))
+    return maps
+
+
+# ---- HF <-> Megatron full -------------------------------------------------------------------------------
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ShapeMismatchError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def hf_to_full(pm: ParamMap, hf: dict[str, torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    """The Megatron full tensor for `pm` from its HF tensors (shapes checked, dtype kept)."""
+    tensors = [hf[n] for n in pm.hf_names]
+    if pm.kind == QKV:
+        return _fuse_qkv(pm, tensors, arch)
+    if pm.kind == GLU:
+        for n, t in zip(pm.hf_names, tensors):
+            _check(n, t, (arch.ffn_hidden_size, arch.hidden_size))
+        return torch.cat(tensors, dim=0)
+    (t,) = tensors
+    _check(pm.hf_names[0], t, _hf_shape(pm, arch))
+    return t
+
+
+def full_shape(pm: ParamMap, arch: ModelArch) -> tuple[int, ...]:
+    """Shape of the Megatron full tensor of `pm` (vocabulary unpadded)."""
+    h, d = arch.hidden_size, arch.head_dim
+    if pm.kind == QKV:
+        rows = (arch.num_heads + 2 * arch.num_kv_heads) * d
+        return (rows, h) if pm.name.endswith("weight") else (rows,)
+    if pm.kind == GLU:
+        return (2 * arch.ffn_hidden_size, h)
+    return _hf_shape(pm, arch)
+
+
+def _hf_shape(pm: ParamMap, arch: ModelArch) -> tuple[int, ...]:
+    h = arch.hidden_size
+    if pm.vocab:
+        return (arch.vocab_size, h)
+    if pm.name.endswith("linear_proj.weight"):
+        return (h, arch.num_heads * arch.head_dim)
+    if pm.name.endswith("linear_fc2.weight"):
+        return (h, arch.ffn_hidden_size)
+    if pm.name.endswith("value_head.weight"):
+        return (1, h)
+    return (h,)  # norms
+
+
+def _fuse_qkv(pm: ParamMap, tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    g, d = arch.num_kv_heads, arch.head_dim
+    per_group = arch.num_heads // g
+    q, k, v = tensors
+    tail = tuple(q.shape[1:])
+    _check(pm.hf_names[0], q, (arch.num_heads * d, *tail))
+    _check(pm.hf_names[1], k, (g * d, *tail))
+    _check(pm.hf_names[2], v, (g * d, *tail))
+    fused = torch.cat([q.reshape(g, per_group * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)], dim=1)
+    return fused.reshape(-1, *tail)
+
+
+def full_to_hf(pm: ParamMap, full: torch.Tensor, arch: ModelArch) -> dict[str, torch.Tensor]:
+    """The HF tensors of `pm` from its Megatron full tensor (inverse of `hf_to_full`)."""
+    if pm.kind == QKV:
+        g, d = arch.num_kv_heads, arch.head_dim
+        per_group = arch.num_heads // g
+        tail = tuple(full.shape[1:])
+        grouped = full.reshape(g, (per_group + 2) * d, *tail)
+        q, k, v = grouped.split([per_group * d, d, d], dim=1)
+        return {n: t.reshape(-1, *tail) for n, t in zip(pm.hf_names, (q, k, v))}
+    if pm.kind == GLU:
+        return dict(zip(pm.hf_names, full.chunk(2, dim=0)))
+    if pm.vocab:
+        full = full[: arch.vocab_size]
+    return {pm.hf_names[0]: full}
+
+
+# ---- Megatron full <-> TP shards ---------------------------------------------------------------------------
+
+def split_tp(pm: ParamMap, full: torch.Tensor, tp: int, arch: ModelArch) -> list[torch.Tensor]:
+    """The `tp` shards of a Megatron full tensor (vocabulary rows zero-padded to a multiple of tp)."""
+    if pm.tp_dim is None or tp == 1 and not pm.vocab:
+        return [full] * tp
+    if pm.vocab and full.shape[0] < arch.padded_vocab_size(tp):
+        pad = full.new_zeros(arch.padded_vocab_size(tp) - full.shape[0], *full.shape[1:])
+        full = torch.cat([full, pad], dim=0)
+    if pm.kind == GLU:
+        gate, up = full.chunk(2, dim=0)
+        return [torch.cat([a, b], dim=0) for a, b in zip(gate.chunk(tp, dim=0), up.chunk(tp, dim=0))]
+    return list(full.chunk(tp, dim=pm.tp_dim))
+
+
+def merge_tp(pm: ParamMap, shards: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    """Inverse of `split_tp`: the Megatron full tensor (vocabulary padding removed)."""
+    if pm.tp_dim is None:
+        return shards[0]
+    if pm.kind == GLU:
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])], dim=0)
+    full = torch.cat(shards, dim=pm.tp_dim)
+    return full[: arch.vocab_size] if pm.vocab else full
+
+
+# ---- pipeline stages -------------------------------------------------------------------------------------
+
+def layers_per_stage(arch: ModelArch, pp: int) -> int:
+    if arch.num_layers % pp:
+        raise ValueError(f"num_layers {arch.num_layers} is not divisible by pp {pp}")
+    return arch.num_layers // pp
+
+
+def stages_of(pm: ParamMap, arch: ModelArch, pp: int, role: str = "policy") -> list[int]:
+    """Pipeline stages that hold `pm`. With tied embeddings and pp > 1 the policy's last stage keeps its own
+    copy of the embedding as `output_layer.weight` (megatron-core keeps the two in sync through the embedding
+    group); the critic has no output layer, so no copy."""
+    if pm.layer is not None:
+        return [pm.layer // layers_per_stage(arch, pp)]
+    if pm.name.startswith("embedding."):
+        tied_copy = role == "policy" and arch.tie_word_embeddings and pp > 1
+        return [0, pp - 1] if tied_copy else [0]
+    return [pp - 1]
+
+
+def stage_local_name(pm: ParamMap, arch: ModelArch, pp: int, stage: int) -> str:
+    """Name of `pm` inside the model of `stage` (local layer index; the tied-embedding copy on the last
+    stage is called `output_layer.weight`)."""
+    if pm.layer is not None:
+        return pm.local_name(stage * layers_per_stage(arch, pp))
+    if pm.name.startswith("embedding.") and stage != 0:
+        return "output_layer.weight"
+    return pm.name
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], arch: ModelArch, *, role: str, tp: int, tp_rank: int,
+                     pp: int, pp_rank: int) -> dict[str, torch.Tensor]:
+    """The local state dict (parameters only) of rank (tp_rank, pp_rank) from a Megatron full state dict."""
+    out = {}
+    for pm in param_maps(arch, role):
+        if pp_rank in stages_of(pm, arch, pp, role):
+            out[stage_local_name(pm, arch, pp, pp_rank)] = split_tp(pm, full[pm.name], tp, arch)[tp_rank]
+    return out
+
+
+def iter_hf_to_full(hf_get, arch: ModelArch, role: str = "policy") -> Iterator[tuple[ParamMap, torch.Tensor]]:
+    """Yield (ParamMap, Megatron full tensor) one parameter at a time; `hf_get(name)` loads one HF tensor."""
+    for pm in param_maps(arch, role):
+        yield pm, hf_to_full(pm, {n: hf_get(n) for n in pm.hf_names}, arch)

@@ -1,0 +1,1 @@
+"""Megatron actor/critic engines: forward, train step through megatron-core's schedules, checkpoints."""

@@ -1,0 +1,88 @@
+"""Forward/backward of many micro-batches through megatron-core's pipeline schedules.
+
+Convention of this project: every loss arrives *already normalised by its global count* (tokens of the whole
+optimizer step across DP ranks and micro-batches, see vapo_megatron.algorithms). So gradients must be summed,
+never averaged, over micro-batches and DP ranks, and never rescaled by a token count afterwards. Megatron's
+`calculate_per_token_loss=True` gives exactly the summing (DDP's gradient_scaling_factor = 1, no division by
+num_microbatches); `finalize_grads_unscaled` drops the per-token rescale that would otherwise follow.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from vapo_megatron import platform
+
+platform.install_shims()
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.distributed import finalize_model_grads  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+_MASKS: dict[int, torch.Tensor] = {}
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """Boolean [1, 1, S, S] mask, True above the diagonal (masked). Passed explicitly because megatron's
+    default causal mask is built on "cuda"; with right padding it is also the correct padding mask."""
+    key = seq_len
+    if key not in _MASKS:
+        _MASKS[key] = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
+    return _MASKS[key]
+
+
+def position_ids(batch: int, seq_len: int, device=None) -> torch.Tensor:
+    return torch.arange(seq_len, device=device)[None].expand(batch, seq_len)
+
+
+def finalize_grads_unscaled(model, num_tokens=None, *args, **kwargs):
+    """finalize_model_grads without the division by the token count (see the module docstring)."""
+    return finalize_model_grads(model, None, *args, **kwargs)
+
+
+def prepare_config(config) -> None:
+    """Set the TransformerConfig fields that the schedules read for this project's loss convention."""
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_grads_unscaled
+
+
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_batches: Sequence[dict],
+                     loss_fn: LossFn | None, *, forward_only: bool = False,
+                     output_fn: Callable[[torch.Tensor, dict], Any] | None = None) -> list[Any]:
+    """Run all micro-batches (dicts with `input_ids` [b, S]; all of the same shape) through the schedule.
+
+    `loss_fn(output, micro_batch) -> (loss, metrics)`: output is the model's last-stage output (logits shard
+    [b, S, V/tp] for a policy, values [b, S] for a critic). Returns, on the last pipeline stage, the list of
+    per-micro-batch metrics dicts (or `output_fn(output, mb)` values when forward_only with output_fn);
+    other stages get an empty list.
+    """
+    models = list(model) if isinstance(model, Sequence) else [model]
+    first = micro_batches[0]["input_ids"]
+    b, seq = first.shape
+    mask = causal_mask(seq, first.device)
+    pos = position_ids(b, seq, first.device)
+    results: list[Any] = []
+
+    def step(data_iter, chunk):
+        mb = next(data_iter)
+        out = chunk(mb["input_ids"], pos, mask)
+
+        def reduce(output):
+            if output_fn is not None:
+                results.append(output_fn(output, mb))
+                return output.sum() * 0.0, torch.tensor(1), {}
+            loss, metrics = loss_fn(output, mb)
+            return loss, torch.tensor(1), metrics
+
+        return out, reduce
+
+    stored = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(micro_batches), model=models,
+        num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=b, forward_only=forward_only)
+    if not parallel_state.is_pipeline_last_stage():
+        return []
+    return results if output_fn is not None else list(stored)

@@ -1,0 +1,28 @@
+"""Layer specs: TransformerEngine on GPU when importable, megatron-core's local (plain torch) spec otherwise."""
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def transformer_engine_available() -> bool:
+    from vapo_megatron import platform
+
+    if not platform.has_cuda():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gpt_layer_spec(*, use_te: bool | None = None, qk_layernorm: bool = False):
+    """The GPT layer spec. `use_te=None` picks TransformerEngine when it can run."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te is None:
+        use_te = transformer_engine_available()
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")

@@ -1,0 +1,110 @@
+"""Tiny models and a character-level tokenizer built locally, for CPU demos and tests (no hub needed).
+
+The tokenizer is a real `PreTrainedTokenizerFast` (saved as tokenizer.json + tokenizer_config.json with a
+chat template), so the same files load in transformers, vLLM and the trainer exactly as a hub tokenizer would.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS]
+# Printable ASCII (letters, digits, punctuation, space) plus newline: enough for math and the synthetic task.
+CHARACTERS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_char_tokenizer(vocab_pad_to: int = 128):
+    """A character-level tokenizer; ids: specials first, then characters, then unused filler tokens up to
+    `vocab_pad_to` (so the vocabulary divides by common tensor-parallel sizes)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = SPECIAL_TOKENS + CHARACTERS
+    tokens += [f"<|unused{i}|>" for i in range(max(0, vocab_pad_to - len(tokens)))]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=None, unk_token=PAD,
+        additional_special_tokens=[BOS], clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def tiny_hf_config(family: str = "qwen2", *, vocab_size: int = 128, hidden_size: int = 128,
+                   num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
+                   intermediate_size: int = 256, max_position_embeddings: int = 1024,
+                   tie_word_embeddings: bool | None = None, attention_bias: bool | None = None,
+                   rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6):
+    """A Hugging Face config of the given family with tiny sizes. head_dim = hidden/heads must be one of
+    vLLM CPU attention's sizes (32, 64, 80, 96, 112, 128, ...) for vLLM tests; 128/4 = 32 is."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=rms_norm_eps, hidden_act="silu",
+        torch_dtype="float32", pad_token_id=0, eos_token_id=2, bos_token_id=1,
+    )
+    if family == "qwen2":
+        cfg = Qwen2Config(tie_word_embeddings=bool(tie_word_embeddings), rope_theta=rope_theta, **common)
+        if attention_bias is False:
+            raise ValueError("Qwen2 always has QKV biases; use family='llama' for a bias-free model")
+    elif family == "llama":
+        cfg = LlamaConfig(tie_word_embeddings=True if tie_word_embeddings is None else tie_word_embeddings,
+                          attention_bias=bool(attention_bias), mlp_bias=False, rope_theta=rope_theta,
+                          **common)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; use 'qwen2' or 'llama'")
+    _set_rope_theta(cfg, rope_theta)
+    return cfg
+
+
+def _set_rope_theta(cfg, theta: float) -> None:
+    # transformers 5 keeps rope settings in `rope_parameters`; older releases in `rope_theta`.
+    params = getattr(cfg, "rope_parameters", None)
+    if isinstance(params, dict):
+        params["rope_theta"] = theta
+    else:
+        cfg.rope_theta = theta
+
+
+def save_tiny_hf_model(out_dir: str | Path, family: str = "qwen2", seed: int = 0, dtype=None, **config_kwargs):
+    """Write a randomly initialised HF causal LM of the family plus the char tokenizer to `out_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_hf_config(family, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32)
+    _perturb_norms(model, seed)
+    model.save_pretrained(out)
+    build_char_tokenizer(cfg.vocab_size).save_pretrained(out)
+    return out
+
+
+def _perturb_norms(model, seed: int) -> None:
+    """HF initialises norm weights to exactly 1 and biases to 0; randomise them so that layout bugs in
+    conversion (a swapped norm, a dropped bias) change the logits and cannot pass unnoticed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))

@@ -1,0 +1,100 @@
+"""Parallel layout of one model role (policy or critic): sizes, validation with numbers, process groups."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ParallelConfigError(ValueError):
+    """An impossible combination of parallel sizes, model shape and world size."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one model is split over ranks. DP is derived: world_size / (tp * pp * cp)."""
+
+    tp: int = 1
+    """Tensor-parallel size: attention heads, MLP columns and the vocabulary are split over this many ranks."""
+    pp: int = 1
+    """Pipeline-parallel size: transformer layers are split into this many consecutive stages."""
+    cp: int = 1
+    """Context-parallel size: long sequences are split over this many ranks (GPU path)."""
+    sequence_parallel: bool = False
+    """Shard norms/dropout activations along the sequence over the TP ranks (needs tp > 1)."""
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp * self.cp)
+
+    def validate(self, world_size: int, *, num_layers: int | None = None, num_heads: int | None = None,
+                 num_kv_heads: int | None = None) -> None:
+        """Raise ParallelConfigError naming every number involved when the layout is impossible."""
+        problems = []
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if problems:
+            raise ParallelConfigError("; ".join(problems))
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            problems.append(f"world size {world_size} is not divisible by tp({self.tp}) x pp({self.pp}) x "
+                            f"cp({self.cp}) = {model_parallel}")
+        if num_heads is not None and num_heads % self.tp:
+            problems.append(f"num_attention_heads {num_heads} is not divisible by tp {self.tp}")
+        if num_kv_heads is not None and num_kv_heads % self.tp:
+            problems.append(f"num_key_value_heads {num_kv_heads} is not divisible by tp {self.tp} "
+                            f"(each TP rank must hold whole query groups)")
+        if num_layers is not None and num_layers % self.pp:
+            problems.append(f"num_layers {num_layers} is not divisible by pp {self.pp}")
+        if self.sequence_parallel and self.tp == 1:
+            problems.append("sequence_parallel needs tp > 1 (tp=1)")
+        if problems:
+            raise ParallelConfigError("invalid parallel layout: " + "; ".join(problems))
+
+
+def initialize(config: ParallelConfig, *, seed: int = 1234) -> None:
+    """Create megatron-core's process groups for `config` on the already-initialised default group, and seed
+    the model-parallel RNG tracker. The default group must exist (torchrun or the test harness)."""
+    import torch
+    import torch.distributed as dist
+
+    from vapo_megatron import platform
+
+    platform.setup()
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: launch with torchrun or call "
+                           "vapo_megatron.parallel.layout.init_distributed() first")
+    config.validate(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=config.tp, pipeline_model_parallel_size=config.pp,
+        context_parallel_size=config.cp, create_gloo_process_groups=not platform.has_cuda())
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed() -> None:
+    """Initialise the default process group from torchrun's environment (single process when absent)."""
+    import os
+
+    import torch.distributed as dist
+
+    from vapo_megatron import platform
+
+    platform.setup()
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        from vapo_megatron.testing.dist import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+    if platform.has_cuda():
+        import torch
+
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(platform.dist_backend())

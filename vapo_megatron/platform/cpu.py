@@ -1,0 +1,170 @@
+"""Shims that let megatron-core 0.19 run on a CPU-only torch with the gloo backend.
+
+megatron-core assumes CUDA in a handful of places. Each shim below names the place that needs it. They are
+applied once per process by :func:`install`, and only when CUDA is absent: on a GPU nothing here runs.
+
+Two of them are *silent-wrong-answer* traps rather than crashes, so they are tested by equivalence against
+TP=1 (tests/distributed/test_models_parallel.py): the sequence-parallel tag on the torch norms (S6) and the
+explicit attention mask (megatron's default causal mask is built on "cuda").
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class CudaToCpu(TorchFunctionMode):
+    """S3: megatron.core hard-codes `device="cuda"` (DDP buffers, schedules, optimizer, clip_grads),
+    `.cuda()` and `param.type() == "torch.cuda.FloatTensor"` (optimizer param grouping). Redirect them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _SyncStream:
+    """S4: CUDA streams and events; on CPU every op is synchronous, so all of these are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return None
+
+
+def _stub_paged_stash() -> None:
+    """S1: megatron/core/transformer/moe/ops/paged_stash.py does an unguarded `import triton`, reached by
+    `import megatron.core` (pipeline_parallel/schedules.py -> transformer/moe/paged_stash.py). Triton is
+    CUDA-only and is not installed on CPU; the MoE paged stash is never used by dense models."""
+    try:
+        import triton  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    mod = types.ModuleType(name)
+    mod.GLOBAL_BLOCK_SIZE = 1024
+
+    def _unavailable(*args, **kwargs):
+        raise RuntimeError("the MoE paged stash needs triton and CUDA")
+
+    mod.paged_stash_copy_kernel = mod.paged_stash_pop_kernel = _unavailable
+    sys.modules[name] = mod
+
+
+def _patch_cuda_entry_points() -> None:
+    # S2: torch.cuda.current_device() is used as the device of new buffers all over megatron.core
+    # (DDP param/grad buffers, rotary embeddings, optimizer state).
+    torch.cuda.current_device = lambda: "cpu"
+    # S4: streams / synchronize (DDP bucket groups, p2p communication, dist_checkpointing).
+    torch.cuda.current_stream = lambda *a, **k: _SyncStream()
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.Stream = _SyncStream
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+
+
+def _install_rng_tracker() -> None:
+    """S5: tensor_parallel/random.py CudaRNGStatesTracker.add/fork call torch.cuda.get/set_rng_state.
+    Same tracker over the CPU generator; installed before model_parallel_cuda_manual_seed() so that
+    initialize_rng_tracker() keeps it."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def _patch_torch_norm_for_sp() -> None:
+    """S6: transformer/torch_norm.py (WrappedTorchNorm, used by the local spec when neither apex nor TE is
+    importable) asserts `not config.sequence_parallel`. The same norm without the assert is correct only if
+    its parameters are tagged `sequence_parallel`, so that finalize_model_grads all-reduces their gradients
+    over TP as it does for apex/TE norms. Without the tag the run goes on with silently wrong gradients."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    def norm_new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False,
+                 zero_centered_gamma=False, normalization="LayerNorm"):
+        kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in kinds:
+            raise ValueError(f"normalization {config.normalization!r} not supported on CPU; use {sorted(kinds)}")
+        module = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for p in module.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return module
+
+    WrappedTorchNorm.__new__ = norm_new
+
+
+def install() -> None:
+    """Apply every shim (idempotent). Call before megatron.core is imported."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _stub_paged_stash()
+    _patch_cuda_entry_points()
+    _install_rng_tracker()
+    _patch_torch_norm_for_sp()
+    _INSTALLED = True
+
+
+def activate_device_redirect() -> None:
+    """Enter the CudaToCpu mode for the rest of this thread (S3). Torch function modes are per thread:
+    worker threads that call into megatron need their own `with CudaToCpu():`."""
+    if not any(isinstance(m, CudaToCpu) for m in torch.overrides._get_current_function_mode_stack()):
+        CudaToCpu().__enter__()
