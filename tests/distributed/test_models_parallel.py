@@ -22,7 +22,15 @@ def _inputs(vocab: int):
     return ids, w_logits, w_values
 
 
-def _body(hf_dir: str, role: str, tp: int, pp: int, sp: bool):
+def _body(hf_dir: str, roles: tuple[str, ...], tp: int, pp: int, sp: bool) -> dict:
+    from vapo_megatron.parallel.layout import ParallelConfig, initialize
+
+    parallel = ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp)
+    initialize(parallel)
+    return {role: _run_role(hf_dir, role, parallel) for role in roles}
+
+
+def _run_role(hf_dir: str, role: str, parallel) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from safetensors.torch import load_file
@@ -32,10 +40,7 @@ def _body(hf_dir: str, role: str, tp: int, pp: int, sp: bool):
     from vapo_megatron.engine.schedule import forward_backward
     from vapo_megatron.models.hf_config import load_arch
     from vapo_megatron.parallel.gather import full_state_dict
-    from vapo_megatron.parallel.layout import ParallelConfig, initialize
 
-    parallel = ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp)
-    initialize(parallel)
     arch = load_arch(hf_dir)
     hf = load_file(f"{hf_dir}/model.safetensors")
     if role == "critic":  # a reward-model-like score head for the critic
@@ -76,14 +81,14 @@ def hf_models(tmp_path_factory):
     }
 
 
+ROLES = ("policy", "critic")
 _REFERENCE: dict = {}
 
 
-def _reference(hf_dir: str, role: str):
-    key = (hf_dir, role)
-    if key not in _REFERENCE:
-        _REFERENCE[key] = run_distributed(_body, 1, hf_dir, role, 1, 1, False)[0]
-    return _REFERENCE[key]
+def _reference(hf_dir: str):
+    if hf_dir not in _REFERENCE:
+        _REFERENCE[hf_dir] = run_distributed(_body, 1, hf_dir, ROLES, 1, 1, False)[0]
+    return _REFERENCE[hf_dir]
 
 
 def _compare(ref, results, what):
@@ -107,18 +112,20 @@ LAYOUTS = [  # (world, tp, pp, sp)
 ]
 
 
-@pytest.mark.parametrize("role", ["policy", "critic"])
 @pytest.mark.parametrize("world,tp,pp,sp", LAYOUTS, ids=["tp2", "pp2", "tp2sp", "tp2pp2sp"])
-def test_layout_matches_tp1(hf_models, role, world, tp, pp, sp):
+def test_layout_matches_tp1(hf_models, world, tp, pp, sp):
+    """Policy (Qwen2: QKV bias, untied) and critic, both roles built in the same ranks."""
     hf_dir = hf_models["qwen2"]
-    ref = _reference(hf_dir, role)
-    results = run_distributed(_body, world, hf_dir, role, tp, pp, sp)
-    _compare(ref, results, f"{role} tp={tp} pp={pp} sp={sp}")
+    ref = _reference(hf_dir)
+    results = run_distributed(_body, world, hf_dir, ROLES, tp, pp, sp)
+    for role in ROLES:
+        _compare(ref[role], [r[role] for r in results], f"{role} tp={tp} pp={pp} sp={sp}")
 
 
 @pytest.mark.parametrize("world,tp,pp,sp", [(2, 1, 2, False), (4, 2, 2, True)], ids=["pp2", "tp2pp2sp"])
 def test_tied_embeddings_layout_matches_tp1(hf_models, world, tp, pp, sp):
     """Tied input/output embeddings split across pipeline stages (Llama-style, no QKV bias)."""
     hf_dir = hf_models["llama_tied"]
-    ref = _reference(hf_dir, "policy")
-    _compare(ref, run_distributed(_body, world, hf_dir, "policy", tp, pp, sp), f"tied tp={tp} pp={pp} sp={sp}")
+    ref = _reference(hf_dir)["policy"]
+    results = run_distributed(_body, world, hf_dir, ("policy",), tp, pp, sp)
+    _compare(ref, [r["policy"] for r in results], f"tied tp={tp} pp={pp} sp={sp}")

@@ -1,0 +1,109 @@
+"""RewardManager: failing and hanging rewards are counted and scored as failures, never crash the batch."""
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+
+import pytest
+
+from vapo_megatron.rewards import RewardItem, RewardManager
+
+USER_REWARD = textwrap.dedent("""
+    import os
+    import time
+
+    def flaky(response, ground_truth, *, prompt="", data_source="", extra=None, **kwargs):
+        if response == "hang":
+            time.sleep(60)
+        if response == "raise":
+            raise ValueError("deliberate failure")
+        if response == "die":
+            os._exit(3)
+        if response == "none":
+            return None
+        return {"score": float(response == ground_truth), "pid": os.getpid()}
+""")
+
+
+@pytest.fixture
+def user_reward(tmp_path):
+    path = tmp_path / "user_reward.py"
+    path.write_text(USER_REWARD)
+    return f"{path}:flaky"
+
+
+def test_hanging_and_raising_rewards_in_workers(user_reward):
+    """A failure pinpoints the worker-process timeout: a call sleeping 60 s is stopped after the 1 s timeout,
+    a raising call and one returning None are counted as errors, all three score the failure value, and the
+    other items of the same batch (before and after, in the killed worker's share) keep their right scores."""
+    items = [RewardItem("1", "1"), RewardItem("hang", "1"), RewardItem("2", "1"), RewardItem("raise", "1"),
+             RewardItem("3", "3"), RewardItem("none", "1")]
+    with RewardManager(user_reward, timeout_s=1.0, failure_score=-1.0, startup_timeout_s=60) as manager:
+        assert not manager.in_process
+        start = time.monotonic()
+        results = manager.score(items)
+        elapsed = time.monotonic() - start
+        assert results.scores == [1.0, -1.0, 0.0, -1.0, 1.0, -1.0]
+        assert results.status == ["ok", "timeout", "ok", "error", "ok", "error"]
+        assert results.stats.num_timeouts == 1 and results.stats.num_errors == 2
+        assert results.stats.num_worker_restarts == 1
+        assert any("deliberate failure" in m for m in results.stats.error_examples)
+        assert elapsed < 20, f"the hanging reward was not stopped ({elapsed:.1f} s)"
+        hung_pid = results.extras[0]["pid"]  # the worker that ran item 0 then hung on item 1
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung_pid, 0)
+        assert results.extras[2]["pid"] != hung_pid
+        # The replacement worker serves the next batch; extras come back.
+        again = manager.score([RewardItem("5", "5")])
+        assert again.scores == [1.0] and "pid" in again.extras[0] and again.stats.num_timeouts == 0
+
+
+def test_dying_worker_is_replaced(user_reward):
+    """A failure pinpoints recovery from a worker process that exits during a call (counted as an error; the
+    rest of the batch is scored by a replacement) or dies while idle, with two workers sharing the batch."""
+    items = [RewardItem("a", "a"), RewardItem("die", "x"), RewardItem("b", "b"), RewardItem("c", "x")]
+    with RewardManager(user_reward, num_workers=2, timeout_s=5.0) as manager:
+        results = manager.score(items)
+        assert results.scores == [1.0, 0.0, 1.0, 0.0]
+        assert results.status == ["ok", "error", "ok", "ok"] and results.stats.num_errors == 1
+        # An idle worker killed between batches (as by the OOM killer) is replaced without charging an item.
+        os.kill(results.extras[2]["pid"], signal.SIGKILL)
+        time.sleep(0.2)
+        again = manager.score(items[:1] + items[2:])
+        assert again.scores == [1.0, 1.0, 0.0] and again.stats.num_errors == 0
+
+
+def test_builtin_safe_reward_runs_in_process_and_counts_errors():
+    """A failure pinpoints the in-process path for in_process_safe rewards (no workers) and its error
+    counting; the failure score defaults to reward_kwargs['incorrect_score']."""
+    manager = RewardManager("synthetic", reward_kwargs={"correct_score": 1.0, "incorrect_score": -1.0})
+    assert manager.in_process
+    items = [RewardItem("b=1+1=2\n#### 2", "2"), RewardItem("#### 3", "2"), RewardItem("#### 2", "2", extra=None)]
+    results = manager.score(items)
+    assert results.scores == [1.0, -1.0, 1.0] and results.stats.num_errors == 0
+    bad = RewardManager(lambda response, ground_truth, **kw: 1 / 0, in_process=True, failure_score=0.0)
+    results = bad.score(items[:2])
+    assert results.scores == [0.0, 0.0] and results.stats.num_errors == 2
+    assert "ZeroDivisionError" in results.stats.error_examples[0]
+
+
+def test_routing_by_data_source(user_reward):
+    """A failure pinpoints routing: items whose data_source has its own reward use it, others the default."""
+    manager = RewardManager(user_reward, by_data_source={"synthetic_chain": "synthetic"}, timeout_s=5.0)
+    with manager:
+        results = manager.score([RewardItem("#### 4", "4", data_source="synthetic_chain"),
+                                 RewardItem("#### 4", "4", data_source="other")])
+    assert results.scores == [1.0, 0.0]
+
+
+def test_configuration_errors_are_raised_early(tmp_path):
+    """A failure pinpoints the checks at construction: an unknown reward, a missing file, and a lambda that
+    cannot be sent to a worker process."""
+    with pytest.raises(KeyError, match="unknown reward"):
+        RewardManager("no_such_reward")
+    with pytest.raises(FileNotFoundError):
+        RewardManager(f"{tmp_path}/missing.py:f")
+    with pytest.raises(TypeError, match="cannot be sent to a worker process"):
+        RewardManager(lambda response, ground_truth, **kw: 1.0)

@@ -1,0 +1,339 @@
+"""Score a batch of responses with per-call timeouts, so that a reward function that raises or hangs never
+stops the run.
+
+Why processes: a Python thread cannot be stopped, so a reward stuck in sympy or in a user's infinite loop would
+hold a thread (and the GIL) for good; math-verify's own SIGALRM timeouts only work in a main thread. So rewards
+run in worker processes (each in its own main thread); a worker that overruns ``timeout_s`` on one call is
+killed and replaced, that item scores ``failure_score`` and is counted in ``RewardStats.num_timeouts``, and the
+remaining items of its share are sent to the replacement. One message carries a worker's whole share of the
+batch and each result comes back as soon as it is computed, so a batch costs one round trip per worker while
+every call still gets its own deadline.
+
+A raising reward (or one returning something that is not a score) scores ``failure_score`` and is counted in
+``num_errors``. Rewards registered ``in_process_safe`` (bounded work, like ``synthetic``) run in the calling
+process when every reward used is safe: no process start-up, no pickling; they still cannot crash the run.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import time
+import weakref
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from vapo_megatron.rewards.registry import (
+    RewardSpec,
+    get_registered,
+    is_custom_spec,
+    resolve_reward,
+    score_from_output,
+)
+
+DEFAULT_KEY = ""
+MAX_ERROR_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class RewardItem:
+    """One response to score; the fields are the reward function's arguments."""
+
+    response: str
+    ground_truth: str
+    prompt: str = ""
+    data_source: str = ""
+    extra: dict[str, Any] | None = None
+
+
+@dataclass
+class RewardStats:
+    """What happened while scoring one batch."""
+
+    num_items: int = 0
+    num_errors: int = 0
+    """Calls that raised, returned a non-score, or whose worker died."""
+    num_timeouts: int = 0
+    """Calls stopped after ``timeout_s`` (their worker was killed and replaced)."""
+    num_worker_restarts: int = 0
+    seconds: float = 0.0
+    error_examples: list[str] = field(default_factory=list)
+    """The first few error messages, for the log."""
+
+    def as_metrics(self, prefix: str = "reward/") -> dict[str, float]:
+        return {f"{prefix}num_errors": float(self.num_errors), f"{prefix}num_timeouts": float(self.num_timeouts),
+                f"{prefix}worker_restarts": float(self.num_worker_restarts), f"{prefix}seconds": self.seconds}
+
+
+@dataclass
+class RewardResults:
+    """Scores in the order of the items, per-item status (``"ok"``, ``"error"``, ``"timeout"``), the extra
+    values of rewards that return dicts, and the batch's stats."""
+
+    scores: list[float]
+    status: list[str]
+    extras: list[dict[str, Any]]
+    stats: RewardStats
+
+
+def _call_reward(fn: Any, item: tuple, reward_kwargs: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+    response, ground_truth, prompt, data_source, extra = item
+    out = fn(response, ground_truth, prompt=prompt, data_source=data_source, extra=extra, **reward_kwargs)
+    return score_from_output(out)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _worker_main(conn: Connection, specs: dict[str, RewardSpec], reward_kwargs: dict[str, Any]) -> None:
+    """Worker loop: resolve the rewards, say ready, then score every received share item by item."""
+    try:
+        fns = {key: resolve_reward(spec) for key, spec in specs.items()}
+    except BaseException as e:  # report any set-up failure instead of dying silently
+        conn.send(("fatal", _describe(e)))
+        return
+    conn.send(("ready",))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message[0] == "stop":
+            return
+        for pos, key, item in message[1]:
+            try:
+                score, extras = _call_reward(fns[key], item, reward_kwargs)
+                conn.send(("ok", pos, score, extras))
+            except Exception as e:  # the parent counts it; the worker lives on
+                conn.send(("error", pos, _describe(e)))
+
+
+class _Worker:
+    """One worker process and the share of the current batch it still owes."""
+
+    def __init__(self, ctx: Any, specs: dict[str, RewardSpec], reward_kwargs: dict[str, Any]) -> None:
+        self.conn, child = ctx.Pipe()
+        # daemon: never outlive the trainer, even if close() is not reached.
+        self.process = ctx.Process(target=_worker_main, args=(child, specs, reward_kwargs), daemon=True,
+                                   name="vapo-reward-worker")
+        self.process.start()
+        child.close()
+        self.ready = False
+        self.pending: deque[tuple[int, str, tuple]] = deque()
+        self.deadline = float("inf")
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for w in workers:
+        try:
+            if w.ready and w.process.is_alive():
+                w.conn.send(("stop",))
+                w.process.join(timeout=1)
+        except (OSError, ValueError):
+            pass
+        w.kill()
+    workers.clear()
+
+
+class RewardManager:
+    """Scores batches of :class:`RewardItem` with one default reward and optional rewards per ``data_source``.
+
+    Args:
+        reward: the default reward: a registered name, ``"file.py:function"``, ``"module:function"`` or a
+            module-level callable.
+        by_data_source: rewards for items whose ``data_source`` is a key here (the others use ``reward``).
+        reward_kwargs: fixed keyword arguments passed to every reward call (e.g. ``correct_score``,
+            ``incorrect_score`` of the built-in rewards).
+        failure_score: the score of a call that raised or timed out; defaults to
+            ``reward_kwargs["incorrect_score"]`` if given, else 0.0.
+        timeout_s: per-call limit in worker processes.
+        num_workers: worker processes (a batch is split evenly among them).
+        in_process: run rewards in this process (no timeout); default: only when every reward used is a
+            registered ``in_process_safe`` one.
+        startup_timeout_s: how long a worker may take to start and import the rewards.
+    """
+
+    def __init__(self, reward: RewardSpec = "math", *, by_data_source: Mapping[str, RewardSpec] | None = None,
+                 reward_kwargs: Mapping[str, Any] | None = None, failure_score: float | None = None,
+                 timeout_s: float = 10.0, num_workers: int = 1, in_process: bool | None = None,
+                 startup_timeout_s: float = 120.0, mp_context: str = "spawn") -> None:
+        if timeout_s <= 0 or num_workers < 1 or startup_timeout_s <= 0:
+            raise ValueError(f"need timeout_s > 0, num_workers >= 1, startup_timeout_s > 0; got timeout_s="
+                             f"{timeout_s}, num_workers={num_workers}, startup_timeout_s={startup_timeout_s}")
+        self.specs: dict[str, RewardSpec] = {DEFAULT_KEY: reward, **dict(by_data_source or {})}
+        # Resolve here too, so that a missing file or misspelt name fails now, not in a worker mid-run.
+        self._fns = {key: resolve_reward(spec) for key, spec in self.specs.items()}
+        self.reward_kwargs = dict(reward_kwargs or {})
+        self.failure_score = float(self.reward_kwargs.get("incorrect_score", 0.0) if failure_score is None
+                                   else failure_score)
+        self.timeout_s, self.num_workers, self.startup_timeout_s = timeout_s, num_workers, startup_timeout_s
+        self.in_process = all(_in_process_safe(s) for s in self.specs.values()) if in_process is None \
+            else in_process
+        self._ctx = mp.get_context(mp_context)
+        self._worker_specs = {} if self.in_process else {k: _worker_spec(s) for k, s in self.specs.items()}
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+
+    def score(self, items: Sequence[RewardItem]) -> RewardResults:
+        """Score every item; never raises for a failing reward call (see the module docstring)."""
+        start = time.monotonic()
+        n = len(items)
+        results = RewardResults(scores=[self.failure_score] * n, status=["ok"] * n, extras=[{} for _ in range(n)],
+                                stats=RewardStats(num_items=n))
+        jobs = [(pos, self._key(item), (item.response, item.ground_truth, item.prompt, item.data_source,
+                                        item.extra)) for pos, item in enumerate(items)]
+        if self.in_process:
+            self._score_in_process(jobs, results)
+        elif jobs:
+            self._score_in_workers(jobs, results)
+        results.stats.seconds = time.monotonic() - start
+        return results
+
+    def __call__(self, items: Sequence[RewardItem]) -> RewardResults:
+        return self.score(items)
+
+    def start(self) -> None:
+        """Start the worker processes now (otherwise the first ``score`` does) to overlap their start-up."""
+        while not self.in_process and len(self._workers) < self.num_workers:
+            self._workers.append(self._new_worker())
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self._finalizer()
+
+    def __enter__(self) -> RewardManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _key(self, item: RewardItem) -> str:
+        return item.data_source if item.data_source in self.specs else DEFAULT_KEY
+
+    def _new_worker(self) -> _Worker:
+        worker = _Worker(self._ctx, self._worker_specs, self.reward_kwargs)
+        worker.deadline = time.monotonic() + self.startup_timeout_s
+        return worker
+
+    def _score_in_process(self, jobs: list[tuple[int, str, tuple]], results: RewardResults) -> None:
+        for pos, key, item in jobs:
+            try:
+                results.scores[pos], results.extras[pos] = _call_reward(self._fns[key], item, self.reward_kwargs)
+            except Exception as e:
+                self._record_failure(results, pos, "error", _describe(e))
+
+    def _record_failure(self, results: RewardResults, pos: int, status: str, message: str) -> None:
+        results.scores[pos], results.status[pos] = self.failure_score, status
+        if status == "timeout":
+            results.stats.num_timeouts += 1
+        else:
+            results.stats.num_errors += 1
+        if len(results.stats.error_examples) < MAX_ERROR_EXAMPLES:
+            results.stats.error_examples.append(f"item {pos}: {message}")
+
+    def _score_in_workers(self, jobs: list[tuple[int, str, tuple]], results: RewardResults) -> None:
+        try:
+            self._run_workers(jobs, results)
+        except BaseException:
+            # A worker that cannot start is a set-up error worth raising; leave no half-done state behind.
+            _shutdown(self._workers)
+            raise
+
+    def _run_workers(self, jobs: list[tuple[int, str, tuple]], results: RewardResults) -> None:
+        self.start()
+        share = -(-len(jobs) // len(self._workers))
+        for i, worker in enumerate(self._workers):
+            worker.pending.extend(jobs[i * share:(i + 1) * share])
+            if worker.ready and worker.pending:
+                self._dispatch(worker, results)
+        while any(w.pending for w in self._workers):
+            busy = [w for w in self._workers if w.pending]
+            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            for conn in wait([w.conn for w in busy], timeout=timeout):
+                self._receive(next(w for w in busy if w.conn is conn), results)
+            now = time.monotonic()
+            for w in busy:
+                if w.pending and now >= w.deadline and not w.conn.poll(0):
+                    self._on_deadline(w, results)
+
+    def _dispatch(self, worker: _Worker, results: RewardResults) -> None:
+        try:
+            worker.conn.send(("score", list(worker.pending)))
+        except OSError:  # the idle worker died since the last batch (e.g. killed for memory): start another
+            self._replace(worker, results)
+            return
+        worker.deadline = time.monotonic() + self.timeout_s
+
+    def _receive(self, worker: _Worker, results: RewardResults) -> None:
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            code = worker.process.exitcode
+            if not worker.ready:
+                raise RuntimeError(f"a reward worker died while starting (exit code {code}); its stderr says why. "
+                                   "(With the 'spawn' start method a script must create the manager under "
+                                   "`if __name__ == '__main__':`.)") from None
+            pos = worker.pending.popleft()[0]
+            self._record_failure(results, pos, "error", f"the reward worker died (exit code {code})")
+            self._replace(worker, results)
+            return
+        kind = message[0]
+        if kind == "fatal":
+            raise RuntimeError(f"a reward worker could not set up the rewards: {message[1]}")
+        if kind == "ready":
+            worker.ready = True
+            if worker.pending:
+                self._dispatch(worker, results)
+            return
+        pos = worker.pending.popleft()[0]
+        assert pos == message[1], f"reward worker answered item {message[1]}, expected {pos}"
+        if kind == "ok":
+            results.scores[pos], results.extras[pos] = message[2], message[3]
+        else:
+            self._record_failure(results, pos, "error", message[2])
+        worker.deadline = time.monotonic() + self.timeout_s
+
+    def _on_deadline(self, worker: _Worker, results: RewardResults) -> None:
+        if not worker.ready:
+            raise RuntimeError(f"a reward worker did not start within startup_timeout_s={self.startup_timeout_s}")
+        pos = worker.pending.popleft()[0]
+        self._record_failure(results, pos, "timeout", f"timed out after {self.timeout_s} s")
+        self._replace(worker, results)
+
+    def _replace(self, worker: _Worker, results: RewardResults) -> None:
+        """Kill a worker (stopping whatever it runs) and hand its remaining share to a fresh one."""
+        worker.kill()
+        fresh = self._new_worker()
+        fresh.pending, worker.pending = worker.pending, deque()
+        self._workers[self._workers.index(worker)] = fresh
+        results.stats.num_worker_restarts += 1
+
+
+def _in_process_safe(spec: RewardSpec) -> bool:
+    if not isinstance(spec, str) or is_custom_spec(spec):
+        return False
+    return get_registered(spec).in_process_safe
+
+
+def _worker_spec(spec: RewardSpec) -> RewardSpec:
+    """What to send a worker: ``target:function`` strings as they are (the worker loads them itself; a function
+    loaded from a file cannot be pickled by reference), registered names and callables as the function, which
+    must pickle by reference (a module-level function, not a lambda or closure)."""
+    if is_custom_spec(spec):
+        return spec
+    fn = resolve_reward(spec)
+    try:
+        pickle.dumps(fn)
+    except Exception as e:
+        raise TypeError(f"reward {fn!r} cannot be sent to a worker process ({_describe(e)}); use a module-level "
+                        "function, a 'file.py:function' string, or in_process=True (no timeout)") from e
+    return fn
