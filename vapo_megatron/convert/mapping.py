@@ -224,3 +224,16 @@ def iter_hf_to_full(hf_get, arch: ModelArch, role: str = "policy") -> Iterator[t
     """Yield (ParamMap, Megatron full tensor) one parameter at a time; `hf_get(name)` loads one HF tensor."""
     for pm in param_maps(arch, role):
         yield pm, hf_to_full(pm, {n: hf_get(n) for n in pm.hf_names}, arch)
+
+
+def hf_shapes(pm: ParamMap, arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """The shape `arch` requires of every HF tensor that `pm` is made of (to check a checkpoint's headers
+    before reading any data)."""
+    if pm.kind == QKV:
+        d = arch.head_dim
+        tail = (arch.hidden_size,) if pm.name.endswith("weight") else ()
+        rows = (arch.num_heads * d, arch.num_kv_heads * d, arch.num_kv_heads * d)
+        return {n: (r, *tail) for n, r in zip(pm.hf_names, rows)}
+    if pm.kind == GLU:
+        return {n: (arch.ffn_hidden_size, arch.hidden_size) for n in pm.hf_names}
+    return {pm.hf_names[0]: _hf_shape(pm, arch)}
