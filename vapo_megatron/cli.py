@@ -21,9 +21,15 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.config is None:
         _train_parser().print_help()
         return 0
-    print("vapo-train: the training loop is not available in this version yet; "
-          "see README.md for what runs today (examples/tiny_cpu).", file=sys.stderr)
-    return 2
+    from vapo_megatron.config import load_config, validate
+    from vapo_megatron.models.hf_config import load_arch
+    from vapo_megatron.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world, load_arch(cfg.model.hf_dir) if cfg.model.hf_dir else None)
+    train(cfg)
+    return 0
 
 
 def generate_main(argv: list[str] | None = None) -> int:

@@ -98,3 +98,53 @@ def init_distributed() -> None:
 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(platform.dist_backend())
+
+
+class RoleLayouts:
+    """Separate megatron-core parallel layouts for the policy and the critic in the same processes.
+
+    megatron-core keeps its process groups in module globals of `parallel_state`, read at run time by the
+    schedules, DDP, finalize_model_grads and the tensor-parallel layers. Each role's groups are created once
+    (`new_group` is collective, so every rank creates both) and their globals snapshotted; `use(role)` swaps
+    that role's snapshot in for the duration of the block. Roles with equal layouts share one snapshot."""
+
+    def __init__(self, policy: ParallelConfig, critic: ParallelConfig, *, seed: int = 1234):
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+        self.configs = {"policy": policy, "critic": critic}
+        self._snapshots: dict[str, dict] = {}
+        initialize(policy, seed=seed)
+        self._snapshots["policy"] = self._snapshot()
+        if critic == policy:
+            self._snapshots["critic"] = self._snapshots["policy"]
+        else:
+            initialize(critic, seed=seed)
+            self._snapshots["critic"] = self._snapshot()
+        self._active = "critic" if critic != policy else "policy"
+        self._activate("policy")
+
+    def _snapshot(self) -> dict:
+        return {k: v for k, v in vars(self._ps).items() if k.startswith("_") and k[1:2].isupper()}
+
+    def _activate(self, role: str) -> None:
+        vars(self._ps).update(self._snapshots[role])
+        self._active = role
+
+    def use(self, role: str):
+        """Context manager: megatron's global process groups are those of `role` inside the block."""
+        import contextlib
+
+        if role not in self._snapshots:
+            raise ValueError(f"unknown role {role!r}; use 'policy' or 'critic'")
+
+        @contextlib.contextmanager
+        def _ctx():
+            previous = self._active
+            self._activate(role)
+            try:
+                yield self
+            finally:
+                self._activate(previous)
+
+        return _ctx()

@@ -69,6 +69,10 @@ class RolloutEngineConfig:
     distribution's."""
     max_num_seqs: int | None = None
     """Most sequences decoded together; None keeps vLLM's default."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one engine step. On CPU the default is large (65536) so prefills are never chunked:
+    vLLM 0.32 rewinds a chunked request's seeded generator with `set_offset`, which CPU generators do not
+    support ("CPU Generator does not use offset")."""
     enable_sleep_mode: bool | None = None
     """Allow `sleep()` to free GPU memory; None means on when the platform supports it (never on CPU)."""
 
@@ -142,6 +146,8 @@ class RolloutEngine:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.max_num_seqs is not None:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
+        if cfg.max_num_batched_tokens is not None or on_cpu:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens or max(65536, cfg.max_model_len)
         if world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         return kwargs

@@ -1,0 +1,141 @@
+"""One Megatron model role (policy or critic) as an engine: forward over a batch, optimizer steps over
+mini-batches, HF-named weight export. Every method is collective over all ranks, runs inside the role's
+parallel layout, and takes/returns *whole-batch* tensors identical on every rank: each DP rank computes its
+slice and the slices are assembled back, so the policy and critic may use different TP/PP/DP layouts."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from vapo_megatron import platform
+from vapo_megatron.engine.build import build_model
+from vapo_megatron.engine.export import iter_hf_tensors
+from vapo_megatron.engine.optim import build_optimizer
+from vapo_megatron.engine.schedule import forward_backward
+from vapo_megatron.models.hf_config import ModelArch
+from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
+
+platform.install_shims()
+from megatron.core import parallel_state as ps  # noqa: E402
+
+MicroLoss = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _slice(batch: dict, start: int, stop: int) -> dict:
+    return {k: (v[start:stop] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class ModelEngine:
+    def __init__(self, role: str, arch: ModelArch, parallel: ParallelConfig, layouts: RoleLayouts, *,
+                 full_state: dict[str, torch.Tensor], lr: float, weight_decay: float = 0.0,
+                 clip_grad: float = 1.0, warmup_steps: int = 0, micro_batch_size: int = 8,
+                 params_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False):
+        self.role, self.arch, self.parallel, self.layouts = role, arch, parallel, layouts
+        self.micro_batch_size, self.base_lr, self.warmup_steps = micro_batch_size, lr, warmup_steps
+        self.steps_taken = 0
+        with layouts.use(role):
+            self.built = build_model(arch, parallel, role, full_state=full_state, params_dtype=params_dtype,
+                                     use_distributed_optimizer=use_distributed_optimizer)
+            self.optimizer = build_optimizer(self.built.model, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
+                                             bf16=params_dtype == torch.bfloat16,
+                                             use_distributed_optimizer=use_distributed_optimizer)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.built.model
+
+    # ---- layout helpers (call inside `layouts.use(role)`) -------------------------------------------------
+    def _dp_bounds(self, n: int) -> tuple[int, int]:
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if n % dp:
+            raise ValueError(f"{self.role}: batch of {n} samples does not split over data-parallel size {dp}")
+        per = n // dp
+        return rank * per, (rank + 1) * per
+
+    def _micro_batches(self, batch: dict) -> tuple[list[dict], int, int]:
+        n = batch["input_ids"].shape[0]
+        start, stop = self._dp_bounds(n)
+        local = _slice(batch, start, stop)
+        m = min(self.micro_batch_size, stop - start)
+        return [_slice(local, i, i + m) for i in range(0, stop - start, m)], start, stop
+
+    def _is_reporter(self) -> bool:
+        return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(self, batch: dict, output_fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> torch.Tensor:
+        """`output_fn(model_output, micro_batch) -> [m, ...]` per micro-batch; returns the whole-batch result
+        [n, ...] on every rank (slices assembled over DP with one all-reduce)."""
+        with self.layouts.use(self.role), torch.no_grad():
+            micro, start, stop = self._micro_batches(batch)
+            outs = forward_backward(self.model, micro, None, forward_only=True, output_fn=output_fn)
+            local = torch.cat(outs) if outs else None
+            shape = self._broadcast_shape(local)
+            full = torch.zeros((batch["input_ids"].shape[0], *shape[1:]), dtype=torch.float32)
+            if self._is_reporter():
+                full[start:stop] = local.float()
+        dist.all_reduce(full)
+        return full
+
+    def _broadcast_shape(self, local: torch.Tensor | None) -> list[int]:
+        shape = [list(local.shape) if local is not None and self._is_reporter() else None]
+        objs = [None] * dist.get_world_size()
+        dist.all_gather_object(objs, shape[0])
+        return next(s for s in objs if s is not None)
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def train_step(self, batch: dict, loss_fn: MicroLoss) -> dict[str, float]:
+        """One optimizer step over `batch` (a whole mini-batch; losses must be normalised by its global counts).
+        Returns the summed metrics plus grad_norm, lr and `skipped` (1 when the loss or gradient norm was not
+        finite and no update was applied)."""
+        self._set_lr()
+        with self.layouts.use(self.role):
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            micro, _, _ = self._micro_batches(batch)
+            stats = forward_backward(self.model, micro, loss_fn)
+            metrics = self._reduce_metrics(stats)
+            finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0])
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            grad_norm = float("nan")
+            if finite.item() == 1.0:
+                ok, grad_norm, _ = self.optimizer.step()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                finite[0] = 1.0 if ok and math.isfinite(grad_norm) else 0.0
+            self.steps_taken += int(finite.item())
+        metrics.update(grad_norm=grad_norm, lr=self._lr(), skipped=1.0 - finite.item())
+        return metrics
+
+    def _reduce_metrics(self, stats: list[dict]) -> dict[str, float]:
+        """Sum per-micro-batch metrics (already globally normalised) over micro-batches and DP ranks; the
+        reporting ranks contribute, everyone receives."""
+        keys = [None]
+        if self._is_reporter() and stats:
+            keys = [sorted(stats[0])]
+        objs = [None] * dist.get_world_size()
+        dist.all_gather_object(objs, keys[0])
+        names = next((k for k in objs if k), [])
+        vec = torch.zeros(len(names), dtype=torch.float64)
+        if self._is_reporter():
+            for s in stats:
+                vec += torch.stack([s[k].detach().double().reshape(()) for k in names])
+        dist.all_reduce(vec)
+        return dict(zip(names, vec.tolist()))
+
+    def _lr(self) -> float:
+        if self.warmup_steps > 0 and self.steps_taken < self.warmup_steps:
+            return self.base_lr * (self.steps_taken + 1) / self.warmup_steps
+        return self.base_lr
+
+    def _set_lr(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
+
+    # ---- weights ------------------------------------------------------------------------------------------
+    def iter_hf_tensors(self):
+        """HF-named whole tensors (collective generator; consumed inside the policy layout)."""
+        with self.layouts.use(self.role):
+            yield from iter_hf_tensors(self.model, self.arch, self.role)

@@ -1,0 +1,60 @@
+"""Micro-batch losses of the actor and critic: model outputs -> response-token tensors -> the pure VAPO math.
+
+A micro-batch dict carries, for m sequences of padded length S and responses padded to R:
+`input_ids [m, S]`, `targets [m, S]` (input_ids shifted left), `resp_pos [m, R]` (position in S whose output
+scores response token j, i.e. prompt_len - 1 + j), `resp_mask [m, R]`, and the per-token tensors of the step
+(`old_logprobs`, `advantages`, `returns`, `old_values`) plus `is_correct [m]`.
+Every token mean uses the global counts of the whole mini-batch, passed in `counts`.
+"""
+from __future__ import annotations
+
+import torch
+
+from vapo_megatron.algorithms import entropy_loss, policy_loss, positive_lm_loss, value_loss
+from vapo_megatron.parallel.vocab_parallel import megatron_vocab_logprobs_entropy
+
+
+def response_logprobs(logits: torch.Tensor, mb: dict, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies [m, R] of the response tokens from vocab-parallel logits [m, S, V/tp]."""
+    lp, ent = megatron_vocab_logprobs_entropy(logits, mb["targets"], vocab_size)
+    return lp.gather(1, mb["resp_pos"]), ent.gather(1, mb["resp_pos"])
+
+
+def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Critic values [m, R]: V(s_t) read at the position before response token t."""
+    return values.gather(1, mb["resp_pos"])
+
+
+def actor_loss_fn(alg, counts: dict[str, torch.Tensor], vocab_size: int):
+    """Token-level clip-higher PPO + mu * positive-example NLL (+ optional entropy bonus)."""
+
+    def loss_fn(logits: torch.Tensor, mb: dict):
+        lp, ent = response_logprobs(logits, mb, vocab_size)
+        mask = mb["resp_mask"]
+        loss, metrics = policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, eps_low=alg.eps_low,
+                                    eps_high=alg.eps_high, dual_clip=alg.dual_clip, agg=alg.loss_agg,
+                                    global_tokens=counts["tokens"], global_seqs=counts["seqs"])
+        metrics = {"policy_loss": metrics.pop("pg_loss"), **metrics}
+        if alg.positive_lm_coef > 0:
+            nll, nll_metrics = positive_lm_loss(lp, mask, mb["is_correct"],
+                                                global_correct_tokens=counts["correct_tokens"])
+            loss = loss + alg.positive_lm_coef * nll
+            metrics.update(nll_metrics)
+        ent_loss, ent_metrics = entropy_loss(ent, mask, agg="token-mean", global_tokens=counts["tokens"])
+        if alg.entropy_coef > 0:
+            loss = loss - alg.entropy_coef * ent_loss
+        metrics.update(ent_metrics)
+        return loss, metrics
+
+    return loss_fn
+
+
+def critic_loss_fn(alg, counts: dict[str, torch.Tensor]):
+    """0.5 * (V - G)^2 over all response tokens of the mini-batch (token mean, global count)."""
+
+    def loss_fn(values: torch.Tensor, mb: dict):
+        v = response_values(values, mb)
+        return value_loss(v, mb["old_values"], mb["returns"], mb["resp_mask"], clip=alg.value_clip,
+                          agg="token-mean", global_tokens=counts["tokens"])
+
+    return loss_fn

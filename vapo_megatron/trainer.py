@@ -1,0 +1,175 @@
+"""The VAPO training loop (see README "Where this departs from the paper").
+
+Departures from the paper, each also noted where it happens:
+- the critic starts from the policy's trunk with a fresh value head (or a HF `score` head when the critic
+  checkpoint has one), not from a reward model;
+- log-probs for the PPO ratio are those of the temperature-1 distribution (vLLM's raw log-probs), which is the
+  paper's setting (training rollouts at temperature 1.0);
+- no KL penalty (the paper states none).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from vapo_megatron import platform
+from vapo_megatron.algorithms import decoupled_gae, group_normalized_advantages, token_rewards_from_scores
+from vapo_megatron.config import VapoConfig
+from vapo_megatron.trainer_parts import (
+    MetricsLogger,
+    batch_metrics,
+    build_engines,
+    minibatch_counts,
+    score_rollout,
+)
+
+
+class Trainer:
+    def __init__(self, cfg: VapoConfig):
+        self.cfg = cfg
+        parts = build_engines(cfg)
+        self.rollout_engine, self.actor, self.critic = parts.rollout_engine, parts.actor, parts.critic
+        self.arch, self.tokenizer, self.loader, self.val = parts.arch, parts.tokenizer, parts.loader, parts.val
+        self.rewards, self.layouts = parts.rewards, parts.layouts
+        self.pad_multiple = 8 * max(cfg.policy_parallel.tp, cfg.critic_parallel.tp)
+        self.log = MetricsLogger(cfg) if dist.get_rank() == 0 else None
+        self.nonfinite_in_row = 0
+
+    # ---- the loop: one screen ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, last = self.cfg, {}
+        pretrain = cfg.algorithm.value_pretrain_steps if cfg.algorithm.use_critic else 0
+        val_acc = self.validate() if cfg.eval.every else None
+        self._emit(0, "init", {"val_accuracy": val_acc} if val_acc is not None else {})
+        for step in range(1, pretrain + cfg.train.steps + 1):
+            phase = "value_pretrain" if step <= pretrain else "ppo"
+            t = {"t_start": time.perf_counter()}
+            batch = self.rollout(self.loader.next_batch(), t)                 # grouped responses + rewards
+            self.old_logprobs_and_values(batch, t)                            # engine forwards
+            self.advantages(batch, lam_policy_off=(phase == "value_pretrain"))  # decoupled, length-adaptive GAE
+            metrics = self.update(batch, phase, t)                            # mini-batch PPO / value updates
+            if phase == "ppo":
+                self.sync_weights(t)                                          # Megatron -> vLLM
+            if cfg.eval.every and phase == "ppo" and (step - pretrain) % cfg.eval.every == 0:
+                metrics["val_accuracy"] = self.validate()
+            last = self._emit(step, phase, {**batch_metrics(batch), **metrics, **self._timings(t)})
+            if phase == "value_pretrain" and self._value_pretrain_done(metrics):
+                pretrain = step  # explained variance reached the threshold: start PPO now
+        if self.log:
+            self.log.close()
+        self.rollout_engine.shutdown()
+        return last
+
+    # ---- phases ------------------------------------------------------------------------------------------
+    def rollout(self, prompts, t: dict) -> dict:
+        from vapo_megatron.rollout.sampler import SamplingConfig
+
+        r = self.cfg.rollout
+        params = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                max_tokens=r.max_response_length, seed=self._sample_seed())
+        return score_rollout(self, prompts, params, t)
+
+    def _sample_seed(self) -> int:
+        self._seed_counter = getattr(self, "_seed_counter", 0) + 1
+        return self.cfg.train.seed * 1_000_003 + self._seed_counter
+
+    def old_logprobs_and_values(self, batch: dict, t: dict) -> None:
+        from vapo_megatron.engine.objectives import response_logprobs, response_values
+
+        v = self.arch.vocab_size
+        t0 = time.perf_counter()
+        batch["old_logprobs"] = self.actor.forward(batch, lambda out, mb: response_logprobs(out, mb, v)[0])
+        t["t_old_logprob"] = time.perf_counter() - t0
+        if self.critic is not None:
+            t0 = time.perf_counter()
+            batch["old_values"] = self.critic.forward(batch, lambda out, mb: response_values(out, mb))
+            t["t_critic_forward"] = time.perf_counter() - t0
+
+    def advantages(self, batch: dict, lam_policy_off: bool = False) -> None:
+        alg, mask = self.cfg.algorithm, batch["resp_mask"]
+        if alg.advantage == "grpo":
+            batch["advantages"] = group_normalized_advantages(batch["scores"], mask, group_size=self.cfg.rollout.n)
+            batch["lam_policy"] = torch.zeros(len(mask))
+            return
+        rewards = token_rewards_from_scores(batch["scores"], mask)
+        values = batch["old_values"] * mask
+        gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=alg.lam_critic,
+                            lam_policy=None if alg.length_adaptive else alg.lam_policy,
+                            alpha=alg.alpha if alg.length_adaptive else None)
+        batch["advantages"], batch["returns"], batch["lam_policy"] = gae.advantages, gae.returns, gae.lam_policy
+
+    def update(self, batch: dict, phase: str, t: dict) -> dict:
+        from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn
+
+        cfg, n = self.cfg, len(batch["input_ids"])
+        out: dict[str, float] = {}
+        t["t_actor_update"] = t["t_critic_update"] = 0.0
+        for epoch in range(cfg.train.ppo_epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed + epoch + n))
+            for start in range(0, n, cfg.train.mini_batch_size):
+                idx = order[start:start + cfg.train.mini_batch_size]
+                mb = {k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor) and len(v) == n}
+                counts = minibatch_counts(mb)
+                if self.critic is not None:
+                    t0 = time.perf_counter()
+                    m = self.critic.train_step(mb, critic_loss_fn(cfg.algorithm, counts))
+                    t["t_critic_update"] += time.perf_counter() - t0
+                    out.update(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"],
+                               critic_skipped=m["skipped"])
+                if phase == "ppo":
+                    t0 = time.perf_counter()
+                    m = self.actor.train_step(mb, actor_loss_fn(cfg.algorithm, counts, self.arch.vocab_size))
+                    t["t_actor_update"] += time.perf_counter() - t0
+                    out.update({k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl",
+                                                  "entropy") if k in m})
+                    out.update(nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"],
+                               actor_skipped=m["skipped"])
+                self._guard(out)
+        return out
+
+    def sync_weights(self, t: dict) -> None:
+        t0 = time.perf_counter()
+        self.rollout_engine.update_weights(self.actor.iter_hf_tensors(), bucket_bytes=self.cfg.rollout.bucket_bytes)
+        t["t_weight_sync"] = time.perf_counter() - t0
+
+    def validate(self) -> float:
+        from vapo_megatron.trainer_parts import validation_accuracy
+
+        return validation_accuracy(self)
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------
+    def _guard(self, out: dict) -> None:
+        """NaN/inf guard: a skipped step is counted; too many in a row stop the run with a clear message."""
+        skipped = out.get("actor_skipped", 0.0) + out.get("critic_skipped", 0.0)
+        self.nonfinite_in_row = self.nonfinite_in_row + 1 if skipped else 0
+        if self.nonfinite_in_row > self.cfg.train.max_nonfinite_in_row:
+            raise FloatingPointError(f"{self.nonfinite_in_row} optimizer steps in a row had a non-finite loss or "
+                                     f"gradient norm (limit train.max_nonfinite_in_row="
+                                     f"{self.cfg.train.max_nonfinite_in_row}); stopping")
+
+    def _value_pretrain_done(self, metrics: dict) -> bool:
+        threshold = self.cfg.algorithm.value_pretrain_ev_threshold
+        return threshold is not None and metrics.get("explained_variance", float("-inf")) >= threshold
+
+    @staticmethod
+    def _timings(t: dict) -> dict:
+        total = time.perf_counter() - t.pop("t_start")
+        t["t_step"] = total
+        t["t_other"] = total - sum(v for k, v in t.items() if k != "t_step")
+        return dict(t)
+
+    def _emit(self, step: int, phase: str, metrics: dict) -> dict:
+        row = {"step": step, "phase": phase, **metrics}
+        if self.log:
+            self.log.write(row)
+        return row
+
+
+def train(cfg: VapoConfig) -> dict:
+    from vapo_megatron.parallel.layout import init_distributed
+
+    platform.setup()
+    init_distributed()
+    return Trainer(cfg).run()

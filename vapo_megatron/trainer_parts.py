@@ -1,0 +1,227 @@
+"""The pieces the training loop calls: building the engines, scoring rollouts, metrics and logging."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vapo_megatron.algorithms import explained_variance_from_stats, explained_variance_stats, masked_mean
+from vapo_megatron.config import VapoConfig, dump_yaml, save_config
+from vapo_megatron.data.rl_batch import build_rl_batch
+
+
+@dataclass
+class Parts:
+    rollout_engine: Any
+    actor: Any
+    critic: Any
+    arch: Any
+    tokenizer: Any
+    loader: Any
+    val: Any
+    rewards: Any
+    layouts: Any
+
+
+def _critic_state(cfg: VapoConfig, arch, role_maps) -> dict[str, torch.Tensor]:
+    """Critic init: trunk from critic_hf_dir (or the policy's); value head from its HF `score` head when
+    present, else N(0, initializer_range) from the run seed (the paper starts from a reward model instead)."""
+    from vapo_megatron.convert.hf_io import HFCheckpointReader
+    from vapo_megatron.convert.mapping import iter_hf_to_full
+
+    reader = HFCheckpointReader(cfg.model.critic_hf_dir or cfg.model.hf_dir)
+
+    def get(name: str) -> torch.Tensor:
+        if name == "score.weight" and name not in reader:
+            gen = torch.Generator().manual_seed(cfg.train.seed + 17)
+            return torch.randn(1, arch.hidden_size, generator=gen) * arch.init_std
+        return reader.get(name)
+
+    return {pm.name: t.float() for pm, t in iter_hf_to_full(get, arch, "critic")}
+
+
+def build_engines(cfg: VapoConfig) -> Parts:
+    from transformers import AutoTokenizer
+
+    from vapo_megatron.convert.hf_io import HFCheckpointReader
+    from vapo_megatron.convert.mapping import iter_hf_to_full
+    from vapo_megatron.data.datasets import PromptDataset, PromptLoader
+    from vapo_megatron.engine.model_engine import ModelEngine
+    from vapo_megatron.models.hf_config import load_arch
+    from vapo_megatron.parallel.layout import RoleLayouts
+    from vapo_megatron.rewards import RewardManager
+    from vapo_megatron.rollout.vllm_engine import RolloutEngine
+
+    r, alg, seed = cfg.rollout, cfg.algorithm, cfg.train.seed
+    # vLLM first: building it is collective over all ranks and re-seeds the global generators.
+    engine = RolloutEngine(cfg.model.hf_dir, tensor_parallel_size=r.vllm_tensor_parallel, seed=seed,
+                           max_model_len=r.max_prompt_length + r.max_response_length,
+                           cpu_kv_cache_bytes=r.cpu_kv_cache_bytes)
+    torch.manual_seed(seed)
+    arch = load_arch(cfg.model.hf_dir)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    layouts = RoleLayouts(cfg.policy_parallel, cfg.critic_parallel, seed=1234 + seed)
+    reader = HFCheckpointReader(cfg.model.hf_dir)
+    policy_state = {pm.name: t for pm, t in iter_hf_to_full(reader.get, arch, "policy")}
+
+    def make(role, parallel, state, optim):
+        return ModelEngine(role, arch, parallel, layouts, full_state=state, lr=optim.lr,
+                           weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
+                           warmup_steps=optim.warmup_steps, micro_batch_size=cfg.train.micro_batch_size,
+                           params_dtype=dtype, use_distributed_optimizer=optim.use_distributed_optimizer)
+
+    actor = make("policy", cfg.policy_parallel, policy_state, cfg.actor_optim)
+    critic = make("critic", cfg.critic_parallel, _critic_state(cfg, arch, None), cfg.critic_optim) \
+        if alg.use_critic else None
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+    train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, r.max_prompt_length)
+    val_set = PromptDataset.from_files(cfg.data.val_files, tokenizer, r.max_prompt_length) \
+        if cfg.data.val_files else None
+    loader = PromptLoader(train_set, r.num_prompts, seed=seed, shuffle=cfg.data.shuffle)
+    rewards = None
+    if dist.get_rank() == 0:
+        rewards = RewardManager(cfg.reward.name, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers,
+                                reward_kwargs=dict(correct_score=alg.reward_correct,
+                                                   incorrect_score=alg.reward_incorrect))
+    return Parts(engine, actor, critic, arch, tokenizer, loader, val_set, rewards, layouts)
+
+
+def _score(trainer, prompts, out) -> tuple[torch.Tensor, dict]:
+    """Rewards on rank 0 (its reward workers), broadcast to every rank."""
+    from vapo_megatron.rewards import RewardItem
+
+    payload = [None]
+    if dist.get_rank() == 0:
+        texts = trainer.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+        items = [RewardItem(response=txt, ground_truth=prompts[int(p)].record.ground_truth,
+                            prompt=prompts[int(p)].text, data_source=prompts[int(p)].record.data_source)
+                 for txt, p in zip(texts, out.prompt_index)]
+        res = trainer.rewards.score(items)
+        payload = [(res.scores, res.stats.num_errors, res.stats.num_timeouts)]
+    dist.broadcast_object_list(payload, src=0)
+    scores, errors, timeouts = payload[0]
+    return torch.tensor(scores, dtype=torch.float32), {"reward_errors": errors, "reward_timeouts": timeouts}
+
+
+def score_rollout(trainer, prompts, params, t: dict) -> dict:
+    from vapo_megatron.rewards.shaping import apply_overlong_penalty
+    from vapo_megatron.rollout.sampler import generate_distributed
+
+    cfg = trainer.cfg
+    t0 = time.perf_counter()
+    ids = [p.input_ids for p in prompts]
+    out = generate_distributed(trainer.rollout_engine, ids, params)
+    t["t_generation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores, reward_stats = _score(trainer, prompts, out)
+    t["t_reward"] = time.perf_counter() - t0
+    batch = build_rl_batch(ids, out.prompt_index, out.response_ids, out.rollout_logprobs,
+                           pad_to_multiple=trainer.pad_multiple)
+    batch["is_correct"] = scores >= cfg.algorithm.reward_correct
+    batch["truncated"] = torch.tensor([f == "length" for f in out.finish_reason])
+    if cfg.algorithm.overlong_buffer > 0:
+        scores = torch.as_tensor(apply_overlong_penalty(
+            scores, batch["lengths"], max_length=cfg.rollout.max_response_length,
+            buffer=cfg.algorithm.overlong_buffer, penalty_factor=cfg.algorithm.overlong_penalty),
+            dtype=torch.float32)
+    batch["scores"] = scores
+    batch["reward_stats"] = reward_stats
+    return batch
+
+
+def minibatch_counts(mb: dict) -> dict[str, torch.Tensor]:
+    """Global normalisers of one optimizer step. Every rank holds the whole mini-batch, so these are global
+    without communication (each engine computes only its DP slice with them)."""
+    mask = mb["resp_mask"]
+    return {"tokens": mask.sum().double(), "seqs": (mask.sum(1) > 0).sum().double(),
+            "correct_tokens": (mask * mb["is_correct"][:, None]).sum().double()}
+
+
+def batch_metrics(batch: dict) -> dict[str, float]:
+    mask, lengths = batch["resp_mask"], batch["lengths"].float()
+    out = {"reward_mean": batch["scores"].mean().item(), "accuracy": batch["is_correct"].float().mean().item(),
+           "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
+           "response_clip_ratio": batch["truncated"].float().mean().item(),
+           "rollout_logprob_diff": masked_mean((batch["old_logprobs"] - batch["rollout_logprobs"]).abs(),
+                                              mask).item(),
+           "lam_policy_mean": batch["lam_policy"].float().mean().item(), **batch["reward_stats"]}
+    if "old_values" in batch:
+        stats = explained_variance_stats(batch["returns"], batch["old_values"], mask)
+        out["explained_variance"] = explained_variance_from_stats(stats).item()
+        out["value_mean"] = masked_mean(batch["old_values"], mask).item()
+    return out
+
+
+def validation_accuracy(trainer) -> float:
+    """avg@k accuracy on the held-out prompts (the paper's avg@32 at top_p 0.7, temperature 1.0)."""
+    from vapo_megatron.rollout.sampler import SamplingConfig, generate_distributed
+
+    e = trainer.cfg.eval
+    prompts = list(trainer.val)[: e.max_prompts] if e.max_prompts else list(trainer.val)
+    params = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
+                            max_tokens=trainer.cfg.rollout.max_response_length, seed=trainer.cfg.train.seed + 99991)
+    out = generate_distributed(trainer.rollout_engine, [p.input_ids for p in prompts], params)
+    scores, _ = _score(trainer, prompts, out)
+    return (scores >= trainer.cfg.algorithm.reward_correct).float().mean().item()
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per step), TensorBoard, optional wandb, a progress bar, and a PNG of the
+    curves at the end. Rank 0 only."""
+
+    KEYS = ("reward_mean", "accuracy", "val_accuracy", "value_loss", "explained_variance", "response_length_mean")
+
+    def __init__(self, cfg: VapoConfig):
+        self.dir = Path(cfg.checkpoint.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.dir)
+        print(dump_yaml(cfg), flush=True)
+        self.file = open(self.dir / "metrics.jsonl", "a")
+        self.tb = self.wandb = self.bar = None
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+        if cfg.logging.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(self.dir))
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            total = cfg.train.steps + (cfg.algorithm.value_pretrain_steps if cfg.algorithm.use_critic else 0)
+            self.bar = tqdm(total=total, desc="vapo", dynamic_ncols=True, disable=os.environ.get("CI") == "true")
+        self.rows: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        row = {k: (float(v) if isinstance(v, (int, float)) and k not in ("step", "phase") else v)
+               for k, v in row.items()}
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for k, v in row.items():
+            if isinstance(v, float) and self.tb:
+                self.tb.add_scalar(f"{row['phase']}/{k}" if k.startswith("t_") else k, v, row["step"])
+        if self.wandb:
+            self.wandb.log(row, step=row["step"])
+        if self.bar and row["step"] > 0:
+            self.bar.update(1)
+            self.bar.set_postfix({k[:8]: f"{row[k]:.3f}" for k in self.KEYS if k in row}, refresh=True)
+        elif not self.bar:
+            print(json.dumps({k: row[k] for k in ("step", "phase", *self.KEYS) if k in row}), flush=True)
+
+    def close(self) -> None:
+        from vapo_megatron.plotting import plot_curves
+
+        if self.bar:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+        self.file.close()
+        plot_curves(self.rows, self.dir / "curves.png")
