@@ -1,0 +1,458 @@
+"""Training checkpoints: model + optimizer of every role (megatron-core torch_dist), trainer state, RNG.
+
+Layout under the run directory:
+
+    checkpoints/
+      latest                      name of the newest complete checkpoint (informational; replaced atomically)
+      step_00000200/
+        policy/  critic/          torch_dist (`dist_checkpointing.save`) of {"model": ..., "optimizer": ...},
+                                  each written inside that role's parallel layout (any TP/PP/DP per role)
+        trainer_state.pt          the caller's `trainer_state` (torch.save by rank 0: step, loader, counters...)
+        rng/rank_00000.pt ...     python/numpy/torch (+CUDA, + megatron RNG tracker) states of every rank
+        meta.json                 step, world size, per-role layout and `steps_taken`
+        DONE                      written last
+      step_00000300.tmp-1a2b3c4d/ a save in progress (or one that crashed: removed by the next save)
+
+A save writes everything into `step_XXXXXXXX.tmp-<random>`, writes `DONE` after a barrier has shown that every
+rank finished, and only then renames the directory into place. A crash at any point therefore leaves either
+the new complete checkpoint or none under the final name: `latest_checkpoint` only ever returns a directory
+named `step_XXXXXXXX` that holds `DONE`. Older checkpoints are deleted (rotation) only after the new one is
+in place. torch_dist stores tensors in global coordinates, so a role may be resumed at another TP/PP layout.
+
+Resuming is exact: with the optimizer state (Adam moments and per-parameter `step`), `steps_taken` (LR warmup)
+and the RNG states restored, k steps + save + load + m steps equal k + m uninterrupted steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from vapo_megatron.convert import atomic
+
+if TYPE_CHECKING:
+    from vapo_megatron.engine.model_engine import ModelEngine
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+DONE_FILE = "DONE"
+META_FILE = "meta.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+RNG_DIR = "rng"
+FORMAT = "vapo-megatron-train-checkpoint"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+_TMP_RE = re.compile(r"^step_\d{8}\.tmp-")
+_STALE_RE = re.compile(r"^(step_\d{8}\.tmp-.+|\.step_\d{8}\.(old|partial|trash)|\.latest\.tmp-\d+)$")
+# DistributedOptimizer format that loads at any DP size (the default one fails with the torch-Adam fallback:
+# "flattened_range is not supported").
+_DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: incomplete, or not matching the engines it is loaded into."""
+
+
+# ---- locating checkpoints (no megatron, no collectives) ---------------------------------------------------
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: str | Path) -> bool:
+    path = Path(path)
+    return _STEP_RE.match(path.name) is not None and (path / DONE_FILE).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of the run, oldest first (tmp directories and ones without DONE ignored)."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of the run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    m = _STEP_RE.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected a name like step_00000100)")
+    return int(m.group(1))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """`path` is a checkpoint directory (`.../checkpoints/step_XXXXXXXX`) or a run directory (then its newest
+    complete checkpoint). Raises FileNotFoundError / CheckpointError with the reason when there is none."""
+    path = Path(path)
+    if (_STEP_RE.match(path.name) or _TMP_RE.match(path.name) or (path / DONE_FILE).exists()
+            or (path / META_FILE).exists()):
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if not (path / DONE_FILE).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {DONE_FILE} marker: its save was "
+                                  f"interrupted); resume from latest_checkpoint() of the run instead")
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints_root(path)}")
+    return found
+
+
+# ---- RNG ----------------------------------------------------------------------------------------------------
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's random states: python, numpy, torch CPU (+ CUDA) and megatron's model-parallel tracker."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    tracker = _rng_tracker()
+    if tracker is not None:
+        state["megatron_tracker"] = {k: v.clone() for k, v in tracker.get_states().items()}
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    tracker = _rng_tracker()
+    if tracker is not None and state.get("megatron_tracker"):
+        tracker.set_states({k: v.clone() for k, v in state["megatron_tracker"].items()})
+
+
+def _rng_tracker():
+    try:
+        from megatron.core import tensor_parallel
+
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+    except Exception:  # noqa: BLE001 - megatron absent or not initialised: nothing to capture
+        return None
+    return tracker if getattr(tracker, "states_", None) else None
+
+
+# ---- optimizer state helpers --------------------------------------------------------------------------------
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _is_torch_adam(opt) -> bool:
+    return isinstance(getattr(opt, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _is_distributed(opt) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(opt, DistributedOptimizer)
+
+
+def _ensure_adam_state(optimizer) -> None:
+    """Give every parameter an Adam state with a `step` (zero moments and step 0 for parameters that never
+    stepped, which is exactly torch Adam's fresh state).
+
+    Why: megatron's torch-Adam fallback has no state before the first step. (1) FP32Optimizer /
+    Float16Optimizer `sharded_state_dict` (megatron/core/optimizer/optimizer.py:1355, :1138) then writes no
+    moments, so the load template (which `init_state_fn` fills) asks for tensors the checkpoint lacks, e.g.
+    for the actor during value pretraining. (2) DistributedOptimizer.state_dict
+    (optimizer/distrib_optimizer.py:839) asserts on Adam's per-parameter `step`. The zero state changes no
+    later update."""
+    for opt in _inner_optimizers(optimizer):
+        if getattr(opt, "is_stub_optimizer", False) or not _is_torch_adam(opt) or opt.init_state_fn is None:
+            continue
+        opt.init_state_fn(opt.optimizer, opt.config)
+        for st in opt.optimizer.state.values():
+            st.setdefault("step", torch.tensor(0.0))
+
+
+_DO_PATCHED = False
+
+
+def _fill_zero_common_step(optimizer, loaded: Any) -> None:
+    """FP32Optimizer / Float16Optimizer save Adam's step once, as `common_step`, but only `if step:`
+    (megatron/core/optimizer/optimizer.py:1376 and :1187), i.e. not when it is 0 (a role that has not stepped
+    yet). Loading such a checkpoint leaves the moments without `step`, and torch's Adam.__setstate__ raises
+    KeyError 'step'. Put the 0 back so that `_restore_common_per_param_step` (optimizer.py:1347) gives every
+    parameter its own step, as for any other step."""
+    inner = _inner_optimizers(optimizer)
+    parts = [loaded] if len(inner) == 1 else [loaded[k] for k in sorted(loaded)]  # chained: {index: state}
+    for opt, sd in zip(inner, parts):
+        if getattr(opt, "is_stub_optimizer", False) or _is_distributed(opt) or not _is_torch_adam(opt):
+            continue
+        osd = sd["optimizer"] if "state" not in sd and "optimizer" in sd else sd  # Float16 nests it
+        if osd.get("state") and "common_step" not in osd["state"]:
+            osd["state"]["common_step"] = torch.tensor(0.0)
+
+
+def _patch_distributed_optimizer_step_copy() -> None:
+    """megatron/core/optimizer/distrib_optimizer.py:1223 (`_set_main_param_and_optimizer_states`) copies every
+    tensor of the inner Adam state, `step` included, from the loaded tensors, which hold only param/exp_avg/
+    exp_avg_sq (torch-Adam fallback) -> KeyError 'step'. Keep the current step (restored afterwards by
+    `_restore_per_param_step`)."""
+    global _DO_PATCHED
+    if _DO_PATCHED:
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        if "step" in state and "step" not in tensors:
+            tensors = dict(tensors, step=state["step"])
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set
+    _DO_PATCHED = True
+
+
+def _restore_per_param_step(optimizer) -> None:
+    """After `optimizer.load_state_dict`, make sure each parameter has its own Adam `step` tensor.
+
+    DistributedOptimizer (torch-Adam fallback): load_state_dict (megatron/core/optimizer/distrib_optimizer.py:1032)
+    puts ONE shared `step` tensor into every parameter's state, which torch Adam then bumps once per parameter
+    per step (wrong bias correction after resume: loss 4.400 instead of 4.393 in the CPU probe); the saved step
+    is in the param groups: rebuild it per parameter from there. FP32Optimizer / Float16Optimizer already
+    restore per-parameter copies (`_restore_common_per_param_step`, optimizer.py:1347)."""
+    for opt in _inner_optimizers(optimizer):
+        if getattr(opt, "is_stub_optimizer", False) or not _is_torch_adam(opt):
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if not st:
+                    continue
+                if _is_distributed(opt) and group.get("step") is not None:
+                    st["step"] = torch.tensor(float(group["step"]))
+                elif "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+                else:
+                    st["step"] = st["step"].detach().clone()
+
+
+def _uses_distributed_optimizer(optimizer) -> bool:
+    return any(_is_distributed(o) for o in _inner_optimizers(optimizer))
+
+
+def _sharded_state_dict(engine: ModelEngine, *, is_loading: bool) -> dict:
+    """{"model": ..., "optimizer": ...} of this rank (call inside the role's layout)."""
+    from vapo_megatron.convert.dist_ckpt import unwrap
+
+    _ensure_adam_state(engine.optimizer)
+    sd = {"model": unwrap(engine.model).sharded_state_dict()}
+    sd["optimizer"] = engine.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=_DIST_OPT_METADATA)
+    return sd
+
+
+# ---- save ---------------------------------------------------------------------------------------------------
+
+def _agree(payload: Any) -> Any:
+    """Rank 0's value on every rank (also a barrier). An exception object raises everywhere."""
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def _clean_stale(root: Path) -> None:
+    for p in root.iterdir():
+        if not _STALE_RE.match(p.name):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _prepare_tmp(root: Path, step: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale(root)  # left behind by a crashed save or rotation
+    tmp = root / f"{checkpoint_name(step)}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _save_role(engine: ModelEngine, role_dir: Path) -> None:
+    """model + optimizer of one role into `role_dir` (collective over all ranks, in the role's layout)."""
+    from megatron.core import dist_checkpointing
+
+    with engine.layouts.use(engine.role):
+        if dist.get_rank() == 0:
+            role_dir.mkdir()
+        dist.barrier()  # dist_checkpointing.save wants the (empty) directory to exist on every rank
+        dist_checkpointing.save(_sharded_state_dict(engine, is_loading=False), str(role_dir))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _meta(step: int, engines: Mapping[str, ModelEngine]) -> dict:
+    roles = {}
+    for role, eng in engines.items():
+        par = eng.parallel
+        roles[role] = {"tp": par.tp, "pp": par.pp, "cp": par.cp, "sequence_parallel": par.sequence_parallel,
+                       "steps_taken": eng.steps_taken,
+                       "distributed_optimizer": _uses_distributed_optimizer(eng.optimizer)}
+    return {"format": FORMAT, "version": 1, "step": step, "world_size": dist.get_world_size(), "roles": roles}
+
+
+def _rotate(root: Path, keep_last: int, newest: Path) -> None:
+    complete = [p for p in list_checkpoints(root.parent) if p != newest]
+    excess = len(complete) + 1 - keep_last
+    for old in complete[:max(0, excess)]:
+        trash = root / f".{old.name}.trash"
+        old.rename(trash)  # no longer looks like a checkpoint from here on, even if rmtree is interrupted
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, ModelEngine], trainer_state: dict,
+                    *, keep_last: int | None = 2) -> Path:
+    """Save model + optimizer of every engine, `trainer_state` and the RNG states of every rank as
+    `run_dir/checkpoints/step_{step:08d}` (collective: call on every rank with the same arguments).
+
+    Atomic (tmp directory, DONE marker, rename); afterwards the `latest` pointer is updated and only the newest
+    `keep_last` complete checkpoints are kept (None or <= 0: keep all). Returns the checkpoint directory."""
+    if not engines:
+        raise ValueError("save_checkpoint needs at least one engine")
+    root = checkpoints_root(run_dir)
+    final = root / checkpoint_name(int(step))
+    mine = (int(step), sorted(engines))
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, mine)
+    if any(v != mine for v in views):
+        raise ValueError(f"save_checkpoint called with different (step, roles) on different ranks: {views}")
+
+    tmp: Any = None
+    if dist.get_rank() == 0:
+        try:
+            tmp = _prepare_tmp(root, int(step))
+        except OSError as exc:
+            tmp = exc
+    tmp = Path(_agree(tmp))
+
+    for role in sorted(engines):
+        if engines[role].role != role:
+            raise ValueError(f"engine under key {role!r} is the {engines[role].role!r} engine")
+        _save_role(engines[role], tmp / role)
+
+    rng_dir = tmp / RNG_DIR
+    if dist.get_rank() == 0:
+        rng_dir.mkdir()
+    dist.barrier()
+    torch.save(capture_rng_state(), rng_dir / f"rank_{dist.get_rank():05d}.pt")
+
+    result: Any = final
+    if dist.get_rank() == 0:
+        try:
+            torch.save(dict(trainer_state, step=int(step)), tmp / TRAINER_STATE_FILE)
+            (tmp / META_FILE).write_text(json.dumps(_meta(int(step), engines), indent=2) + "\n")
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            result = exc
+    dist.barrier()  # every rank has written its shards and RNG file
+    if dist.get_rank() == 0 and not isinstance(result, BaseException):
+        try:
+            _write_atomic(tmp / DONE_FILE, f"{int(step)}\n")
+            atomic.commit(tmp, final)  # the rename: from here on the checkpoint is complete and visible
+            _write_atomic(root / LATEST_FILE, final.name + "\n")
+            if keep_last is not None and keep_last > 0:
+                _rotate(root, keep_last, final)
+        except Exception as exc:  # noqa: BLE001
+            result = exc
+    return Path(_agree(result if not isinstance(result, Path) else str(result)))
+
+
+# ---- load ---------------------------------------------------------------------------------------------------
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / META_FILE).read_text())
+
+
+def _load_role(engine: ModelEngine, role_dir: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    from vapo_megatron.convert.dist_ckpt import check_global_shapes, unwrap
+
+    with engine.layouts.use(engine.role):
+        module = unwrap(engine.model)
+        check_global_shapes(module.sharded_state_dict(), role_dir)  # names the tensor on an arch mismatch
+        if _uses_distributed_optimizer(engine.optimizer):
+            _patch_distributed_optimizer_step_copy()
+        loaded = dist_checkpointing.load(_sharded_state_dict(engine, is_loading=True), str(role_dir))
+        module.load_state_dict(loaded["model"])
+        _fill_zero_common_step(engine.optimizer, loaded["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into fp32 main params (views of leaf params)
+            engine.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_per_param_step(engine.optimizer)
+
+
+def load_checkpoint(path: str | Path, engines: Mapping[str, ModelEngine], *, map_location: Any = "cpu",
+                    restore_rng: bool = True) -> dict:
+    """Restore model + optimizer (+ `steps_taken`) of every engine and, by default, this rank's RNG states from
+    the checkpoint `path` (or the newest one of the run directory `path`); return the saved trainer state
+    (with its "step"). Collective: call on every rank.
+
+    Raises FileNotFoundError ("no checkpoint in <run_dir>/checkpoints") when there is none, CheckpointError for
+    an incomplete checkpoint or when its roles differ from `engines`."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt}/{META_FILE} is not a {FORMAT} file")
+    saved_roles, roles = sorted(meta["roles"]), sorted(engines)
+    if saved_roles != roles:
+        raise CheckpointError(f"checkpoint {ckpt} holds roles {saved_roles}, the trainer has {roles} "
+                              f"(algorithm.use_critic changed?)")
+    for role in roles:
+        if engines[role].role != role:
+            raise ValueError(f"engine under key {role!r} is the {engines[role].role!r} engine")
+        _load_role(engines[role], ckpt / role)
+        engines[role].steps_taken = int(meta["roles"][role]["steps_taken"])
+
+    if restore_rng:
+        rng_file = ckpt / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
+        if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
+            restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        else:
+            warnings.warn(f"{ckpt} was saved by {meta.get('world_size')} ranks, this run has "
+                          f"{dist.get_world_size()}: RNG states not restored", stacklevel=2)
+    state = torch.load(ckpt / TRAINER_STATE_FILE, map_location=map_location, weights_only=False)
+    dist.barrier()
+    return state
