@@ -28,7 +28,7 @@ def train_main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     validate(cfg, world, load_arch(cfg.model.hf_dir) if cfg.model.hf_dir else None)
-    train(cfg)
+    train(cfg, resume=args.resume)
     return 0
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from vapo_megatron import platform
 from vapo_megatron.algorithms import decoupled_gae, group_normalized_advantages, token_rewards_from_scores
 from vapo_megatron.config import VapoConfig
+from vapo_megatron.engine.checkpoint import load_checkpoint, save_checkpoint
 from vapo_megatron.trainer_parts import (
     MetricsLogger,
     batch_metrics,
@@ -27,8 +28,8 @@ from vapo_megatron.trainer_parts import (
 
 
 class Trainer:
-    def __init__(self, cfg: VapoConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: VapoConfig, resume: bool = False):
+        self.cfg, self.resume = cfg, resume
         parts = build_engines(cfg)
         self.rollout_engine, self.actor, self.critic = parts.rollout_engine, parts.actor, parts.critic
         self.arch, self.tokenizer, self.loader, self.val = parts.arch, parts.tokenizer, parts.loader, parts.val
@@ -41,14 +42,17 @@ class Trainer:
     def run(self) -> dict:
         cfg, last = self.cfg, {}
         pretrain = cfg.algorithm.value_pretrain_steps if cfg.algorithm.use_critic else 0
-        val_acc = self.validate() if cfg.eval.every else None
-        self._emit(0, "init", {"val_accuracy": val_acc} if val_acc is not None else {})
-        for step in range(1, pretrain + cfg.train.steps + 1):
+        end, start = pretrain + cfg.train.steps, 0
+        if self.resume:
+            start, pretrain = self._restore()
+        elif cfg.eval.every:
+            self._emit(0, "init", {"val_accuracy": self.validate()})
+        for step in range(start + 1, end + 1):
             phase = "value_pretrain" if step <= pretrain else "ppo"
             t = {"t_start": time.perf_counter()}
             batch = self.rollout(self.loader.next_batch(), t)                 # grouped responses + rewards
             self.old_logprobs_and_values(batch, t)                            # engine forwards
-            self.advantages(batch, lam_policy_off=(phase == "value_pretrain"))  # decoupled, length-adaptive GAE
+            self.advantages(batch)                                            # decoupled, length-adaptive GAE
             metrics = self.update(batch, phase, t)                            # mini-batch PPO / value updates
             if phase == "ppo":
                 self.sync_weights(t)                                          # Megatron -> vLLM
@@ -56,11 +60,36 @@ class Trainer:
                 metrics["val_accuracy"] = self.validate()
             last = self._emit(step, phase, {**batch_metrics(batch), **metrics, **self._timings(t)})
             if phase == "value_pretrain" and self._value_pretrain_done(metrics):
-                pretrain = step  # explained variance reached the threshold: start PPO now
+                pretrain = step                                               # EV threshold reached: PPO now
+            if step == end or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
+                self.save(step, pretrain)
         if self.log:
             self.log.close()
         self.rollout_engine.shutdown()
         return last
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def _engines(self) -> dict:
+        return {"policy": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
+
+    def save(self, step: int, pretrain: int) -> None:
+        ck = self.cfg.checkpoint
+        save_checkpoint(ck.run_dir, step, self._engines(),
+                        {"step": step, "pretrain": pretrain, "loader": self.loader.state_dict(),
+                         "seed_counter": getattr(self, "_seed_counter", 0),
+                         "nonfinite_in_row": self.nonfinite_in_row}, keep_last=ck.keep_last)
+
+    def _restore(self) -> tuple[int, int]:
+        """Models, optimizers, RNG, data position and sampling seeds of the newest complete checkpoint;
+        FileNotFoundError naming the directory when there is none."""
+        state = load_checkpoint(self.cfg.checkpoint.run_dir, self._engines())
+        self.loader.load_state_dict(state["loader"])
+        self._seed_counter = state["seed_counter"]
+        self.nonfinite_in_row = state["nonfinite_in_row"]
+        if self.log:
+            self.log.truncate_after(state["step"])
+        self.sync_weights({})  # vLLM still holds the initial weights
+        return state["step"], state["pretrain"]
 
     # ---- phases ------------------------------------------------------------------------------------------
     def rollout(self, prompts, t: dict) -> dict:
@@ -87,7 +116,7 @@ class Trainer:
             batch["old_values"] = self.critic.forward(batch, lambda out, mb: response_values(out, mb))
             t["t_critic_forward"] = time.perf_counter() - t0
 
-    def advantages(self, batch: dict, lam_policy_off: bool = False) -> None:
+    def advantages(self, batch: dict) -> None:
         alg, mask = self.cfg.algorithm, batch["resp_mask"]
         if alg.advantage == "grpo":
             batch["advantages"] = group_normalized_advantages(batch["scores"], mask, group_size=self.cfg.rollout.n)
@@ -167,9 +196,9 @@ class Trainer:
         return row
 
 
-def train(cfg: VapoConfig) -> dict:
+def train(cfg: VapoConfig, resume: bool = False) -> dict:
     from vapo_megatron.parallel.layout import init_distributed
 
     platform.setup()
     init_distributed()
-    return Trainer(cfg).run()
+    return Trainer(cfg, resume=resume).run()

@@ -216,6 +216,16 @@ class MetricsLogger:
         elif not self.bar:
             print(json.dumps({k: row[k] for k in ("step", "phase", *self.KEYS) if k in row}), flush=True)
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint's step (they will be produced again)."""
+        path = self.dir / "metrics.jsonl"
+        self.file.close()
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.rows = keep
+        self.file = open(path, "a")
+
     def close(self) -> None:
         from vapo_megatron.plotting import plot_curves
 
