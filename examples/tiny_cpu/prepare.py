@@ -58,11 +58,13 @@ def warm_start(model_dir: Path, sft_rows: list[dict], steps: int, batch: int, lr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/tiny_cpu/assets")
-    ap.add_argument("--sft-steps", type=int, default=400)
+    ap.add_argument("--sft-steps", type=int, default=500)
     ap.add_argument("--sft-batch", type=int, default=32)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
-    ap.add_argument("--error-rate", type=float, default=0.7)
-    ap.add_argument("--max-steps", type=int, default=6, help="longest chain of the task (difficulty)")
+    ap.add_argument("--error-rate", type=float, default=0.3)
+    ap.add_argument("--max-steps", type=int, default=4, help="longest chain of the task (difficulty)")
+    ap.add_argument("--max-value", type=int, default=19, help="largest value of any intermediate result")
+    ap.add_argument("--max-operand", type=int, default=5, help="largest operand of a step")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     out = Path(args.out)
@@ -71,7 +73,8 @@ def main() -> None:
         print(f"[prepare] {out} is ready (delete it to rebuild)")
         return
     torch.manual_seed(args.seed)
-    difficulty = SyntheticDifficulty(min_steps=1, max_steps=args.max_steps)
+    difficulty = SyntheticDifficulty(min_steps=1, max_steps=args.max_steps, max_value=args.max_value,
+                                     max_operand=args.max_operand)
     write_synthetic_task(out / "data", num_train=4096, num_val=128, num_demonstrations=4096,
                          error_rate=args.error_rate, seed=args.seed, difficulty=difficulty)
     save_tiny_hf_model(model_dir, "qwen2", seed=args.seed)
