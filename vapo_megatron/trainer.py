@@ -63,10 +63,24 @@ class Trainer:
                 pretrain = step                                               # EV threshold reached: PPO now
             if step == end or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
                 self.save(step, pretrain)
+        if cfg.checkpoint.export_hf_at_end:
+            self.export_hf()
         if self.log:
             self.log.close()
         self.rollout_engine.shutdown()
         return last
+
+    def export_hf(self) -> None:
+        """The final policy as a Hugging Face checkpoint in <run_dir>/hf_policy (collective)."""
+        import json
+        from pathlib import Path
+
+        from vapo_megatron.engine.export import export_hf
+
+        base = json.loads((Path(self.cfg.model.hf_dir) / "config.json").read_text())
+        with self.layouts.use("policy"):
+            export_hf(self.actor.model, self.arch, Path(self.cfg.checkpoint.run_dir) / "hf_policy",
+                      hf_assets=self.cfg.model.hf_dir, base_config=base)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _engines(self) -> dict:
@@ -98,7 +112,17 @@ class Trainer:
         r = self.cfg.rollout
         params = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                 max_tokens=r.max_response_length, seed=self._sample_seed())
-        return score_rollout(self, prompts, params, t)
+        self._wake()
+        batch = score_rollout(self, prompts, params, t)
+        if r.sleep_between_steps:
+            self.rollout_engine.sleep()     # GPU: free the KV cache while training; CPU: no-op (logged once)
+            self._asleep = True
+        return batch
+
+    def _wake(self) -> None:
+        if getattr(self, "_asleep", False):
+            self.rollout_engine.wake_up()
+            self._asleep = False
 
     def _sample_seed(self) -> int:
         self._seed_counter = getattr(self, "_seed_counter", 0) + 1
@@ -159,6 +183,7 @@ class Trainer:
         return out
 
     def sync_weights(self, t: dict) -> None:
+        self._wake()  # GPU path untested here: weights must be resident before the push
         t0 = time.perf_counter()
         self.rollout_engine.update_weights(self.actor.iter_hf_tensors(), bucket_bytes=self.cfg.rollout.bucket_bytes)
         t["t_weight_sync"] = time.perf_counter() - t0
@@ -166,6 +191,7 @@ class Trainer:
     def validate(self) -> float:
         from vapo_megatron.trainer_parts import validation_accuracy
 
+        self._wake()
         return validation_accuracy(self)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------

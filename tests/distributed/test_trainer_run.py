@@ -63,6 +63,9 @@ def test_two_ppo_steps_policy_tp2_pp2_sp_critic_tp2(assets, tmp_path):
     assert rows[-1]["rollout_logprob_diff"] < 1e-4, "vLLM and the TP2xPP2 policy disagree: weight sync broken"
     assert rows[-1]["actor_skipped"] == 0 and rows[-1]["critic_skipped"] == 0
     assert (run_dir / "curves.png").stat().st_size > 0 and (run_dir / "config.yaml").exists()
+    from transformers import AutoModelForCausalLM  # the final policy exported at TP2xPP2 loads in transformers
+
+    AutoModelForCausalLM.from_pretrained(run_dir / "hf_policy")
     assert all(r["step"] == 3 for r in results), "every rank finishes the same step"
 
 

@@ -17,3 +17,31 @@ def iter_hf_tensors(model: torch.nn.Module, arch: ModelArch, role: str = "policy
     time; fused QKV / gate-up are split back into HF's separate tensors."""
     for pm, full in iter_full_tensors(model, arch, role, dtype=dtype):
         yield from full_to_hf(pm, full, arch).items()
+
+
+def export_hf(model: torch.nn.Module, arch: ModelArch, out_dir, *, role: str = "policy", hf_assets=None,
+              base_config: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """Write the live (sharded) model as a Hugging Face checkpoint: sharded safetensors + index, config.json,
+    tokenizer files from `hf_assets`. Collective over all ranks (they stream the whole tensors together);
+    rank 0 writes into a temporary directory that appears at `out_dir` only when complete."""
+    import json
+
+    import torch.distributed as dist
+
+    from vapo_megatron.convert.atomic import atomic_directory
+    from vapo_megatron.convert.hf_io import SafetensorsShardWriter, copy_hf_assets
+    from vapo_megatron.convert.megatron_to_hf import hf_config_for, hf_specs
+
+    tensors = iter_hf_tensors(model, arch, role, dtype=dtype)
+    if dist.get_rank() != 0:
+        for _ in tensors:  # take part in the collectives
+            pass
+        return
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        with SafetensorsShardWriter(tmp, hf_specs(arch, role, dtype)) as writer:
+            for name, tensor in tensors:
+                writer.write(name, tensor.to(dtype))
+        if hf_assets is not None:
+            copy_hf_assets(hf_assets, tmp, skip=["config.json"])
+        config = hf_config_for(arch, role, dtype, base_config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
