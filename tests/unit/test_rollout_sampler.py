@@ -98,8 +98,10 @@ def test_read_prompts_and_resolve_model_dir(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "hi"}))
     with pytest.raises(ValueError, match="no 'prompt' field"):
         gen_cli.read_prompts(str(tmp_path / "bad.jsonl"))
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10")
-    with pytest.raises(NotImplementedError, match="Megatron checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        gen_cli.resolve_model_dir(str(tmp_path))
+    (tmp_path / "metadata.json").write_text("{}")  # a bare megatron checkpoint: no arch to rebuild from
+    with pytest.raises(ValueError, match="without vapo_checkpoint.json"):
         gen_cli.resolve_model_dir(str(tmp_path))
 
 

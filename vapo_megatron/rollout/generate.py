@@ -37,14 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_model_dir(path: str) -> str:
-    """The Hugging Face directory to serve. A Megatron checkpoint will be converted here (hook for
-    convert_megatron_to_hf); until then it is refused with a clear message."""
+    """The Hugging Face directory to serve. A Megatron checkpoint written by tools/convert_hf_to_megatron.py
+    (torch_dist + vapo_checkpoint.json) is converted into a temporary HF directory first (single process).
+    A trainer checkpoint (`checkpoints/step_*`) holds optimizer state too: use `<run_dir>/hf_policy`."""
+    import tempfile
+
     root = Path(path)
     if (root / "config.json").is_file():
         return str(root)
-    if (root / "latest_checkpointed_iteration.txt").is_file() or (root / "metadata.json").is_file():
-        raise NotImplementedError(f"{path} looks like a Megatron checkpoint; converting it for generation is "
-                                  f"not supported yet: convert it to a Hugging Face directory first")
+    if (root / "vapo_checkpoint.json").is_file() and (root / "metadata.json").is_file():
+        from vapo_megatron.convert.megatron_to_hf import convert_megatron_to_hf
+
+        out = Path(tempfile.mkdtemp(prefix="vapo_generate_")) / "hf"
+        convert_megatron_to_hf(root, out, progress=False)
+        return str(out)
+    if (root / "metadata.json").is_file():
+        raise ValueError(f"{path} is a megatron-core checkpoint without vapo_checkpoint.json; convert it with "
+                         f"tools/convert_megatron_to_hf.py --hf-assets HF_DIR first")
     raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
 
 
