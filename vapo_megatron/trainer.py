@@ -37,6 +37,8 @@ class Trainer:
         self.pad_multiple = 8 * max(cfg.policy_parallel.tp, cfg.critic_parallel.tp)
         self.log = MetricsLogger(cfg) if dist.get_rank() == 0 else None
         self.nonfinite_in_row = 0
+        self._seed_counter = 0  # rollout seeds are derived from it; checkpointed for exact resume
+        self._asleep = False
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -90,7 +92,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         save_checkpoint(ck.run_dir, step, self._engines(),
                         {"step": step, "pretrain": pretrain, "loader": self.loader.state_dict(),
-                         "seed_counter": getattr(self, "_seed_counter", 0),
+                         "seed_counter": self._seed_counter,
                          "nonfinite_in_row": self.nonfinite_in_row}, keep_last=ck.keep_last)
 
     def _restore(self) -> tuple[int, int]:
@@ -120,12 +122,12 @@ class Trainer:
         return batch
 
     def _wake(self) -> None:
-        if getattr(self, "_asleep", False):
+        if self._asleep:
             self.rollout_engine.wake_up()
             self._asleep = False
 
     def _sample_seed(self) -> int:
-        self._seed_counter = getattr(self, "_seed_counter", 0) + 1
+        self._seed_counter += 1
         return self.cfg.train.seed * 1_000_003 + self._seed_counter
 
     def old_logprobs_and_values(self, batch: dict, t: dict) -> None:

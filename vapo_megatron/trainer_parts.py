@@ -11,7 +11,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vapo_megatron.algorithms import explained_variance_from_stats, explained_variance_stats, masked_mean
+from vapo_megatron.algorithms import (
+    count_correct_tokens,
+    count_seqs,
+    count_tokens,
+    explained_variance,
+    masked_mean,
+)
 from vapo_megatron.config import VapoConfig, dump_yaml, save_config
 from vapo_megatron.data.rl_batch import build_rl_batch
 
@@ -29,7 +35,7 @@ class Parts:
     layouts: Any
 
 
-def _critic_state(cfg: VapoConfig, arch, role_maps) -> dict[str, torch.Tensor]:
+def _critic_state(cfg: VapoConfig, arch) -> dict[str, torch.Tensor]:
     """Critic init: trunk from critic_hf_dir (or the policy's); value head from its HF `score` head when
     present, else N(0, initializer_range) from the run seed (the paper starts from a reward model instead)."""
     from vapo_megatron.convert.hf_io import HFCheckpointReader
@@ -81,7 +87,7 @@ def build_engines(cfg: VapoConfig) -> Parts:
                            params_dtype=dtype, use_distributed_optimizer=optim.use_distributed_optimizer)
 
     actor = make("policy", cfg.policy_parallel, policy_state, cfg.actor_optim)
-    critic = make("critic", cfg.critic_parallel, _critic_state(cfg, arch, None), cfg.critic_optim) \
+    critic = make("critic", cfg.critic_parallel, _critic_state(cfg, arch), cfg.critic_optim) \
         if alg.use_critic else None
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
     train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, r.max_prompt_length)
@@ -143,8 +149,8 @@ def minibatch_counts(mb: dict) -> dict[str, torch.Tensor]:
     """Global normalisers of one optimizer step. Every rank holds the whole mini-batch, so these are global
     without communication (each engine computes only its DP slice with them)."""
     mask = mb["resp_mask"]
-    return {"tokens": mask.sum().double(), "seqs": (mask.sum(1) > 0).sum().double(),
-            "correct_tokens": (mask * mb["is_correct"][:, None]).sum().double()}
+    return {"tokens": count_tokens(mask).double(), "seqs": count_seqs(mask).double(),
+            "correct_tokens": count_correct_tokens(mask, mb["is_correct"]).double()}
 
 
 def batch_metrics(batch: dict) -> dict[str, float]:
@@ -156,8 +162,7 @@ def batch_metrics(batch: dict) -> dict[str, float]:
                                               mask).item(),
            "lam_policy_mean": batch["lam_policy"].float().mean().item(), **batch["reward_stats"]}
     if "old_values" in batch:
-        stats = explained_variance_stats(batch["returns"], batch["old_values"], mask)
-        out["explained_variance"] = explained_variance_from_stats(stats).item()
+        out["explained_variance"] = explained_variance(batch["returns"], batch["old_values"], mask).item()
         out["value_mean"] = masked_mean(batch["old_values"], mask).item()
     return out
 
