@@ -1,7 +1,8 @@
 """Tiny models and a character-level tokenizer built locally, for CPU demos and tests (no hub needed).
 
-The tokenizer is a real `PreTrainedTokenizerFast` (saved as tokenizer.json + tokenizer_config.json with a
-chat template), so the same files load in transformers, vLLM and the trainer exactly as a hub tokenizer would.
+The tokenizer is a real `PreTrainedTokenizerFast` (byte-level BPE without merges; saved as tokenizer.json +
+tokenizer_config.json with a chat template), so the same files load in transformers, vLLM and the trainer
+exactly as a hub tokenizer would.
 """
 from __future__ import annotations
 
@@ -23,23 +24,44 @@ CHAT_TEMPLATE = (
 
 def build_char_tokenizer(vocab_pad_to: int = 128):
     """A character-level tokenizer; ids: specials first, then characters, then unused filler tokens up to
-    `vocab_pad_to` (so the vocabulary divides by common tensor-parallel sizes)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    `vocab_pad_to` (so the vocabulary divides by common tensor-parallel sizes).
+
+    It is a byte-level BPE with no merges (characters stored in GPT-2's byte-to-unicode form, e.g. space as
+    ``Ġ``): transformers 5 loads a ``qwen2`` checkpoint's tokenizer as ``Qwen2Tokenizer`` whatever
+    tokenizer_config.json says, rebuilding it as byte-level BPE with Qwen's pre-tokenizer; a plain word-level
+    vocabulary then silently loses every space and newline. Byte-level BPE without merges is character-level
+    under either loader, so transformers, vLLM and this function give the same ids (tested)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokens = SPECIAL_TOKENS + CHARACTERS
+    to_unicode = _bytes_to_unicode()
+    tokens = SPECIAL_TOKENS + ["".join(to_unicode[b] for b in c.encode()) for c in CHARACTERS]
     tokens += [f"<|unused{i}|>" for i in range(max(0, vocab_pad_to - len(tokens)))]
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=None, unk_token=PAD,
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=None, unk_token=None,
         additional_special_tokens=[BOS], clean_up_tokenization_spaces=False,
     )
     hf_tok.chat_template = CHAT_TEMPLATE
     return hf_tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character table (what byte-level BPE vocabularies use)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = 0
+    table = {}
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def tiny_hf_config(family: str = "qwen2", *, vocab_size: int = 128, hidden_size: int = 128,

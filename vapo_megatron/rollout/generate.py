@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size (ranks per engine)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + response token limit (default: the model's max_position_embeddings)")
     p.add_argument("--no-chat-template", action="store_true", help="tokenize string prompts as they are")
     return p
 
@@ -110,6 +111,12 @@ def _init_distributed() -> bool:
     return dist.is_initialized()
 
 
+def _model_max_len(model_dir: str) -> int:
+    """The model's own context limit (config.json's max_position_embeddings; 2048 when it names none)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or 2048)
+
+
 def generate_main(argv: list[str] | None = None) -> int:
     """Entry point: parse `argv`, generate, write `--out` (on rank 0). Returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -119,8 +126,10 @@ def generate_main(argv: list[str] | None = None) -> int:
                             max_tokens=args.max_tokens, seed=args.seed)
     params.validate()
     distributed = _init_distributed()
-    engine = RolloutEngine(resolve_model_dir(args.model), RolloutEngineConfig(
-        tensor_parallel_size=args.tp, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len))
+    model_dir = resolve_model_dir(args.model)
+    max_model_len = args.max_model_len or _model_max_len(model_dir)
+    engine = RolloutEngine(model_dir, RolloutEngineConfig(
+        tensor_parallel_size=args.tp, seed=args.seed, dtype=args.dtype, max_model_len=max_model_len))
     prompts = read_prompts(args.prompts)
     token_ids = [tokenize_prompt(engine.tokenizer, p, not args.no_chat_template) for p in prompts]
     output = generate_distributed(engine, token_ids, params)
