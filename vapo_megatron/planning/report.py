@@ -1,0 +1,119 @@
+"""What to change when a memory plan does not fit (each remedy re-planned, with its effect in numbers), and the
+plan as a human table."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from vapo_megatron.planning.memory import GIB, MemoryPlan, PlanInput, RoleSettings, plan_memory
+
+
+def _layout_changes(inp: PlanInput, s: RoleSettings) -> Iterator[tuple[str, dict]]:
+    """Single changes of one role's settings that lower its memory, if its shape and the world size allow them."""
+    arch = inp.arch
+    if s.recompute != "full":
+        yield f"recompute {s.recompute} -> full", dict(recompute="full")
+    if not s.distributed_optimizer and inp.world_size // (s.tp * s.pp) > 1:
+        yield "enable the distributed optimizer", dict(distributed_optimizer=True)
+    tp2 = 2 * s.tp
+    if (tp2 <= inp.gpus_per_node and arch.num_heads % tp2 == 0 and arch.num_kv_heads % tp2 == 0
+            and inp.world_size % (tp2 * s.pp * s.cp) == 0):
+        yield f"tp {s.tp} -> {tp2} (sequence parallel on)", dict(tp=tp2, sequence_parallel=True)
+    pp2 = 2 * s.pp
+    if arch.num_layers % pp2 == 0 and inp.world_size % (s.tp * pp2 * s.cp) == 0:
+        yield f"pp {s.pp} -> {pp2}", dict(pp=pp2)
+    if s.micro_batch_tokens >= 2 * s.seq_len:
+        yield (f"micro-batch tokens {s.micro_batch_tokens} -> {s.micro_batch_tokens // 2}",
+               dict(micro_batch_tokens=s.micro_batch_tokens // 2))
+
+
+def _role_variants(inp: PlanInput) -> Iterator[tuple[str, PlanInput]]:
+    """Each change for the policy alone, the critic alone, and both (training peaks at the larger of the two)."""
+    roles = [r for r in ("policy", "critic") if getattr(inp, r) is not None]
+    for role in roles:
+        for label, changes in _layout_changes(inp, getattr(inp, role)):
+            yield f"{role}: {label}", dataclasses.replace(
+                inp, **{role: dataclasses.replace(getattr(inp, role), **changes)})
+    if len(roles) == 2 and inp.policy == inp.critic:
+        for label, changes in _layout_changes(inp, inp.policy):
+            both = dataclasses.replace(inp.policy, **changes)
+            yield f"policy and critic: {label}", dataclasses.replace(inp, policy=both, critic=both)
+
+
+def _rollout_variants(inp: PlanInput, plan: MemoryPlan) -> Iterator[tuple[str, PlanInput]]:
+    r = inp.rollout
+    if not r.offload_megatron:
+        yield "rollout: offload Megatron during generation", dataclasses.replace(
+            inp, rollout=dataclasses.replace(r, offload_megatron=True))
+    gpu = inp.gpu_memory_gib * GIB
+    room = gpu - max(plan.phases["generation"], plan.phases["weight_sync"]) + plan.vllm.budget
+    util = int(100 * room / gpu) / 100  # the largest utilisation (2 decimals) that fits next to Megatron
+    if 0 < util < r.gpu_memory_utilization:
+        yield f"rollout: vLLM gpu_memory_utilization {r.gpu_memory_utilization} -> {util}", dataclasses.replace(
+            inp, rollout=dataclasses.replace(r, gpu_memory_utilization=util))
+    tp2 = 2 * r.vllm_tp
+    if tp2 <= inp.gpus_per_node and inp.world_size % tp2 == 0 and inp.arch.num_heads % tp2 == 0:
+        yield f"rollout: vLLM tp {r.vllm_tp} -> {tp2} (more KV cache per engine)", dataclasses.replace(
+            inp, rollout=dataclasses.replace(r, vllm_tp=tp2))
+
+
+def advice(plan: MemoryPlan) -> list[str]:
+    """Single changes that lower a failing phase's peak, each with the new peaks; empty when the plan fits."""
+    if plan.fits:
+        return []
+    inp, lines = plan.inputs, []
+    failing = [k for k, v in plan.phases.items() if v > inp.gpu_memory_gib * GIB]
+    vllm_ok = not any(p.startswith("vLLM") for p in plan.problems)
+    for label, variant in [*_role_variants(inp), *_rollout_variants(inp, plan)]:
+        new = plan_memory(variant)
+        if all(new.phases[k] >= plan.phases[k] for k in failing) and len(new.problems) >= len(plan.problems):
+            continue  # changes nothing that is failing
+        if vllm_ok and any(p.startswith("vLLM") for p in new.problems):
+            continue  # e.g. a utilisation too small for vLLM's own weights
+        changes = ", ".join(f"{k} {plan.phases[k] / GIB:.1f} -> {new.phases[k] / GIB:.1f} GiB" for k in failing)
+        lines.append(f"{label}: {changes}{' (then fits)' if new.fits else ''}")
+    return lines
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GIB:8.2f}"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A table per role, vLLM and phases, then the verdict and the remedies."""
+    inp, v = plan.inputs, plan.vllm
+    a = inp.arch
+    lines = [f"model: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} kv, ffn "
+             f"{a.ffn_hidden_size}, vocab {a.vocab_size} ({'tied' if a.tie_word_embeddings else 'untied'})",
+             f"cluster: {inp.nodes} node(s) x {inp.gpus_per_node} GPUs of {inp.gpu_memory_gib:g} GiB "
+             f"(world size {inp.world_size})", "",
+             f"{'role':8s} {'layout':32s} {'params/rank':>12s} {'params':>8s} {'grads':>8s} {'optim':>8s} "
+             f"{'activ.':>8s} {'logits':>8s}  (GiB, worst stage)"]
+    for mem, s in ((plan.policy, inp.policy), (plan.critic, inp.critic)):
+        if mem is None:
+            continue
+        layout = (f"tp{s.tp} pp{s.pp} cp{s.cp} dp{mem.dp}{' sp' if s.sequence_parallel else ''}"
+                  f"{' distopt' if s.distributed_optimizer else ''} rc={s.recompute}")
+        lines.append(f"{mem.role:8s} {layout:32s} {mem.params_per_rank / 1e9:11.3f}B {_gib(mem.params)} "
+                     f"{_gib(mem.grads)} {_gib(mem.optimizer)} {_gib(mem.activations)} {_gib(mem.logits)}"
+                     f"  stage {mem.stage}, {s.micro_batch_tokens} tokens/micro-batch")
+    r = inp.rollout
+    lines += ["", f"vLLM: tp {r.vllm_tp}, gpu_memory_utilization {r.gpu_memory_utilization} -> budget "
+              f"{v.budget / GIB:.1f} GiB = weights {v.weights / GIB:.1f} + reserve {r.vllm_reserve_gib:g} + KV cache "
+              f"{v.kv_cache / GIB:.1f} GiB ({v.kv_bytes_per_token} B/token/GPU: {v.kv_tokens:,} tokens per engine, "
+              f"{v.max_len_sequences} sequences of {r.max_seq_len} tokens)", "",
+              "peak per GPU by phase (incl. overhead "
+              f"{inp.overhead_gib:g} GiB; Megatron {'offloaded' if r.offload_megatron else 'resident'} during "
+              "generation):"]
+    gpu = inp.gpu_memory_gib * GIB
+    for name, peak in plan.phases.items():
+        lines.append(f"  {name:12s} {_gib(peak)} GiB  {'ok' if peak <= gpu else 'DOES NOT FIT'} "
+                     f"({100 * peak / gpu:.0f}%)")
+    lines.append("")
+    if plan.fits:
+        lines.append(f"fits in {inp.gpu_memory_gib:g} GiB (headroom {(gpu - max(plan.phases.values())) / GIB:.1f} "
+                     "GiB in the tightest phase)")
+    else:
+        lines += ["DOES NOT FIT:", *(f"  - {p}" for p in plan.problems), "what would help (one change each):",
+                  *(f"  - {line}" for line in advice(plan) or ["nothing single: use more GPUs"])]
+    return "\n".join(lines)
