@@ -85,6 +85,8 @@ class AlgorithmConfig:
     """Upper clip range of the ratio: 1 + eps_high, clip-higher (paper: 0.28)."""
     dual_clip: float | None = None
     """Dual-clip bound c > 1 on negative-advantage tokens; None disables it."""
+    whiten_advantages: bool = True
+    """Normalise GAE advantages to zero mean, unit std over the batch's response tokens (verl's GAE default)."""
     loss_agg: str = "token-mean"
     """Loss aggregation mode, a name of algorithms.losses.loss_agg_names() (paper: token-mean)."""
     positive_lm_coef: float = 0.1

@@ -15,7 +15,12 @@ import torch
 import torch.distributed as dist
 
 from vapo_megatron import platform
-from vapo_megatron.algorithms import decoupled_gae, group_normalized_advantages, token_rewards_from_scores
+from vapo_megatron.algorithms import (
+    decoupled_gae,
+    group_normalized_advantages,
+    token_rewards_from_scores,
+    whiten_advantages,
+)
 from vapo_megatron.config import VapoConfig
 from vapo_megatron.engine.checkpoint import load_checkpoint, save_checkpoint
 from vapo_megatron.trainer_parts import (
@@ -153,7 +158,8 @@ class Trainer:
         gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=alg.lam_critic,
                             lam_policy=None if alg.length_adaptive else alg.lam_policy,
                             alpha=alg.alpha if alg.length_adaptive else None)
-        batch["advantages"], batch["returns"], batch["lam_policy"] = gae.advantages, gae.returns, gae.lam_policy
+        advantages = whiten_advantages(gae.advantages, mask) if alg.whiten_advantages else gae.advantages
+        batch["advantages"], batch["returns"], batch["lam_policy"] = advantages, gae.returns, gae.lam_policy
 
     def update(self, batch: dict, phase: str, t: dict) -> dict:
         from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn

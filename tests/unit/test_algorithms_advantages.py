@@ -298,3 +298,23 @@ def test_token_rewards_on_last_response_token():
     rewards = token_rewards_from_scores(torch.tensor([2.0, 3.0, 4.0, 5.0]), mask)
     expected = torch.tensor([[0, 0, 2.0, 0], [3.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 5.0]])
     torch.testing.assert_close(rewards, expected)
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whiten_advantages_matches_token_loop(shift_mean):
+    """Failure: whitening uses padded positions, a per-row (not batch) statistic, or the biased variance."""
+    from vapo_megatron.algorithms import whiten_advantages
+
+    gen = torch.Generator().manual_seed(3)
+    adv = torch.randn(5, 9, generator=gen, dtype=torch.float64) * 3 + 1
+    mask = torch.arange(9)[None, :] < torch.tensor([[9], [1], [0], [4], [7]])
+    vals = [adv[i, t].item() for i in range(5) for t in range(9) if mask[i, t]]
+    mean = sum(vals) / len(vals)
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    expected = torch.zeros_like(adv)
+    for i in range(5):
+        for t in range(9):
+            if mask[i, t]:
+                expected[i, t] = ((adv[i, t] - mean) if shift_mean else adv[i, t]) / std
+    torch.testing.assert_close(whiten_advantages(adv, mask, eps=0.0, shift_mean=shift_mean), expected)
+    assert whiten_advantages(adv, torch.zeros_like(mask)).abs().sum() == 0

@@ -13,6 +13,7 @@ from vapo_megatron.algorithms.advantages import (
     reverse_discounted_cumsum,
     token_rewards_from_scores,
     uniform_group_mask,
+    whiten_advantages,
 )
 from vapo_megatron.algorithms.losses import (
     LossAgg,
@@ -67,4 +68,5 @@ __all__ = [
     "token_rewards_from_scores",
     "uniform_group_mask",
     "value_loss",
+    "whiten_advantages",
 ]

@@ -322,3 +322,26 @@ def token_rewards_from_scores(scores: Tensor, mask: Tensor) -> Tensor:
     # Empty rows write a 0 at position 0, leaving them all-zero (no host sync to drop them).
     placed = torch.where(last >= 0, scores, torch.zeros_like(scores))
     return rewards.scatter_(1, last.clamp(min=0)[:, None], placed[:, None])
+
+
+def whiten_advantages(advantages: Tensor, mask: Tensor, eps: float = 1e-8, shift_mean: bool = True) -> Tensor:
+    """Normalise advantages over all response tokens of the batch: ``(A - mean) / std`` (masked; unbiased
+    variance, as verl's ``masked_whiten``). Standard PPO practice for GAE advantages; not in the VAPO paper's text,
+    switchable by ``algorithm.whiten_advantages``. The batch must be the whole rollout batch (the trainer holds it
+    on every rank), so the statistics are global without a collective.
+
+    Args:
+        advantages: ``[B, T]``.
+        mask: ``[B, T]`` response-token mask; positions outside it come back as 0.
+        shift_mean: subtract the mean (False keeps the sign of every advantage, only rescales).
+    """
+    if advantages.shape != mask.shape:
+        raise ValueError(f"advantages {tuple(advantages.shape)} and mask {tuple(mask.shape)} differ in shape")
+    m = mask.to(advantages.dtype)
+    n = m.sum()
+    if n < 2:
+        return advantages * m
+    mean = (advantages * m).sum() / n
+    var = (((advantages - mean) * m) ** 2).sum() / (n - 1)
+    centred = advantages - mean if shift_mean else advantages
+    return centred * torch.rsqrt(var + eps) * m
