@@ -60,7 +60,7 @@ class RolloutConfig:
     sleep_between_steps: bool = True
     """Put vLLM to sleep (free its GPU memory) while the trainer runs."""
     offload_megatron_during_rollout: bool = False
-    """Move Megatron weights and optimizer state to CPU while vLLM generates."""
+    """Move Megatron params, grad buffers and optimizer state to host memory while vLLM generates (no-op on CPU)."""
     cpu_kv_cache_bytes: int = 512 * 1024 * 1024
     """KV-cache bytes of a CPU vLLM engine (ignored on GPU)."""
 

@@ -18,6 +18,7 @@ from vapo_megatron import platform
 from vapo_megatron.algorithms import decoupled_gae, group_normalized_advantages, token_rewards_from_scores
 from vapo_megatron.config import VapoConfig
 from vapo_megatron.engine.checkpoint import load_checkpoint, save_checkpoint
+from vapo_megatron.engine.offload import rollout_offloader
 from vapo_megatron.trainer_parts import (
     MetricsLogger,
     batch_metrics,
@@ -39,6 +40,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self._seed_counter = 0  # rollout seeds are derived from it; checkpointed for exact resume
         self._asleep = False
+        self.offload = rollout_offloader([self.actor, self.critic], cfg.rollout.offload_megatron_during_rollout)
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -114,11 +116,12 @@ class Trainer:
         r = self.cfg.rollout
         params = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                 max_tokens=r.max_response_length, seed=self._sample_seed())
-        self._wake()
-        batch = score_rollout(self, prompts, params, t)
-        if r.sleep_between_steps:
-            self.rollout_engine.sleep()     # GPU: free the KV cache while training; CPU: no-op (logged once)
-            self._asleep = True
+        with self.offload.offloaded():      # GPU: Megatron's params/grads/optimizer on host while vLLM runs
+            self._wake()
+            batch = score_rollout(self, prompts, params, t)
+            if r.sleep_between_steps:
+                self.rollout_engine.sleep()  # GPU: free the KV cache while training; CPU: no-op (logged once)
+                self._asleep = True
         return batch
 
     def _wake(self) -> None:
@@ -193,8 +196,9 @@ class Trainer:
     def validate(self) -> float:
         from vapo_megatron.trainer_parts import validation_accuracy
 
-        self._wake()
-        return validation_accuracy(self)
+        with self.offload.offloaded():
+            self._wake()
+            return validation_accuracy(self)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
     def _guard(self, out: dict) -> None:

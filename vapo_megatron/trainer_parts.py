@@ -65,10 +65,6 @@ def build_engines(cfg: VapoConfig) -> Parts:
     from vapo_megatron.rollout.vllm_engine import RolloutEngine
 
     r, alg, seed = cfg.rollout, cfg.algorithm, cfg.train.seed
-    if r.offload_megatron_during_rollout:
-        raise NotImplementedError("rollout.offload_megatron_during_rollout=true is not implemented yet (Megatron "
-                                  "parameters, gradients and optimizer state stay on the device during "
-                                  "generation); set it to false")
     # vLLM first: building it is collective over all ranks and re-seeds the global generators.
     engine = RolloutEngine(cfg.model.hf_dir, tensor_parallel_size=r.vllm_tensor_parallel, seed=seed,
                            max_model_len=r.max_prompt_length + r.max_response_length,
