@@ -9,6 +9,7 @@ Departures from the paper, each also noted where it happens:
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -35,7 +36,7 @@ class Trainer:
         self.rollout_engine, self.actor, self.critic = parts.rollout_engine, parts.actor, parts.critic
         self.arch, self.tokenizer, self.loader, self.val = parts.arch, parts.tokenizer, parts.loader, parts.val
         self.rewards, self.layouts = parts.rewards, parts.layouts
-        self.pad_multiple = 8 * max(cfg.policy_parallel.tp, cfg.critic_parallel.tp)
+        self.pad_multiple = math.lcm(cfg.policy_parallel.seq_multiple(), cfg.critic_parallel.seq_multiple())
         self.log = MetricsLogger(cfg) if dist.get_rank() == 0 else None
         self.nonfinite_in_row = 0
         self._seed_counter = 0  # rollout seeds are derived from it; checkpointed for exact resume
@@ -175,7 +176,7 @@ class Trainer:
                     m = self.critic.train_step(mb, critic_loss_fn(cfg.algorithm, counts))
                     t["t_critic_update"] += time.perf_counter() - t0
                     out.update(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"],
-                               critic_skipped=m["skipped"])
+                               critic_skipped=m["skipped"], padding_waste_critic=m["padding_waste"])
                 if phase == "ppo":
                     t0 = time.perf_counter()
                     m = self.actor.train_step(mb, actor_loss_fn(cfg.algorithm, counts, self.arch.vocab_size))
@@ -183,7 +184,7 @@ class Trainer:
                     out.update({k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl",
                                                   "entropy") if k in m})
                     out.update(nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"],
-                               actor_skipped=m["skipped"])
+                               actor_skipped=m["skipped"], padding_waste_actor=m["padding_waste"])
                 self._guard(out)
         return out
 

@@ -80,7 +80,9 @@ def build_engines(cfg: VapoConfig) -> Parts:
         return ModelEngine(role, arch, parallel, layouts, full_state=state, lr=optim.lr,
                            weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
                            warmup_steps=optim.warmup_steps, micro_batch_size=cfg.train.micro_batch_size,
-                           params_dtype=dtype, use_distributed_optimizer=optim.use_distributed_optimizer)
+                           params_dtype=dtype, use_distributed_optimizer=optim.use_distributed_optimizer,
+                           recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers,
+                           micro_batch_tokens=cfg.train.micro_batch_tokens)
 
     actor = make("policy", cfg.policy_parallel, policy_state, cfg.actor_optim)
     critic = make("critic", cfg.critic_parallel, _critic_state(cfg, arch), cfg.critic_optim) \

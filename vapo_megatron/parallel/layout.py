@@ -21,6 +21,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence over the TP ranks (needs tp > 1)."""
 
+    def seq_multiple(self) -> int:
+        """What a padded sequence length must be a multiple of: 8, times tp (sequence parallelism splits the
+        sequence over the TP ranks), times 2 * cp (context parallelism's load-balanced split into 2 * cp chunks)."""
+        return 8 * self.tp * (2 * self.cp if self.cp > 1 else 1)
+
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
 

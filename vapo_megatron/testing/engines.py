@@ -26,7 +26,7 @@ def build_engine(hf_dir: str, role: str, layouts, **engine_kwargs):
         return score if name == "score.weight" else reader.get(name)
 
     state = {pm.name: t.float() for pm, t in iter_hf_to_full(get, arch, role)}
-    kwargs = dict(lr=1e-3, micro_batch_size=2, **engine_kwargs)
+    kwargs = {"lr": 1e-3, "micro_batch_size": 2, **engine_kwargs}
     return ModelEngine(role, arch, layouts.configs[role], layouts, full_state=state, **kwargs)
 
 
