@@ -17,7 +17,7 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size: transformer layers are split into this many consecutive stages."""
     cp: int = 1
-    """Context-parallel size: long sequences are split over this many ranks (GPU path)."""
+    """Context-parallel size (needs TransformerEngine; refused until the engine splits sequences, see context.py)."""
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence over the TP ranks (needs tp > 1)."""
 
