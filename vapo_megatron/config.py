@@ -60,7 +60,7 @@ class RolloutConfig:
     sleep_between_steps: bool = True
     """Put vLLM to sleep (free its GPU memory) while the trainer runs."""
     offload_megatron_during_rollout: bool = False
-    """Move Megatron weights and optimizer state to CPU while vLLM generates."""
+    """Move Megatron params, grad buffers and optimizer state to host memory while vLLM generates (no-op on CPU)."""
     cpu_kv_cache_bytes: int = 512 * 1024 * 1024
     """KV-cache bytes of a CPU vLLM engine (ignored on GPU)."""
 
@@ -138,7 +138,13 @@ class TrainConfig:
     mini_batch_size: int = 512
     """Samples per optimizer step (paper: 512)."""
     micro_batch_size: int = 1
-    """Samples per forward/backward on one data-parallel rank."""
+    """Samples per forward/backward on one data-parallel rank (when micro_batch_tokens is 0)."""
+    micro_batch_tokens: int = 0
+    """Token budget of a micro-batch (rows x its own padded longest row, length-sorted); 0 uses micro_batch_size."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: "full" whole layers, "selective" core attention only, "none" keeps all."""
+    recompute_num_layers: int = 1
+    """With recompute="full": layers per uniformly recomputed group (fewer stored inputs, more recompute)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     seed: int = 0
@@ -349,10 +355,12 @@ _OPTIMS, _DEFAULTS = ("actor_optim", "critic_optim"), VapoConfig()
 _BOUNDS: tuple[tuple[tuple[str, ...], str, Callable[[Any], bool]], ...] = (
     (("rollout.num_prompts", "rollout.n", "rollout.top_k", "rollout.max_prompt_length", "rollout.max_response_length",
       "rollout.vllm_tensor_parallel", "rollout.bucket_bytes", "rollout.cpu_kv_cache_bytes", "train.steps",
-      "train.mini_batch_size", "train.micro_batch_size", "train.ppo_epochs", "train.max_nonfinite_in_row",
-      "reward.num_workers", "eval.n", "eval.max_prompts", "checkpoint.keep_last"), ">= 1", lambda v: v >= 1),
-    (("rollout.temperature", "train.seed", "algorithm.positive_lm_coef", "algorithm.entropy_coef",
-      "algorithm.value_pretrain_steps", "algorithm.overlong_buffer", "algorithm.overlong_penalty", "eval.every",
+      "train.mini_batch_size", "train.micro_batch_size", "train.recompute_num_layers", "train.ppo_epochs",
+      "train.max_nonfinite_in_row", "reward.num_workers", "eval.n", "eval.max_prompts", "checkpoint.keep_last"),
+     ">= 1", lambda v: v >= 1),
+    (("rollout.temperature", "train.seed", "train.micro_batch_tokens", "algorithm.positive_lm_coef",
+      "algorithm.entropy_coef", "algorithm.value_pretrain_steps", "algorithm.overlong_buffer",
+      "algorithm.overlong_penalty", "eval.every",
       "eval.temperature", "checkpoint.save_every",
       *(f"{o}.{k}" for o in _OPTIMS for k in ("weight_decay", "clip_grad", "warmup_steps"))), ">= 0", lambda v: v >= 0),
     (("algorithm.alpha", "algorithm.eps_high", "algorithm.value_clip", "reward.timeout_s",
@@ -390,8 +398,16 @@ def _layout_problems(cfg: VapoConfig, world_size: int, arch: Any, critic_arch: A
         except ParallelConfigError as e:
             problems.append(f"{role}_parallel: {e}")
             continue
+        try:
+            from vapo_megatron.parallel.context import require_context_parallel_support  # imports torch
+
+            require_context_parallel_support(layout.cp, f"{role}_parallel")
+        except ValueError as e:
+            problems.append(str(e))
         dp = layout.data_parallel_size(world_size)
-        if mini >= 1 and micro >= 1 and mini % (micro * dp):
+        if cfg.train.micro_batch_tokens > 0 and mini >= 1 and mini % dp:
+            problems.append(f"train.mini_batch_size {mini} is not divisible by the {role} data-parallel size {dp}")
+        elif cfg.train.micro_batch_tokens == 0 and mini >= 1 and micro >= 1 and mini % (micro * dp):
             problems.append(f"train.mini_batch_size {mini} is not divisible by train.micro_batch_size {micro} x "
                             f"{role} data-parallel size {dp} = {micro * dp} (dp = world size {world_size} / "
                             f"(tp {layout.tp} x pp {layout.pp} x cp {layout.cp}))")

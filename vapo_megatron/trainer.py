@@ -9,6 +9,7 @@ Departures from the paper, each also noted where it happens:
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -23,6 +24,7 @@ from vapo_megatron.algorithms import (
 )
 from vapo_megatron.config import VapoConfig
 from vapo_megatron.engine.checkpoint import load_checkpoint, save_checkpoint
+from vapo_megatron.engine.offload import rollout_offloader
 from vapo_megatron.trainer_parts import (
     MetricsLogger,
     batch_metrics,
@@ -39,11 +41,12 @@ class Trainer:
         self.rollout_engine, self.actor, self.critic = parts.rollout_engine, parts.actor, parts.critic
         self.arch, self.tokenizer, self.loader, self.val = parts.arch, parts.tokenizer, parts.loader, parts.val
         self.rewards, self.layouts = parts.rewards, parts.layouts
-        self.pad_multiple = 8 * max(cfg.policy_parallel.tp, cfg.critic_parallel.tp)
+        self.pad_multiple = math.lcm(cfg.policy_parallel.seq_multiple(), cfg.critic_parallel.seq_multiple())
         self.log = MetricsLogger(cfg) if dist.get_rank() == 0 else None
         self.nonfinite_in_row = 0
         self._seed_counter = 0  # rollout seeds are derived from it; checkpointed for exact resume
         self._asleep = False
+        self.offload = rollout_offloader([self.actor, self.critic], cfg.rollout.offload_megatron_during_rollout)
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -119,11 +122,12 @@ class Trainer:
         r = self.cfg.rollout
         params = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                 max_tokens=r.max_response_length, seed=self._sample_seed())
-        self._wake()
-        batch = score_rollout(self, prompts, params, t)
-        if r.sleep_between_steps:
-            self.rollout_engine.sleep()     # GPU: free the KV cache while training; CPU: no-op (logged once)
-            self._asleep = True
+        with self.offload.offloaded():      # GPU: Megatron's params/grads/optimizer on host while vLLM runs
+            self._wake()
+            batch = score_rollout(self, prompts, params, t)
+            if r.sleep_between_steps:
+                self.rollout_engine.sleep()  # GPU: free the KV cache while training; CPU: no-op (logged once)
+                self._asleep = True
         return batch
 
     def _wake(self) -> None:
@@ -178,7 +182,7 @@ class Trainer:
                     m = self.critic.train_step(mb, critic_loss_fn(cfg.algorithm, counts))
                     t["t_critic_update"] += time.perf_counter() - t0
                     out.update(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"],
-                               critic_skipped=m["skipped"])
+                               critic_skipped=m["skipped"], padding_waste_critic=m["padding_waste"])
                 if phase == "ppo":
                     t0 = time.perf_counter()
                     m = self.actor.train_step(mb, actor_loss_fn(cfg.algorithm, counts, self.arch.vocab_size))
@@ -186,7 +190,7 @@ class Trainer:
                     out.update({k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl",
                                                   "entropy") if k in m})
                     out.update(nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"],
-                               actor_skipped=m["skipped"])
+                               actor_skipped=m["skipped"], padding_waste_actor=m["padding_waste"])
                 self._guard(out)
         return out
 
@@ -199,8 +203,9 @@ class Trainer:
     def validate(self) -> float:
         from vapo_megatron.trainer_parts import validation_accuracy
 
-        self._wake()
-        return validation_accuracy(self)
+        with self.offload.offloaded():
+            self._wake()
+            return validation_accuracy(self)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
     def _guard(self, out: dict) -> None:

@@ -65,10 +65,6 @@ def build_engines(cfg: VapoConfig) -> Parts:
     from vapo_megatron.rollout.vllm_engine import RolloutEngine
 
     r, alg, seed = cfg.rollout, cfg.algorithm, cfg.train.seed
-    if r.offload_megatron_during_rollout:
-        raise NotImplementedError("rollout.offload_megatron_during_rollout=true is not implemented yet (Megatron "
-                                  "parameters, gradients and optimizer state stay on the device during "
-                                  "generation); set it to false")
     # vLLM first: building it is collective over all ranks and re-seeds the global generators.
     engine = RolloutEngine(cfg.model.hf_dir, tensor_parallel_size=r.vllm_tensor_parallel, seed=seed,
                            max_model_len=r.max_prompt_length + r.max_response_length,
@@ -84,7 +80,9 @@ def build_engines(cfg: VapoConfig) -> Parts:
         return ModelEngine(role, arch, parallel, layouts, full_state=state, lr=optim.lr,
                            weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
                            warmup_steps=optim.warmup_steps, micro_batch_size=cfg.train.micro_batch_size,
-                           params_dtype=dtype, use_distributed_optimizer=optim.use_distributed_optimizer)
+                           params_dtype=dtype, use_distributed_optimizer=optim.use_distributed_optimizer,
+                           recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers,
+                           micro_batch_tokens=cfg.train.micro_batch_tokens)
 
     actor = make("policy", cfg.policy_parallel, policy_state, cfg.actor_optim)
     critic = make("critic", cfg.critic_parallel, _critic_state(cfg, arch), cfg.critic_optim) \

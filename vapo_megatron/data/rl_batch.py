@@ -10,7 +10,7 @@ def build_rl_batch(prompt_ids: list[list[int]], prompt_index: torch.Tensor, resp
                    ) -> dict[str, torch.Tensor]:
     """Concatenate each prompt with its response (right padded to S, a multiple of `pad_to_multiple`, which
     sequence parallelism needs) and index the response tokens: `resp_pos[i, j]` is the position whose output
-    predicts response token j (prompt_len - 1 + j)."""
+    predicts response token j (prompt_len - 1 + j); `seq_lens[i]` counts row i's prompt + response tokens."""
     n = len(response_ids)
     plens = [len(prompt_ids[int(p)]) for p in prompt_index]
     rlens = [len(r) for r in response_ids]
@@ -30,4 +30,5 @@ def build_rl_batch(prompt_ids: list[list[int]], prompt_index: torch.Tensor, resp
         resp_mask[i, :r] = 1.0
     return dict(input_ids=input_ids, targets=torch.roll(input_ids, -1, dims=1), resp_pos=resp_pos,
                 resp_mask=resp_mask, rollout_logprobs=logprobs, lengths=torch.tensor(rlens),
+                seq_lens=torch.tensor([p + r for p, r in zip(plens, rlens)]),
                 prompt_index=prompt_index.clone())

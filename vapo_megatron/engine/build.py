@@ -10,6 +10,7 @@ from vapo_megatron.convert.mapping import shard_state_dict
 from vapo_megatron.models.critic import build_critic
 from vapo_megatron.models.hf_config import ModelArch, transformer_config
 from vapo_megatron.models.policy import build_policy
+from vapo_megatron.parallel.context import require_context_parallel_support
 from vapo_megatron.parallel.layout import ParallelConfig
 
 platform.install_shims()
@@ -53,6 +54,7 @@ def build_model(arch: ModelArch, parallel: ParallelConfig, role: str, *, params_
     """The `role` model ("policy" or "critic") of this rank, in megatron's current parallel state."""
     parallel.validate(torch.distributed.get_world_size(), num_layers=arch.num_layers, num_heads=arch.num_heads,
                       num_kv_heads=arch.num_kv_heads)
+    require_context_parallel_support(parallel.cp, role)
     config = transformer_config(arch, parallel, params_dtype=params_dtype, **config_overrides)
     prepare_config(config)
     kwargs = dict(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from vapo_megatron import platform
 from vapo_megatron.engine.build import build_model
 from vapo_megatron.engine.export import iter_hf_tensors
+from vapo_megatron.engine.microbatch import padded_and_real_tokens, row_slice, split_micro_batches
 from vapo_megatron.engine.optim import build_optimizer
 from vapo_megatron.engine.schedule import forward_backward
 from vapo_megatron.models.hf_config import ModelArch
@@ -24,24 +25,25 @@ from megatron.core import parallel_state as ps  # noqa: E402
 MicroLoss = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _slice(batch: dict, start: int, stop: int) -> dict:
-    return {k: (v[start:stop] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
 class ModelEngine:
     def __init__(self, role: str, arch: ModelArch, parallel: ParallelConfig, layouts: RoleLayouts, *,
                  full_state: dict[str, torch.Tensor], lr: float, weight_decay: float = 0.0,
                  clip_grad: float = 1.0, warmup_steps: int = 0, micro_batch_size: int = 8,
-                 params_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False):
+                 params_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False,
+                 recompute: str = "none", recompute_num_layers: int = 1, micro_batch_tokens: int = 0):
         self.role, self.arch, self.parallel, self.layouts = role, arch, parallel, layouts
         self.micro_batch_size, self.base_lr, self.warmup_steps = micro_batch_size, lr, warmup_steps
+        self.micro_batch_tokens, self.pad_multiple = micro_batch_tokens, parallel.seq_multiple()
         self.steps_taken = 0
         with layouts.use(role):
             self.built = build_model(arch, parallel, role, full_state=full_state, params_dtype=params_dtype,
-                                     use_distributed_optimizer=use_distributed_optimizer)
+                                     use_distributed_optimizer=use_distributed_optimizer, recompute=recompute,
+                                     recompute_num_layers=recompute_num_layers)
             self.optimizer = build_optimizer(self.built.model, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
                                              bf16=params_dtype == torch.bfloat16,
                                              use_distributed_optimizer=use_distributed_optimizer)
+        # token micro-batches differ in length: pipeline stages then send each activation's shape first
+        self.built.config.variable_seq_lengths = micro_batch_tokens > 0
 
     @property
     def model(self) -> torch.nn.Module:
@@ -55,12 +57,16 @@ class ModelEngine:
         per = n // dp
         return rank * per, (rank + 1) * per
 
-    def _micro_batches(self, batch: dict) -> tuple[list[dict], int, int]:
-        n = batch["input_ids"].shape[0]
-        start, stop = self._dp_bounds(n)
-        local = _slice(batch, start, stop)
-        m = min(self.micro_batch_size, stop - start)
-        return [_slice(local, i, i + m) for i in range(0, stop - start, m)], start, stop
+    def _micro_batches(self, batch: dict) -> tuple[list[dict], list[list[int]], int, int]:
+        """This DP rank's micro-batches, the local rows each holds, and the rank's [start, stop) of the batch."""
+        start, stop = self._dp_bounds(batch["input_ids"].shape[0])
+        micro, rows = split_micro_batches(row_slice(batch, start, stop), micro_batch_size=self.micro_batch_size,
+                                          micro_batch_tokens=self.micro_batch_tokens,
+                                          pad_multiple=self.pad_multiple)
+        dev = platform.device()
+        micro = [{k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+                 for mb in micro]
+        return micro, rows, start, stop
 
     def _is_reporter(self) -> bool:
         return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
@@ -70,15 +76,19 @@ class ModelEngine:
         """`output_fn(model_output, micro_batch) -> [m, ...]` per micro-batch; returns the whole-batch result
         [n, ...] on every rank (slices assembled over DP with one all-reduce)."""
         with self.layouts.use(self.role), torch.no_grad():
-            micro, start, stop = self._micro_batches(batch)
+            micro, rows, start, stop = self._micro_batches(batch)
             outs = forward_backward(self.model, micro, None, forward_only=True, output_fn=output_fn)
-            local = torch.cat(outs) if outs else None
+            local = None
+            if outs:  # back into row order (token micro-batches are sorted by length)
+                local = torch.empty((stop - start, *outs[0].shape[1:]), dtype=outs[0].dtype, device=outs[0].device)
+                local[torch.tensor([i for r in rows for i in r], device=local.device)] = torch.cat(outs)
             shape = self._broadcast_shape(local)
-            full = torch.zeros((batch["input_ids"].shape[0], *shape[1:]), dtype=torch.float32)
+            full = torch.zeros((batch["input_ids"].shape[0], *shape[1:]), dtype=torch.float32,
+                               device=platform.device())
             if self._is_reporter():
                 full[start:stop] = local.float()
         dist.all_reduce(full)
-        return full
+        return full.to(batch["input_ids"].device)
 
     def _broadcast_shape(self, local: torch.Tensor | None) -> list[int]:
         shape = [list(local.shape) if local is not None and self._is_reporter() else None]
@@ -89,16 +99,19 @@ class ModelEngine:
     # ---- training -----------------------------------------------------------------------------------------
     def train_step(self, batch: dict, loss_fn: MicroLoss) -> dict[str, float]:
         """One optimizer step over `batch` (a whole mini-batch; losses must be normalised by its global counts).
-        Returns the summed metrics plus grad_norm, lr and `skipped` (1 when the loss or gradient norm was not
-        finite and no update was applied)."""
+        Returns the summed metrics plus grad_norm, lr, `skipped` (1 when the loss or gradient norm was not
+        finite and no update was applied) and `padding_waste` (fraction of computed token slots that are padding,
+        over all DP ranks)."""
         self._set_lr()
         with self.layouts.use(self.role):
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
-            micro, _, _ = self._micro_batches(batch)
+            micro, _, _, _ = self._micro_batches(batch)
             stats = forward_backward(self.model, micro, loss_fn)
-            metrics = self._reduce_metrics(stats)
-            finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0])
+            padded, real = padded_and_real_tokens(micro)
+            metrics = self._reduce_metrics(stats, {"padded_tokens": padded, "real_tokens": real})
+            finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0],
+                                  device=platform.device())
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             grad_norm = float("nan")
             if finite.item() == 1.0:
@@ -106,22 +119,25 @@ class ModelEngine:
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                 finite[0] = 1.0 if ok and math.isfinite(grad_norm) else 0.0
             self.steps_taken += int(finite.item())
-        metrics.update(grad_norm=grad_norm, lr=self._lr(), skipped=1.0 - finite.item())
+        padded, real = metrics.pop("padded_tokens"), metrics.pop("real_tokens")
+        metrics.update(grad_norm=grad_norm, lr=self._lr(), skipped=1.0 - finite.item(),
+                       padding_waste=1.0 - real / padded if padded else 0.0)
         return metrics
 
-    def _reduce_metrics(self, stats: list[dict]) -> dict[str, float]:
-        """Sum per-micro-batch metrics (already globally normalised) over micro-batches and DP ranks; the
-        reporting ranks contribute, everyone receives."""
-        keys = [None]
-        if self._is_reporter() and stats:
-            keys = [sorted(stats[0])]
+    def _reduce_metrics(self, stats: list[dict], per_rank: dict[str, float]) -> dict[str, float]:
+        """Sum per-micro-batch metrics (already globally normalised) over micro-batches and DP ranks, and the
+        `per_rank` numbers over DP ranks; the reporting ranks contribute, everyone receives."""
+        totals: dict[str, torch.Tensor] = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in per_rank.items()}
+        for s in stats:
+            for k, v in s.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().double().reshape(()).cpu()
         objs = [None] * dist.get_world_size()
-        dist.all_gather_object(objs, keys[0])
+        dist.all_gather_object(objs, sorted(totals) if self._is_reporter() else None)
         names = next((k for k in objs if k), [])
         vec = torch.zeros(len(names), dtype=torch.float64)
         if self._is_reporter():
-            for s in stats:
-                vec += torch.stack([s[k].detach().double().reshape(()) for k in names])
+            vec += torch.stack([totals[k] for k in names])
+        vec = vec.to(platform.device())  # NCCL reduces device tensors only
         dist.all_reduce(vec)
         return dict(zip(names, vec.tolist()))
 

@@ -20,13 +20,13 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
-_MASKS: dict[int, torch.Tensor] = {}
+_MASKS: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:
     """Boolean [1, 1, S, S] mask, True above the diagonal (masked). Passed explicitly because megatron's
     default causal mask is built on "cuda"; with right padding it is also the correct padding mask."""
-    key = seq_len
+    key = (seq_len, str(device))
     if key not in _MASKS:
         _MASKS[key] = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
     return _MASKS[key]
@@ -53,7 +53,8 @@ LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tens
 def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_batches: Sequence[dict],
                      loss_fn: LossFn | None, *, forward_only: bool = False,
                      output_fn: Callable[[torch.Tensor, dict], Any] | None = None) -> list[Any]:
-    """Run all micro-batches (dicts with `input_ids` [b, S]; all of the same shape) through the schedule.
+    """Run all micro-batches (dicts with `input_ids` [b, S]) through the schedule. Their shapes may differ only
+    when the model config has `variable_seq_lengths` (pipeline stages then exchange each activation's shape).
 
     `loss_fn(output, micro_batch) -> (loss, metrics)`: output is the model's last-stage output (logits shard
     [b, S, V/tp] for a policy, values [b, S] for a critic). Returns, on the last pipeline stage, the list of
@@ -61,15 +62,13 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
     other stages get an empty list.
     """
     models = list(model) if isinstance(model, Sequence) else [model]
-    first = micro_batches[0]["input_ids"]
-    b, seq = first.shape
-    mask = causal_mask(seq, first.device)
-    pos = position_ids(b, seq, first.device)
+    b, seq = micro_batches[0]["input_ids"].shape
     results: list[Any] = []
 
     def step(data_iter, chunk):
         mb = next(data_iter)
-        out = chunk(mb["input_ids"], pos, mask)
+        ids = mb["input_ids"]
+        out = chunk(ids, position_ids(*ids.shape, ids.device), causal_mask(ids.shape[1], ids.device))
 
         def reduce(output):
             if output_fn is not None:

@@ -115,8 +115,24 @@ def load_arch(hf_dir: str | Path) -> ModelArch:
                                     f"architectures={raw.get('architectures')}): {exc}") from exc
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def recompute_fields(mode: str, num_layers: int = 1) -> dict[str, Any]:
+    """TransformerConfig fields of an activation-recomputation mode: "full" recomputes whole transformer layers
+    in uniform groups of `num_layers` (keeping only each group's input), "selective" only the core attention
+    (megatron's default recompute_modules), "none" stores every activation."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute mode {mode!r} is unknown; valid: {', '.join(RECOMPUTE_MODES)}")
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=num_layers)
+    if mode == "selective":
+        return dict(recompute_granularity="selective")
+    return {}
+
+
 def transformer_config(arch: ModelArch, parallel, *, params_dtype: torch.dtype = torch.float32,
-                       recompute: bool = False, **overrides: Any):
+                       recompute: str = "none", recompute_num_layers: int = 1, **overrides: Any):
     """The megatron-core TransformerConfig for `arch` under `parallel` (a ParallelConfig)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -139,7 +155,6 @@ def transformer_config(arch: ModelArch, parallel, *, params_dtype: torch.dtype =
         batch_p2p_sync=on_gpu,  # CPU: p2p_communication's batched path calls torch.cuda.synchronize
         deallocate_pipeline_outputs=on_gpu,
     )
-    if recompute:
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(recompute_fields(recompute, recompute_num_layers))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

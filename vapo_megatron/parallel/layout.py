@@ -17,9 +17,14 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size: transformer layers are split into this many consecutive stages."""
     cp: int = 1
-    """Context-parallel size: long sequences are split over this many ranks (GPU path)."""
+    """Context-parallel size (needs TransformerEngine; refused until the engine splits sequences, see context.py)."""
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence over the TP ranks (needs tp > 1)."""
+
+    def seq_multiple(self) -> int:
+        """What a padded sequence length must be a multiple of: 8, times tp (sequence parallelism splits the
+        sequence over the TP ranks), times 2 * cp (context parallelism's load-balanced split into 2 * cp chunks)."""
+        return 8 * self.tp * (2 * self.cp if self.cp > 1 else 1)
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)

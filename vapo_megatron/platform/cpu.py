@@ -131,6 +131,18 @@ def _install_rng_tracker() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def _patch_checkpoint_rng() -> None:
+    """S7: activation recomputation (tensor_parallel/random.py CheckpointFunction, via _get_all_rng_states /
+    _set_all_rng_states) saves and restores the CUDA generator with torch.cuda.random.get_rng_state, which
+    fails without CUDA. On CPU there is no CUDA generator: the CPU generator and the (CPU) tracker states are
+    saved by the same functions already, so the CUDA part is an empty state and a no-op. Tested by equality
+    of gradients with and without recomputation (tests/distributed/test_recompute.py)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
+
+
 def _patch_torch_norm_for_sp() -> None:
     """S6: transformer/torch_norm.py (WrappedTorchNorm, used by the local spec when neither apex nor TE is
     importable) asserts `not config.sequence_parallel`. The same norm without the assert is correct only if
@@ -159,6 +171,7 @@ def install() -> None:
     _stub_paged_stash()
     _patch_cuda_entry_points()
     _install_rng_tracker()
+    _patch_checkpoint_rng()
     _patch_torch_norm_for_sp()
     _INSTALLED = True
 

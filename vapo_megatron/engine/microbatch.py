@@ -1,0 +1,82 @@
+"""Splitting one data-parallel rank's share of a mini-batch into micro-batches: a fixed number of rows, or a token
+budget (`train.micro_batch_tokens`) that packs rows of similar length together and trims each micro-batch's
+padding to its own longest row.
+
+Why the split cannot change the result: every loss is normalised by counts of the whole mini-batch
+(engine/schedule.py, algorithms/), gradients are summed over micro-batches, and right padding never reaches a real
+token under the causal mask; so only float rounding differs (tests/distributed/test_token_microbatches.py).
+
+Why no collective is needed to agree on the split: the ranks that exchange activations within one micro-batch (the
+TP, PP and CP peers) hold the same data-parallel slice and compute the same split from it; data-parallel peers
+meet only in the gradient reduction after all their micro-batches, so their counts and lengths may differ.
+Pipeline stages receive each micro-batch's shape with it (megatron's `variable_seq_lengths`)."""
+from __future__ import annotations
+
+import torch
+
+SEQ_KEYS = ("input_ids", "targets")
+"""Batch fields with the token dimension S second; trimmed to the micro-batch's width."""
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def row_slice(batch: dict, start: int, stop: int) -> dict:
+    return {k: (v[start:stop] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def token_budget_groups(seq_lens: list[int], budget: int, pad_multiple: int) -> list[list[int]]:
+    """Row indices of each micro-batch. Rows are sorted longest first (ties by index: deterministic) and packed
+    greedily while rows x round_up(longest row, pad_multiple) <= budget. A row longer than the budget on its own
+    gets a micro-batch of its own (a sequence is never split)."""
+    if budget <= 0:
+        raise ValueError(f"token budget must be > 0, got {budget}")
+    groups: list[list[int]] = []
+    for i in sorted(range(len(seq_lens)), key=lambda i: (-seq_lens[i], i)):
+        if groups and (len(groups[-1]) + 1) * round_up(seq_lens[groups[-1][0]], pad_multiple) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def take_rows(batch: dict, rows: list[int], width: int) -> dict:
+    """The micro-batch of `rows`, its token dimension cut to `width`; `resp_pos` of padded response slots (which
+    may point past `width`) is clamped into it: those slots are masked out of every loss and metric."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v[idx.to(v.device)]
+            if k in SEQ_KEYS:
+                v = v[:, :width]
+            elif k == "resp_pos":
+                v = v.clamp(max=width - 1)
+        out[k] = v
+    return out
+
+
+def split_micro_batches(local: dict, *, micro_batch_size: int, micro_batch_tokens: int, pad_multiple: int
+                        ) -> tuple[list[dict], list[list[int]]]:
+    """This rank's micro-batches and, for each, the local row indices it holds (to put outputs back in order).
+    Fixed mode keeps row order and the full width; token mode needs `seq_lens` (prompt + response tokens)."""
+    n, width = local["input_ids"].shape
+    if micro_batch_tokens <= 0:
+        m = min(micro_batch_size, n)
+        rows = [list(range(i, min(i + m, n))) for i in range(0, n, m)]
+        return [row_slice(local, r[0], r[-1] + 1) for r in rows], rows
+    if "seq_lens" not in local:
+        raise KeyError("train.micro_batch_tokens > 0 needs the batch field 'seq_lens' (prompt + response tokens "
+                       "per row, written by data.rl_batch.build_rl_batch)")
+    lens = local["seq_lens"].tolist()
+    rows = token_budget_groups(lens, micro_batch_tokens, pad_multiple)
+    return [take_rows(local, r, min(width, round_up(max(lens[i] for i in r), pad_multiple))) for r in rows], rows
+
+
+def padded_and_real_tokens(micro_batches: list[dict]) -> tuple[int, int]:
+    """Token slots the model computes (rows x width, summed) and how many of them hold prompt or response."""
+    padded = sum(mb["input_ids"].numel() for mb in micro_batches)
+    real = sum(int(mb["seq_lens"].sum()) for mb in micro_batches) if micro_batches and "seq_lens" in \
+        micro_batches[0] else padded
+    return padded, real
