@@ -36,6 +36,8 @@ class Variant:
     """The paper's Table 1 score of this variant (AIME24 avg@32), for the report."""
     group: str = "ablation"
     """"method" (VAPO, PPO, DAPO) or "ablation" (VAPO without one component): the report's two panels."""
+    note: str = ""
+    """Where the variant departs from the paper's, for the report."""
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,12 @@ def _parse_variants(raw: Any, path: Path) -> list[Variant]:
     out = []
     for name, spec in raw.items():
         spec = spec or {}
-        unknown = set(spec) - {"overrides", "paper", "group"}
+        unknown = set(spec) - {"overrides", "paper", "group", "note"}
         if unknown or not isinstance(spec.get("overrides", []), list):
             raise GridError(f"grid file {path}: variant {name!r} needs 'overrides' (a list) and optional 'paper', "
-                            f"'group'; got keys {sorted(spec)}")
+                            f"'group', 'note'; got keys {sorted(spec)}")
         out.append(Variant(str(name), tuple(str(o) for o in spec.get("overrides", [])), spec.get("paper"),
-                           spec.get("group", "ablation")))
+                           spec.get("group", "ablation"), spec.get("note", "")))
     return out
 
 

@@ -68,7 +68,7 @@ def write_manifest(out: Path, base: str, specs: Sequence[RunSpec], command: str)
         "base": base, "base_text": Path(base).read_text(encoding="utf-8"), "common": list(specs[0].common),
         "seeds": sorted({s.seed for s in specs}), "budget": budget(specs[0].cfg),
         "variants": [{"name": name, "paper": s.variant.paper, "group": s.variant.group,
-                      "overrides": list(s.variant.overrides), "resolved": list(s.resolved),
+                      "overrides": list(s.variant.overrides), "resolved": list(s.resolved), "note": s.variant.note,
                       "value_pretrain_steps": s.cfg.algorithm.value_pretrain_steps if s.cfg.algorithm.use_critic
                       else 0} for name, s in first.items()],
     }
@@ -163,10 +163,10 @@ def render_markdown(manifest: dict[str, Any], results: dict[str, dict[int, RunRe
         lines.append(f"| {v['name']} | {paper} | {row['final']} | {row['per_seed']} | {row['best']} | "
                      f"{row['steps']} | {row['initial']} | {row['wall']} | {row['runs']} |")
     lines += ["", f"![validation accuracy vs PPO step]({png_name})", "", "## Variants", "",
-              "| variant | value pretrain | overrides on top of the base (as run) |", "|---|---|---|"]
+              "| variant | value pretrain steps | overrides on top of the base (as run) | note |", "|---|---|---|---|"]
     for v in manifest["variants"]:
         resolved = " ".join(f"`{o}`" for o in v["resolved"]) or "(none: the base config)"
-        lines.append(f"| {v['name']} | {v['value_pretrain_steps']} | {resolved} |")
+        lines.append(f"| {v['name']} | {v['value_pretrain_steps']} | {resolved} | {v.get('note', '')} |")
     common = " ".join(f"`{o}`" for o in manifest["common"]) or "(none)"
     lines += ["", f"Overrides for every variant: {common}; plus `train.seed=S`, `checkpoint.run_dir=OUT/<variant>/"
               "seed<S>`, `checkpoint.export_hf_at_end=false`, `logging.progress_bar=false`.", "",
