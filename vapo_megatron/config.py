@@ -72,7 +72,9 @@ class AlgorithmConfig:
     gamma: float = 1.0
     """Discount factor (paper: 1.0)."""
     lam_critic: float = 1.0
-    """GAE lambda of the critic's targets (paper: 1.0, Monte-Carlo returns)."""
+    """GAE lambda of the critic's targets (paper: 1.0, Monte-Carlo returns); ignored when couple_gae is on."""
+    couple_gae: bool = False
+    """Critic targets use the policy's lambda, length-adaptive or fixed: the paper's "without decoupled GAE"."""
     lam_policy: float = 0.95
     """GAE lambda of policy advantages when length_adaptive is off (paper: 0.95)."""
     length_adaptive: bool = True

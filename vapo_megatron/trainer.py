@@ -161,7 +161,7 @@ class Trainer:
         values = batch["old_values"] * mask
         gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=alg.lam_critic,
                             lam_policy=None if alg.length_adaptive else alg.lam_policy,
-                            alpha=alg.alpha if alg.length_adaptive else None)
+                            alpha=alg.alpha if alg.length_adaptive else None, coupled=alg.couple_gae)
         advantages = whiten_advantages(gae.advantages, mask) if alg.whiten_advantages else gae.advantages
         batch["advantages"], batch["returns"], batch["lam_policy"] = advantages, gae.returns, gae.lam_policy
 

@@ -254,6 +254,20 @@ def test_decoupled_gae_fixed_lambda_and_argument_check():
         decoupled_gae(rewards, values, mask)
 
 
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 5), length=st.integers(0, 60))
+def test_coupled_gae_critic_uses_the_policy_lambda(seed, batch, length):
+    """Failure: the "without decoupled GAE" ablation (coupled=True) does not give the critic the policy's
+    per-sequence length-adaptive lambda, or lam_critic still leaks into the returns."""
+    rewards, values, mask, lengths, _ = random_batch(seed, batch, length)
+    out = decoupled_gae(rewards, values, mask, gamma=1.0, alpha=0.05, lam_critic=1.0, coupled=True)
+    ref_adv, ref_ret = ref_gae(rewards, values, lengths, 1.0, out.lam_policy.tolist())
+    assert_close_rel(out.advantages, ref_adv)
+    assert_close_rel(out.returns, ref_ret)
+    fixed = decoupled_gae(rewards, values, mask, lam_policy=0.9, lam_critic=1.0, coupled=True)
+    assert_close_rel(fixed.returns, ref_gae(rewards, values, lengths, 1.0, [0.9] * batch)[1])
+
+
 # ----------------------------------------------------------------------------------------------- group baselines
 @FAST
 @given(

@@ -204,13 +204,16 @@ def decoupled_gae(
     lam_policy: float | Tensor | None = None,
     alpha: float | None = None,
     lam_critic: float = 1.0,
+    coupled: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> DecoupledGAE:
     """VAPO decoupled (and optionally length-adaptive) GAE: one set of TD residuals, two lambdas.
 
     Give exactly one of ``lam_policy`` (a float, 0.95 in the paper's fixed setting, or a ``[B]`` tensor) and
     ``alpha`` (length-adaptive ``lam_policy = 1 - 1 / (alpha * L)``, 0.05 in the paper). Critic targets use
-    ``lam_critic`` (1.0: unbiased Monte-Carlo return). Shapes and masking as in :func:`gae`.
+    ``lam_critic`` (1.0: unbiased Monte-Carlo return). ``coupled=True`` is the paper's ablation "without decoupled
+    GAE": the critic's targets use the policy's lambda (fixed or length-adaptive, per sequence) and ``lam_critic``
+    is ignored. Shapes and masking as in :func:`gae`.
     """
     if (lam_policy is None) == (alpha is None):
         raise ValueError(f"give exactly one of lam_policy and alpha, got lam_policy={lam_policy!r}, alpha={alpha!r}")
@@ -227,7 +230,10 @@ def decoupled_gae(
     # Scalar lambdas keep a scalar decay (one broadcast factor per pass instead of a per-row column).
     scalar_lam = alpha is None and not isinstance(lam_policy, Tensor)
     policy_decay = gamma * torch.as_tensor(lam_policy if scalar_lam else lam_vec, dtype=torch.float64)
-    advantages = _checked_scan(deltas, policy_decay, chunk_size).mul_(maskf)
+    advantages = _checked_scan(deltas, policy_decay, chunk_size, consume=coupled).mul_(maskf)
+    if coupled:  # one lambda for both: the returns are the policy's advantages plus the values
+        return DecoupledGAE(advantages=advantages, returns=torch.addcmul(advantages, values, maskf),
+                            lam_policy=lam_vec)
     critic_adv = _checked_scan(deltas, gamma * lam_critic, chunk_size, consume=True).mul_(maskf)
     return DecoupledGAE(advantages=advantages, returns=critic_adv.addcmul_(values, maskf), lam_policy=lam_vec)
 

@@ -1,0 +1,70 @@
+"""``tools/run_ablation.py``: plan a grid (every run's config validated, budgets checked), run it resumably, write
+the report."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from vapo_megatron.ablation.grid import BudgetError, GridError, budget, load_grid, plan_runs, validate_runs
+from vapo_megatron.ablation.report import failure_lines, read_manifest, write_manifest, write_report
+from vapo_megatron.ablation.runner import StaleRunError, run_grid, train_command
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_ablation.py", description="Run the VAPO ablation grid (variants x seeds "
+                                "of vapo-train, resumable) and write docs/ablation.md and docs/ablation.png.")
+    p.add_argument("--grid", default="examples/ablation/grid.yaml", help="grid file (variants and base config)")
+    p.add_argument("--base", default=None, help="base config instead of the grid's")
+    p.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help="run only these variants")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="runs at the same time")
+    p.add_argument("--cores", type=int, default=os.cpu_count(), help="cores shared by the jobs (OMP threads)")
+    p.add_argument("--out", default="runs/ablation", help="run directories: OUT/<variant>/seed<S>")
+    p.add_argument("--set", nargs="+", action="extend", default=[], dest="extra", metavar="KEY=VALUE",
+                   help="overrides for every variant, applied before the variant's own (e.g. train.steps=40)")
+    p.add_argument("--report", default="docs/ablation.md", help="Markdown report; the PNG goes next to it")
+    p.add_argument("--threshold", type=float, default=None, help="absolute validation accuracy for 'steps to "
+                   "threshold' (default: each run's initial accuracy + --threshold-delta)")
+    p.add_argument("--threshold-delta", type=float, default=0.1)
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from OUT, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate, check budgets, print the commands, run nothing")
+    return p
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    grid = load_grid(args.grid, base=args.base, only=args.only)
+    specs = plan_runs(grid, args.seeds, args.out, args.extra)
+    validate_runs(specs)
+    print("[ablation] equal budget of every run: " + ", ".join(f"{k} = {v}" for k, v in budget(specs[0].cfg).items()))
+    if args.dry_run:
+        print("\n".join(" ".join(shlex.quote(a) for a in train_command(grid.base, s)) for s in specs))
+        return 0
+    write_manifest(Path(args.out), grid.base, specs, command)
+    result = run_grid(grid.base, specs, jobs=args.jobs, cores=args.cores)
+    for spec, code, log in result.failed:
+        print(f"[ablation] FAILED {spec.variant.name} seed {spec.seed} (exit {code}): see {log}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    if args.jobs < 1:
+        print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    command = "python tools/run_ablation.py " + shlex.join(argv)
+    try:
+        code = 0 if args.report_only else _run(args, command)
+        if args.dry_run:
+            return code
+        md, png = write_report(Path(args.out), Path(args.report), args.threshold, args.threshold_delta)
+    except (GridError, BudgetError, StaleRunError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in failure_lines(Path(args.out), read_manifest(Path(args.out))):
+        print(f"[ablation] {line}")
+    print(f"[ablation] report: {md} and {png}")
+    return code

@@ -1,0 +1,233 @@
+"""The ablation report: per-run numbers from ``metrics.jsonl`` (initial, final and best validation accuracy, first
+PPO step reaching a threshold, wall time), their mean and spread over seeds, next to the paper's Table 1, as
+Markdown and a PNG of the mean validation-accuracy curves with a min-max band over seeds.
+
+``manifest.json`` in the output folder records what the grid ran (command, machine, base config text, resolved
+overrides, budget) so that ``--report-only`` rebuilds the same report later from the run directories alone."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vapo_megatron.ablation.grid import RunSpec, budget
+from vapo_megatron.ablation.runner import DONE, LOG
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    initial: float | None
+    """Validation accuracy before any update (the "init" row)."""
+    curve: tuple[tuple[int, float], ...]
+    """(PPO step, validation accuracy) of every PPO evaluation, in order; value pretraining steps not counted."""
+    wall_s: float | None
+    """Wall time of the whole run (process start to exit), from DONE."""
+
+    @property
+    def final(self) -> float | None:
+        return self.curve[-1][1] if self.curve else None
+
+    @property
+    def best(self) -> float | None:
+        return max(v for _, v in self.curve) if self.curve else None
+
+    def steps_to(self, threshold: float) -> int | None:
+        """First PPO step whose validation accuracy reaches ``threshold``; None if none does."""
+        return next((s for s, v in self.curve if v >= threshold), None)
+
+
+def read_run(run_dir: Path) -> RunResult | None:
+    """The numbers of a finished run (DONE written), None otherwise."""
+    if not (run_dir / DONE).is_file():
+        return None
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    pretrain = sum(r["phase"] == "value_pretrain" for r in rows)  # may stop early at the EV threshold
+    initial = next((r["val_accuracy"] for r in rows if r["phase"] == "init" and "val_accuracy" in r), None)
+    curve = tuple((r["step"] - pretrain, r["val_accuracy"]) for r in rows
+                  if r["phase"] == "ppo" and "val_accuracy" in r)
+    return RunResult(initial, curve, json.loads((run_dir / DONE).read_text()).get("wall_s"))
+
+
+def write_manifest(out: Path, base: str, specs: Sequence[RunSpec], command: str) -> dict[str, Any]:
+    """Record what the grid runs in ``out/manifest.json``: command, date, machine, base config text, overrides."""
+    first = {}
+    for spec in specs:
+        first.setdefault(spec.variant.name, spec)
+    manifest = {
+        "command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, {platform.system()} "
+                   f"{platform.release()}, Python {platform.python_version()}",
+        "base": base, "base_text": Path(base).read_text(encoding="utf-8"), "common": list(specs[0].common),
+        "seeds": sorted({s.seed for s in specs}), "budget": budget(specs[0].cfg),
+        "variants": [{"name": name, "paper": s.variant.paper, "group": s.variant.group,
+                      "overrides": list(s.variant.overrides), "resolved": list(s.resolved), "note": s.variant.note,
+                      "value_pretrain_steps": s.cfg.algorithm.value_pretrain_steps if s.cfg.algorithm.use_critic
+                      else 0} for name, s in first.items()],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    path = out / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the grid into {out} first (without --report-only)")
+    return json.loads(path.read_text())
+
+
+def collect(out: Path, manifest: dict[str, Any]) -> dict[str, dict[int, RunResult | None]]:
+    """variant -> seed -> its RunResult (None: not finished)."""
+    return {v["name"]: {s: read_run(out / v["name"] / f"seed{s}") for s in manifest["seeds"]}
+            for v in manifest["variants"]}
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1; None for one value)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def fmt(xs: Sequence[float], digits: int = 3) -> str:
+    if not xs:
+        return "—"
+    mean, std = mean_std(xs)
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def threshold_of(run: RunResult, absolute: float | None, delta: float) -> float | None:
+    if absolute is not None:
+        return absolute
+    return None if run.initial is None else run.initial + delta
+
+
+def summary_row(runs: dict[int, RunResult | None], absolute: float | None, delta: float) -> dict[str, str]:
+    """The table cells of one variant."""
+    done = {s: r for s, r in runs.items() if r is not None}
+    finals = [r.final for r in done.values() if r.final is not None]
+    reach = [r.steps_to(t) for r in done.values() if (t := threshold_of(r, absolute, delta)) is not None]
+    reached = [s for s in reach if s is not None]
+    not_reached = len(reach) - len(reached)
+    walls = [r.wall_s / 60 for r in done.values() if r.wall_s is not None]
+    return {
+        "runs": f"{len(done)}/{len(runs)}",
+        "final": fmt(finals),
+        "per_seed": ", ".join(f"{s}: {r.final:.3f}" for s, r in done.items() if r.final is not None) or "—",
+        "best": fmt([r.best for r in done.values() if r.best is not None]),
+        "steps": (fmt(reached, 1) if reached else "—") + (f" ({not_reached} not reached)" if not_reached else ""),
+        "initial": fmt([r.initial for r in done.values() if r.initial is not None]),
+        "wall": fmt(walls, 1),
+    }
+
+
+def _threshold_text(absolute: float | None, delta: float) -> str:
+    if absolute is not None:
+        return f"validation accuracy >= {absolute:g}"
+    return f"validation accuracy >= the run's initial validation accuracy + {delta:g}"
+
+
+def render_markdown(manifest: dict[str, Any], results: dict[str, dict[int, RunResult | None]], png_name: str,
+                    absolute: float | None = None, delta: float = 0.1) -> str:
+    """The whole report as Markdown."""
+    b = manifest["budget"]
+    lines = [
+        "# Ablation: VAPO vs vanilla PPO vs DAPO, and VAPO without each component (Table 1 in miniature)", "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} from the runs of `{manifest['command']}` "
+        f"(started {manifest['date']}).", "",
+        f"Machine: {manifest['machine']}.", "",
+        "**What is compared.** A tiny Qwen2-shaped model on the synthetic arithmetic-chain task of the CPU demo, not "
+        "Qwen2.5-32B on AIME: only the *ordering* of the variants can be held against the paper's Table 1 "
+        "(AIME24 avg@32), not the numbers. Every variant generates the same number of samples per PPO step "
+        f"({b['samples per PPO step (rollout.num_prompts x rollout.n)']}) for the same number of PPO steps "
+        f"({b['PPO steps (train.steps)']}), and is evaluated the same way (every {b['eval.every']} PPO steps, "
+        f"avg@{b['eval.n']} on at most {b['eval.max_prompts']} validation prompts); the runner refuses a grid where "
+        "this does not hold. Value pretraining steps are extra rollouts for the critic, as in the paper (column "
+        "'value pretrain'). PPO step 0 is the evaluation before any update.", "",
+        f"Steps to threshold: first PPO step with {_threshold_text(absolute, delta)}; mean over the seeds that "
+        "reached it. Spreads are the sample standard deviation over seeds (n - 1).", "",
+        "## Results", "",
+        "| variant | paper Table 1 | final val acc | per seed | best val acc | steps to threshold | initial val "
+        "acc | wall min/run | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in manifest["variants"]:
+        row = summary_row(results[v["name"]], absolute, delta)
+        paper = "—" if v["paper"] is None else f"{v['paper']:g}"
+        lines.append(f"| {v['name']} | {paper} | {row['final']} | {row['per_seed']} | {row['best']} | "
+                     f"{row['steps']} | {row['initial']} | {row['wall']} | {row['runs']} |")
+    lines += ["", f"![validation accuracy vs PPO step]({png_name})", "", "## Variants", "",
+              "| variant | value pretrain steps | overrides on top of the base (as run) | note |", "|---|---|---|---|"]
+    for v in manifest["variants"]:
+        resolved = " ".join(f"`{o}`" for o in v["resolved"]) or "(none: the base config)"
+        lines.append(f"| {v['name']} | {v['value_pretrain_steps']} | {resolved} | {v.get('note', '')} |")
+    common = " ".join(f"`{o}`" for o in manifest["common"]) or "(none)"
+    lines += ["", f"Overrides for every variant: {common}; plus `train.seed=S`, `checkpoint.run_dir=OUT/<variant>/"
+              "seed<S>`, `checkpoint.export_hf_at_end=false`, `logging.progress_bar=false`.", "",
+              f"## Base config (`{manifest['base']}` when the grid ran)", "", "```yaml",
+              manifest["base_text"].rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _band(runs: dict[int, RunResult | None]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps evaluated by every finished seed (step 0 = initial), with the mean, min and max over seeds."""
+    curves = [dict(((0, r.initial),) if r.initial is not None else ()) | dict(r.curve)
+              for r in runs.values() if r is not None]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    vals = [[c[s] for c in curves] for s in steps]
+    return steps, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def plot_report(manifest: dict[str, Any], results: dict[str, dict[int, RunResult | None]], path: Path) -> Path:
+    """Two panels: the methods (VAPO, PPO, DAPO), and VAPO against each ablation; mean and min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    panels = (("VAPO vs vanilla PPO vs DAPO", lambda v: v["group"] == "method"),
+              ("VAPO without one component", lambda v: v["group"] != "method" or v["name"] == "vapo"))
+    colors = plt.get_cmap("tab10").colors
+    for ax, (title, keep) in zip(axes, panels):
+        for i, v in enumerate(v for v in manifest["variants"] if keep(v)):
+            steps, mean, lo, hi = _band(results[v["name"]])
+            if not steps:
+                continue
+            style = {"color": "black", "lw": 2.2} if v["name"] == "vapo" else {"color": colors[i % 10]}
+            paper = "" if v["paper"] is None else f" (paper {v['paper']:g})"
+            ax.plot(steps, mean, marker="o", ms=3, label=v["name"] + paper, **style)
+            ax.fill_between(steps, lo, hi, alpha=0.12, color=style["color"])
+        ax.set_title(title)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel(f"validation accuracy (mean over seeds {manifest['seeds']}, band min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, md_path: Path, absolute: float | None = None, delta: float = 0.1) -> tuple[Path, Path]:
+    """Markdown and PNG from the manifest and run directories of ``out``; returns their paths."""
+    manifest = read_manifest(out)
+    results = collect(out, manifest)
+    png = md_path.with_suffix(".png")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_report(manifest, results, png)
+    md_path.write_text(render_markdown(manifest, results, png.name, absolute, delta), encoding="utf-8")
+    return md_path, png
+
+
+def failure_lines(out: Path, manifest: dict[str, Any]) -> list[str]:
+    """A line per run directory without DONE: where its log is."""
+    return [f"{v['name']} seed {s}: not finished, log {out / v['name'] / f'seed{s}' / LOG}"
+            for v in manifest["variants"] for s in manifest["seeds"]
+            if not (out / v["name"] / f"seed{s}" / DONE).is_file()]
