@@ -20,6 +20,7 @@ from vapo_megatron.algorithms import (
     decoupled_gae,
     group_normalized_advantages,
     token_rewards_from_scores,
+    uniform_group_mask,
     whiten_advantages,
 )
 from vapo_megatron.config import VapoConfig
@@ -166,33 +167,51 @@ class Trainer:
         batch["advantages"], batch["returns"], batch["lam_policy"] = advantages, gae.returns, gae.lam_policy
 
     def update(self, batch: dict, phase: str, t: dict) -> dict:
+        """Mini-batch critic and actor updates; metrics are means over the mini-batches (skips: sums)."""
         from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn
 
         cfg, n = self.cfg, len(batch["input_ids"])
-        out: dict[str, float] = {}
+        keep = self._actor_rows(batch)
+        runs: dict[str, list[float]] = {}
         t["t_actor_update"] = t["t_critic_update"] = 0.0
         for epoch in range(cfg.train.ppo_epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed + epoch + n))
             for start in range(0, n, cfg.train.mini_batch_size):
-                idx = order[start:start + cfg.train.mini_batch_size]
-                mb = {k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor) and len(v) == n}
-                counts = minibatch_counts(mb)
+                mb = _rows(batch, order[start:start + cfg.train.mini_batch_size], n)
+                step_metrics: dict[str, float] = {}
                 if self.critic is not None:
                     t0 = time.perf_counter()
-                    m = self.critic.train_step(mb, critic_loss_fn(cfg.algorithm, counts))
+                    m = self.critic.train_step(mb, critic_loss_fn(cfg.algorithm, minibatch_counts(mb)))
                     t["t_critic_update"] += time.perf_counter() - t0
-                    out.update(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"],
-                               critic_skipped=m["skipped"], padding_waste_critic=m["padding_waste"])
-                if phase == "ppo":
+                    step_metrics.update(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"],
+                                        critic_skipped=m["skipped"], padding_waste_critic=m["padding_waste"])
+                amb = mb if keep is None else _rows(mb, mb["keep_for_actor"].nonzero().squeeze(1), len(mb["scores"]))
+                if phase == "ppo" and len(amb["input_ids"]):
                     t0 = time.perf_counter()
-                    m = self.actor.train_step(mb, actor_loss_fn(cfg.algorithm, counts, self.arch.vocab_size))
+                    m = self.actor.train_step(amb, actor_loss_fn(cfg.algorithm, minibatch_counts(amb),
+                                                                 self.arch.vocab_size))
                     t["t_actor_update"] += time.perf_counter() - t0
-                    out.update({k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl",
-                                                  "entropy") if k in m})
-                    out.update(nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"],
-                               actor_skipped=m["skipped"], padding_waste_actor=m["padding_waste"])
-                self._guard(out)
+                    step_metrics.update({k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high",
+                                                           "approx_kl", "entropy") if k in m})
+                    step_metrics.update(nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"],
+                                        actor_skipped=m["skipped"], padding_waste_actor=m["padding_waste"])
+                self._guard(step_metrics)
+                for k, v in step_metrics.items():
+                    runs.setdefault(k, []).append(v)
+        out = {k: (sum(v) if k.endswith("_skipped") else sum(v) / len(v)) for k, v in runs.items()}
+        if keep is not None:
+            out["filtered_frac"] = 1.0 - keep.float().mean().item()
         return out
+
+    def _actor_rows(self, batch: dict) -> torch.Tensor | None:
+        """DAPO's dynamic-sampling filter (algorithm.filter_uniform_groups): responses of groups whose rewards are
+        all equal carry no policy signal, so the actor skips them (the critic still learns from them). Departure
+        from DAPO: the batch is not refilled by sampling more prompts, so every run keeps the same sample budget."""
+        if not self.cfg.algorithm.filter_uniform_groups:
+            return None
+        keep = ~uniform_group_mask(batch["scores"], group_size=self.cfg.rollout.n)
+        batch["keep_for_actor"] = keep
+        return keep
 
     def sync_weights(self, t: dict) -> None:
         self._wake()  # GPU path untested here: weights must be resident before the push
@@ -241,3 +260,8 @@ def train(cfg: VapoConfig, resume: bool = False) -> dict:
     platform.setup()
     init_distributed()
     return Trainer(cfg, resume=resume).run()
+
+
+def _rows(batch: dict, idx: torch.Tensor, n: int) -> dict:
+    """The rows `idx` of every per-sample tensor of `batch` (those with `n` rows)."""
+    return {k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor) and len(v) == n}
