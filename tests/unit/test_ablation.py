@@ -35,7 +35,7 @@ def test_variant_expansion_order_and_placeholders(tmp_path):
     grid = load_grid(_grid(tmp_path, {"vapo": None, "single": {"overrides": [
         "rollout.n=1", "rollout.num_prompts=${rollout.num_prompts * rollout.n}"]}}, set=["train.steps=3"]))
     specs = plan_runs(grid, [0, 5], tmp_path / "out", ["rollout.num_prompts=2", "train.steps=4"])
-    assert [(s.variant.name, s.seed) for s in specs] == [("vapo", 0), ("vapo", 5), ("single", 0), ("single", 5)]
+    assert [(s.variant.name, s.seed) for s in specs] == [("vapo", 0), ("single", 0), ("vapo", 5), ("single", 5)]
     single = specs[3]
     assert single.resolved == ("rollout.n=1", "rollout.num_prompts=8")  # 2 (from --set) x 4
     assert single.cfg.rollout.num_prompts == 8 and single.cfg.rollout.n == 1 and single.cfg.train.steps == 4
@@ -138,18 +138,20 @@ def test_finished_runs_are_skipped_and_failures_reported(tmp_path, monkeypatch):
     grid = load_grid(_grid(tmp_path, {"vapo": None, "other": {"overrides": ["algorithm.eps_high=0.3"]}}))
     out = tmp_path / "out"
     specs = plan_runs(grid, [0, 1], out)
-    _fake_run(specs[0], 0.1, [0.1, 0.2, 0.3], 5.0)  # vapo seed 0: finished earlier
-    specs[1].run_dir.mkdir(parents=True)
-    (specs[1].run_dir / "metrics.jsonl").write_text("interrupted\n")  # vapo seed 1: interrupted
+    by = {(s.variant.name, s.seed): s for s in specs}
+    vapo0, vapo1 = by["vapo", 0], by["vapo", 1]
+    _fake_run(vapo0, 0.1, [0.1, 0.2, 0.3], 5.0)  # vapo seed 0: finished earlier
+    vapo1.run_dir.mkdir(parents=True)
+    (vapo1.run_dir / "metrics.jsonl").write_text("interrupted\n")  # vapo seed 1: interrupted
     _fake_trainer(monkeypatch, "import sys, pathlib; d = pathlib.Path(sys.argv[1]); "
                                "assert not (d / 'metrics.jsonl').exists(); sys.exit(3 if 'other' in str(d) else 0)")
     result = run_grid(grid.base, specs, jobs=2, log=lambda _: None, poll_s=0.05)
-    assert result.skipped == [specs[0]] and result.done == [specs[1]]
+    assert result.skipped == [vapo0] and result.done == [vapo1]
     assert sorted((s.variant.name, s.seed, code) for s, code, _ in result.failed) == [("other", 0, 3), ("other", 1, 3)]
-    assert all(log.is_file() for _, _, log in result.failed) and (specs[1].run_dir / DONE).is_file()
+    assert all(log.is_file() for _, _, log in result.failed) and (vapo1.run_dir / DONE).is_file()
     _fake_trainer(monkeypatch, "raise SystemExit('must not run')")
-    again = run_grid(grid.base, specs[:2], jobs=1, log=lambda _: None, poll_s=0.05)
-    assert again.skipped == specs[:2] and not again.done and not again.failed
+    again = run_grid(grid.base, [vapo0, vapo1], jobs=1, log=lambda _: None, poll_s=0.05)
+    assert again.skipped == [vapo0, vapo1] and not again.done and not again.failed
     changed = plan_runs(grid, [0], out, ["train.steps=5"])
     with pytest.raises(StaleRunError, match="finished with another config"):
         run_grid(grid.base, changed, log=lambda _: None)

@@ -164,9 +164,10 @@ def plan_runs(grid: Grid, seeds: Sequence[int], out: str | Path, extra: Sequence
     except (ConfigError, OSError) as exc:
         raise GridError(f"base config {grid.base} with {list(common)}: {exc}") from exc
     specs = []
-    for variant in grid.variants:
-        resolved = tuple(resolve_overrides(variant.overrides, base_cfg))
-        for seed in seeds:
+    resolved_by_name = {v.name: tuple(resolve_overrides(v.overrides, base_cfg)) for v in grid.variants}
+    for seed in seeds:  # seed-major: a grid stopped early still covers every variant at the first seeds
+        for variant in grid.variants:
+            resolved = resolved_by_name[variant.name]
             spec = RunSpec(variant, seed, Path(out) / variant.name / f"seed{seed}", common, resolved, base_cfg)
             try:
                 specs.append(dataclasses.replace(spec, cfg=load_config(grid.base, spec.overrides)))
