@@ -30,7 +30,7 @@ from vapo_megatron.convert.mapping import (
 from vapo_megatron.models.hf_config import arch_from_hf
 from vapo_megatron.models.tiny import tiny_hf_config
 
-ARCHS = {"qwen2": dict(family="qwen2", tie_word_embeddings=False, num_layers=4),
+ARCHS = {"qwen2": dict(family="qwen2", tie_word_embeddings=False, num_layers=4, vocab_size=127),  # padded at TP=2
          "llama_tied": dict(family="llama", tie_word_embeddings=True, num_layers=4)}
 TP, PP = 2, 2
 
