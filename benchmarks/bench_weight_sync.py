@@ -25,7 +25,6 @@ def _body(hf_dir: str, tp: int, repeats: int):
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from vapo_megatron.convert.mapping import iter_hf_to_full
     from vapo_megatron.engine.build import build_model
     from vapo_megatron.engine.export import iter_hf_tensors
     from vapo_megatron.models.hf_config import load_arch
@@ -37,8 +36,7 @@ def _body(hf_dir: str, tp: int, repeats: int):
     initialize(parallel)
     arch = load_arch(hf_dir)
     hf = load_file(f"{hf_dir}/model.safetensors")
-    built = build_model(arch, parallel, "policy", full_state={pm.name: t for pm, t in
-                                                              iter_hf_to_full(hf.__getitem__, arch)}, ddp=False)
+    built = build_model(arch, parallel, "policy", hf_get=hf.__getitem__, ddp=False)
     rows = []
     for bucket in BUCKETS:
         times = []

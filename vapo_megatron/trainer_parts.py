@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,11 @@ class Parts:
     layouts: Any
 
 
-def _critic_state(cfg: VapoConfig, arch) -> dict[str, torch.Tensor]:
-    """Critic init: trunk from critic_hf_dir (or the policy's); value head from its HF `score` head when
-    present, else N(0, initializer_range) from the run seed (the paper starts from a reward model instead)."""
+def _critic_hf_get(cfg: VapoConfig, arch) -> Callable[[str], torch.Tensor]:
+    """Critic init, as an HF tensor getter: trunk from critic_hf_dir (or the policy's); value head from its HF
+    `score` head when present, else N(0, initializer_range) from the run seed (the paper starts from a reward
+    model instead)."""
     from vapo_megatron.convert.hf_io import HFCheckpointReader
-    from vapo_megatron.convert.mapping import iter_hf_to_full
 
     reader = HFCheckpointReader(cfg.model.critic_hf_dir or cfg.model.hf_dir)
 
@@ -49,14 +50,13 @@ def _critic_state(cfg: VapoConfig, arch) -> dict[str, torch.Tensor]:
             return torch.randn(1, arch.hidden_size, generator=gen) * arch.init_std
         return reader.get(name)
 
-    return {pm.name: t.float() for pm, t in iter_hf_to_full(get, arch, "critic")}
+    return get
 
 
 def build_engines(cfg: VapoConfig) -> Parts:
     from transformers import AutoTokenizer
 
     from vapo_megatron.convert.hf_io import HFCheckpointReader
-    from vapo_megatron.convert.mapping import iter_hf_to_full
     from vapo_megatron.data.datasets import PromptDataset, PromptLoader
     from vapo_megatron.engine.model_engine import ModelEngine
     from vapo_megatron.models.hf_config import load_arch
@@ -73,19 +73,18 @@ def build_engines(cfg: VapoConfig) -> Parts:
     arch = load_arch(cfg.model.hf_dir)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     layouts = RoleLayouts(cfg.policy_parallel, cfg.critic_parallel, seed=1234 + seed)
-    reader = HFCheckpointReader(cfg.model.hf_dir)
-    policy_state = {pm.name: t for pm, t in iter_hf_to_full(reader.get, arch, "policy")}
 
-    def make(role, parallel, state, optim):
-        return ModelEngine(role, arch, parallel, layouts, full_state=state, lr=optim.lr,
+    def make(role, parallel, hf_get, optim):
+        # weights stream into each rank's own shard, one parameter at a time: no rank holds the whole model
+        return ModelEngine(role, arch, parallel, layouts, hf_get=hf_get, lr=optim.lr,
                            weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
                            warmup_steps=optim.warmup_steps, micro_batch_size=cfg.train.micro_batch_size,
                            params_dtype=dtype, use_distributed_optimizer=optim.use_distributed_optimizer,
                            recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers,
                            micro_batch_tokens=cfg.train.micro_batch_tokens)
 
-    actor = make("policy", cfg.policy_parallel, policy_state, cfg.actor_optim)
-    critic = make("critic", cfg.critic_parallel, _critic_state(cfg, arch), cfg.critic_optim) \
+    actor = make("policy", cfg.policy_parallel, HFCheckpointReader(cfg.model.hf_dir).get, cfg.actor_optim)
+    critic = make("critic", cfg.critic_parallel, _critic_hf_get(cfg, arch), cfg.critic_optim) \
         if alg.use_critic else None
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
     train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, r.max_prompt_length)

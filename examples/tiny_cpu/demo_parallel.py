@@ -23,7 +23,6 @@ def main() -> None:
     initialize(parallel)
     from safetensors.torch import load_file
 
-    from vapo_megatron.convert.mapping import iter_hf_to_full
     from vapo_megatron.engine.build import build_model
     from vapo_megatron.engine.schedule import forward_backward
     from vapo_megatron.models.hf_config import load_arch
@@ -39,8 +38,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     micro = [dict(input_ids=torch.randint(3, arch.vocab_size, (2, 32), generator=g)) for _ in range(2)]
     for role in ("policy", "critic"):
-        full = {pm.name: t for pm, t in iter_hf_to_full(hf.__getitem__, arch, role)}
-        built = build_model(arch, parallel, role, full_state=full)
+        built = build_model(arch, parallel, role, hf_get=hf.__getitem__)
         t0 = time.time()
         stats = forward_backward(built.model, micro, lambda out, mb: (out.float().square().mean(),
                                                                        {"mean_sq": out.detach().square().mean()}))

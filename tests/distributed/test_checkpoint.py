@@ -26,7 +26,6 @@ KILL_CODE = 17
 
 def _build(hf_dir: str):
     from vapo_megatron.convert.hf_io import HFCheckpointReader
-    from vapo_megatron.convert.mapping import iter_hf_to_full
     from vapo_megatron.engine.model_engine import ModelEngine
     from vapo_megatron.models.hf_config import load_arch
     from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
@@ -41,11 +40,9 @@ def _build(hf_dir: str):
     def critic_get(name):
         return score if name == "score.weight" else reader.get(name)
 
-    policy_state = {pm.name: t for pm, t in iter_hf_to_full(reader.get, arch, "policy")}
-    critic_state = {pm.name: t.float() for pm, t in iter_hf_to_full(critic_get, arch, "critic")}
     common = dict(lr=1e-2, warmup_steps=3, micro_batch_size=2)
-    return {"policy": ModelEngine("policy", arch, policy_par, layouts, full_state=policy_state, **common),
-            "critic": ModelEngine("critic", arch, critic_par, layouts, full_state=critic_state,
+    return {"policy": ModelEngine("policy", arch, policy_par, layouts, hf_get=reader.get, **common),
+            "critic": ModelEngine("critic", arch, critic_par, layouts, hf_get=critic_get,
                                   use_distributed_optimizer=True, **common)}
 
 

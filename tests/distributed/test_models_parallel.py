@@ -1,6 +1,9 @@
 """Policy logits, critic values and the gradients of a scalar loss on them are the same at every parallel
 layout (TP, PP, SP, TP x PP + SP) as at TP=PP=1, from the same weights. A failure pinpoints a layout bug:
-a wrong shard of a fused tensor, a missing gradient all-reduce (the SP norm trap), a PP stage hand-off."""
+a wrong shard of a fused tensor, a missing gradient all-reduce (the SP norm trap), a PP stage hand-off.
+The models load their weights the way the trainer does (streamed per rank from the safetensors files), and at
+every layout those weights are checked bit-identical to slicing a whole in-memory Megatron state dict: a failure
+there pinpoints the streaming loader (a wrong TP piece, stage, tied copy or dtype)."""
 from __future__ import annotations
 
 import pytest
@@ -35,18 +38,27 @@ def _run_role(hf_dir: str, role: str, parallel) -> dict:
     from megatron.core import parallel_state as ps
     from safetensors.torch import load_file
 
+    from vapo_megatron.convert.hf_io import HFCheckpointReader
     from vapo_megatron.convert.mapping import iter_hf_to_full
-    from vapo_megatron.engine.build import build_model
+    from vapo_megatron.engine.build import build_model, load_full_state
     from vapo_megatron.engine.schedule import forward_backward
     from vapo_megatron.models.hf_config import load_arch
     from vapo_megatron.parallel.gather import full_state_dict
 
     arch = load_arch(hf_dir)
-    hf = load_file(f"{hf_dir}/model.safetensors")
-    if role == "critic":  # a reward-model-like score head for the critic
-        hf["score.weight"] = torch.randn(1, arch.hidden_size, generator=torch.Generator().manual_seed(3)) * 0.1
-    full = {pm.name: t for pm, t in iter_hf_to_full(hf.__getitem__, arch, role)}
-    built = build_model(arch, parallel, role, full_state=full)
+    reader = HFCheckpointReader(hf_dir)
+    score = torch.randn(1, arch.hidden_size, generator=torch.Generator().manual_seed(3)) * 0.1
+
+    def hf_get(name):  # a reward-model-like score head for the critic
+        return score if name == "score.weight" else reader.get(name)
+
+    built = build_model(arch, parallel, role, hf_get=hf_get)
+    hf = load_file(f"{hf_dir}/model.safetensors") | {"score.weight": score}
+    from_full = build_model(arch, parallel, role, ddp=False).model  # the pre-streaming way: whole state dict
+    load_full_state(from_full, {pm.name: t for pm, t in iter_hf_to_full(hf.__getitem__, arch, role)}, arch, role)
+    streamed = dict(built.model.module.named_parameters())
+    differ = [n for n, p in from_full.named_parameters()
+              if p.dtype != streamed[n].dtype or not torch.equal(p, streamed[n])]
     ids, w_logits, w_values = _inputs(arch.vocab_size)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     vpad = arch.padded_vocab_size(tp_size)
@@ -69,7 +81,8 @@ def _run_role(hf_dir: str, role: str, parallel) -> dict:
     built.model.zero_grad_buffer()
     forward_backward(built.model, micro, loss_fn)
     grads = full_state_dict(built.model, arch, role, getter=lambda p: p.main_grad)
-    return {"outputs": torch.stack(outputs) if outputs else None, "grads": grads if dist.get_rank() == 0 else None}
+    return {"outputs": torch.stack(outputs) if outputs else None, "grads": grads if dist.get_rank() == 0 else None,
+            "streamed_differ": differ}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +105,8 @@ def _reference(hf_dir: str):
 
 
 def _compare(ref, results, what):
+    for rank, r in enumerate(results):
+        assert r["streamed_differ"] == [], f"{what}: rank {rank} streamed weights differ from the full-dict load"
     outs = [r["outputs"] for r in results if r["outputs"] is not None]
     assert outs, "no rank returned outputs"
     for out in outs:

@@ -156,17 +156,26 @@ def full_to_hf(pm: ParamMap, full: torch.Tensor, arch: ModelArch) -> dict[str, t
 
 # ---- Megatron full <-> TP shards ---------------------------------------------------------------------------
 
-def split_tp(pm: ParamMap, full: torch.Tensor, tp: int, arch: ModelArch) -> list[torch.Tensor]:
-    """The `tp` shards of a Megatron full tensor (vocabulary rows zero-padded to a multiple of tp)."""
+def tp_shard(pm: ParamMap, full: torch.Tensor, tp: int, tp_rank: int, arch: ModelArch) -> torch.Tensor:
+    """Rank `tp_rank`'s piece of `split_tp(pm, full, tp, arch)` without building the other pieces: a view of
+    `full` where the piece is contiguous rows or columns, vocabulary zero-padding only for the rows it holds."""
     if pm.tp_dim is None or tp == 1 and not pm.vocab:
-        return [full] * tp
-    if pm.vocab and full.shape[0] < arch.padded_vocab_size(tp):
-        pad = full.new_zeros(arch.padded_vocab_size(tp) - full.shape[0], *full.shape[1:])
-        full = torch.cat([full, pad], dim=0)
+        return full
     if pm.kind == GLU:
         gate, up = full.chunk(2, dim=0)
-        return [torch.cat([a, b], dim=0) for a, b in zip(gate.chunk(tp, dim=0), up.chunk(tp, dim=0))]
-    return list(full.chunk(tp, dim=pm.tp_dim))
+        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
+    if pm.vocab:
+        rows = arch.padded_vocab_size(tp) // tp
+        piece = full[tp_rank * rows: (tp_rank + 1) * rows]
+        if piece.shape[0] < rows:
+            piece = torch.cat([piece, piece.new_zeros(rows - piece.shape[0], *piece.shape[1:])], dim=0)
+        return piece
+    return full.chunk(tp, dim=pm.tp_dim)[tp_rank]
+
+
+def split_tp(pm: ParamMap, full: torch.Tensor, tp: int, arch: ModelArch) -> list[torch.Tensor]:
+    """The `tp` shards of a Megatron full tensor (vocabulary rows zero-padded to a multiple of tp)."""
+    return [tp_shard(pm, full, tp, r, arch) for r in range(tp)]
 
 
 def merge_tp(pm: ParamMap, shards: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
@@ -210,14 +219,57 @@ def stage_local_name(pm: ParamMap, arch: ModelArch, pp: int, stage: int) -> str:
     return pm.name
 
 
+def local_param_maps(arch: ModelArch, role: str, pp: int, pp_rank: int) -> list[tuple[str, ParamMap]]:
+    """(local name, ParamMap) of every parameter that pipeline stage `pp_rank` holds, in forward order."""
+    return [(stage_local_name(pm, arch, pp, pp_rank), pm) for pm in param_maps(arch, role)
+            if pp_rank in stages_of(pm, arch, pp, role)]
+
+
 def shard_state_dict(full: dict[str, torch.Tensor], arch: ModelArch, *, role: str, tp: int, tp_rank: int,
                      pp: int, pp_rank: int) -> dict[str, torch.Tensor]:
     """The local state dict (parameters only) of rank (tp_rank, pp_rank) from a Megatron full state dict."""
-    out = {}
-    for pm in param_maps(arch, role):
-        if pp_rank in stages_of(pm, arch, pp, role):
-            out[stage_local_name(pm, arch, pp, pp_rank)] = split_tp(pm, full[pm.name], tp, arch)[tp_rank]
-    return out
+    return {name: tp_shard(pm, full[pm.name], tp, tp_rank, arch)
+            for name, pm in local_param_maps(arch, role, pp, pp_rank)}
+
+
+def iter_local_shards(hf_get, arch: ModelArch, role: str, *, tp: int, tp_rank: int, pp: int,
+                      pp_rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (local name, shard of rank (tp_rank, pp_rank)) one parameter at a time, calling `hf_get(name)`
+    only for the HF tensors of the parameters this stage holds. Nothing is kept between yields (the caller
+    drops each shard before asking for the next), so peak memory is one parameter's tensors."""
+    for name, pm in local_param_maps(arch, role, pp, pp_rank):
+        full = hf_to_full(pm, {n: hf_get(n) for n in pm.hf_names}, arch)
+        shard = tp_shard(pm, full, tp, tp_rank, arch)
+        del full
+        yield name, shard
+        del shard
+
+
+def load_local_shards(params: dict[str, torch.Tensor], hf_get, arch: ModelArch, role: str, *, tp: int,
+                      tp_rank: int, pp: int, pp_rank: int) -> None:
+    """Stream the HF weights of rank (tp_rank, pp_rank) into `params` (its local parameters by name), one
+    parameter at a time, each cast to its parameter's dtype: the whole model never sits in host memory.
+    Every parameter must be covered; checked before any tensor is read."""
+    check_covers(params, [name for name, _ in local_param_maps(arch, role, pp, pp_rank)], role)
+    with torch.no_grad():
+        for name, shard in iter_local_shards(hf_get, arch, role, tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank):
+            copy_shard(params[name], name, shard)
+            del shard
+
+
+def check_covers(params: dict[str, torch.Tensor], names, role: str) -> None:
+    """Raise KeyError naming every parameter of `params` not in `names` and every name not in `params`."""
+    missing, unexpected = sorted(set(params) - set(names)), sorted(set(names) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"state does not fit the {role} model of this rank: missing {missing}, "
+                       f"unexpected {unexpected}")
+
+
+def copy_shard(param: torch.Tensor, name: str, shard: torch.Tensor) -> None:
+    """`param.copy_(shard)` (cast to the parameter's dtype) after checking the shapes agree."""
+    if tuple(param.shape) != tuple(shard.shape):
+        raise ValueError(f"{name}: model shard has shape {tuple(param.shape)}, checkpoint shard {tuple(shard.shape)}")
+    param.copy_(shard)
 
 
 def iter_hf_to_full(hf_get, arch: ModelArch, role: str = "policy") -> Iterator[tuple[ParamMap, torch.Tensor]]:

@@ -1,12 +1,13 @@
 """Build the policy or critic for this rank: config, model for this pipeline stage, weights, DDP wrapper."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from vapo_megatron import platform
-from vapo_megatron.convert.mapping import shard_state_dict
+from vapo_megatron.convert.mapping import check_covers, copy_shard, load_local_shards, shard_state_dict
 from vapo_megatron.models.critic import build_critic
 from vapo_megatron.models.hf_config import ModelArch, transformer_config
 from vapo_megatron.models.policy import build_policy
@@ -19,6 +20,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from vapo_megatron.engine.schedule import prepare_config  # noqa: E402
 
+HFGetter = Callable[[str], torch.Tensor]  # HF tensor name -> tensor
+
 
 @dataclass
 class BuiltModel:
@@ -28,30 +31,37 @@ class BuiltModel:
     role: str
 
 
+def _rank_layout() -> dict[str, int]:
+    return dict(tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank())
+
+
 def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], arch: ModelArch, role: str) -> None:
-    """Copy this rank's shard of a Megatron full state dict into `model` (every parameter must be covered)."""
-    local = shard_state_dict(full, arch, role=role, tp=ps.get_tensor_model_parallel_world_size(),
-                             tp_rank=ps.get_tensor_model_parallel_rank(),
-                             pp=ps.get_pipeline_model_parallel_world_size(),
-                             pp_rank=ps.get_pipeline_model_parallel_rank())
+    """Copy this rank's shard of a Megatron full state dict into `model` (every parameter must be covered).
+    For a full state that is already in memory (an edited one); initial weights stream (`load_hf_weights`)."""
+    local = shard_state_dict(full, arch, role=role, **_rank_layout())
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(local))
-    unexpected = sorted(set(local) - set(params))
-    if missing or unexpected:
-        raise KeyError(f"state does not fit the {role} model of this rank: missing {missing}, "
-                       f"unexpected {unexpected}")
+    check_covers(params, local, role)
     with torch.no_grad():
         for name, tensor in local.items():
-            if tuple(params[name].shape) != tuple(tensor.shape):
-                raise ValueError(f"{name}: model shard has shape {tuple(params[name].shape)}, "
-                                 f"checkpoint shard {tuple(tensor.shape)}")
-            params[name].copy_(tensor)
+            copy_shard(params[name], name, tensor)
+
+
+def load_hf_weights(model: torch.nn.Module, hf_get: HFGetter, arch: ModelArch, role: str) -> None:
+    """Stream this rank's parameters from HF tensors (`hf_get(name)`, e.g. `HFCheckpointReader.get`): only the
+    tensors of this pipeline stage are read, one parameter at a time, and only this TP rank's piece is kept
+    (peak host memory: about one full tensor, the largest being the embedding)."""
+    load_local_shards(dict(model.named_parameters()), hf_get, arch, role, **_rank_layout())
 
 
 def build_model(arch: ModelArch, parallel: ParallelConfig, role: str, *, params_dtype=torch.float32,
-                full_state: dict[str, torch.Tensor] | None = None, ddp: bool = True,
-                use_distributed_optimizer: bool = False, **config_overrides) -> BuiltModel:
-    """The `role` model ("policy" or "critic") of this rank, in megatron's current parallel state."""
+                hf_get: HFGetter | None = None, full_state: dict[str, torch.Tensor] | None = None,
+                ddp: bool = True, use_distributed_optimizer: bool = False, **config_overrides) -> BuiltModel:
+    """The `role` model ("policy" or "critic") of this rank, in megatron's current parallel state, with its
+    weights streamed from HF tensors (`hf_get`), or sliced from a Megatron full state dict already in memory
+    (`full_state`), or left at megatron's random init (neither)."""
+    if hf_get is not None and full_state is not None:
+        raise ValueError("build_model: pass hf_get or full_state, not both")
     parallel.validate(torch.distributed.get_world_size(), num_layers=arch.num_layers, num_heads=arch.num_heads,
                       num_kv_heads=arch.num_kv_heads)
     require_context_parallel_support(parallel.cp, role)
@@ -61,7 +71,9 @@ def build_model(arch: ModelArch, parallel: ParallelConfig, role: str, *, params_
     model = build_policy(arch, config, **kwargs) if role == "policy" else build_critic(arch, config, **kwargs)
     if platform.has_cuda():
         model.cuda(torch.cuda.current_device())
-    if full_state is not None:
+    if hf_get is not None:
+        load_hf_weights(model, hf_get, arch, role)
+    elif full_state is not None:
         load_full_state(model, full_state, arch, role)
     if ddp:
         ddp_config = DistributedDataParallelConfig(

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from vapo_megatron import platform
-from vapo_megatron.engine.build import build_model
+from vapo_megatron.engine.build import HFGetter, build_model
 from vapo_megatron.engine.export import iter_hf_tensors
 from vapo_megatron.engine.microbatch import padded_and_real_tokens, row_slice, split_micro_batches
 from vapo_megatron.engine.optim import build_optimizer
@@ -27,7 +27,7 @@ MicroLoss = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.T
 
 class ModelEngine:
     def __init__(self, role: str, arch: ModelArch, parallel: ParallelConfig, layouts: RoleLayouts, *,
-                 full_state: dict[str, torch.Tensor], lr: float, weight_decay: float = 0.0,
+                 hf_get: HFGetter, lr: float, weight_decay: float = 0.0,
                  clip_grad: float = 1.0, warmup_steps: int = 0, micro_batch_size: int = 8,
                  params_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False,
                  recompute: str = "none", recompute_num_layers: int = 1, micro_batch_tokens: int = 0):
@@ -36,7 +36,7 @@ class ModelEngine:
         self.micro_batch_tokens, self.pad_multiple = micro_batch_tokens, parallel.seq_multiple()
         self.steps_taken = 0
         with layouts.use(role):
-            self.built = build_model(arch, parallel, role, full_state=full_state, params_dtype=params_dtype,
+            self.built = build_model(arch, parallel, role, hf_get=hf_get, params_dtype=params_dtype,
                                      use_distributed_optimizer=use_distributed_optimizer, recompute=recompute,
                                      recompute_num_layers=recompute_num_layers)
             self.optimizer = build_optimizer(self.built.model, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,

@@ -14,7 +14,6 @@ def build_engine(hf_dir: str, role: str, layouts, **engine_kwargs):
     """A ModelEngine for `role` with the weights of the HF model in `hf_dir` (critic: trunk + a fixed
     N(0, 0.02) value head), in `layouts`' layout for that role."""
     from vapo_megatron.convert.hf_io import HFCheckpointReader
-    from vapo_megatron.convert.mapping import iter_hf_to_full
     from vapo_megatron.engine.model_engine import ModelEngine
     from vapo_megatron.models.hf_config import load_arch
 
@@ -25,9 +24,8 @@ def build_engine(hf_dir: str, role: str, layouts, **engine_kwargs):
     def get(name):
         return score if name == "score.weight" else reader.get(name)
 
-    state = {pm.name: t.float() for pm, t in iter_hf_to_full(get, arch, role)}
     kwargs = {"lr": 1e-3, "micro_batch_size": 2, **engine_kwargs}
-    return ModelEngine(role, arch, layouts.configs[role], layouts, full_state=state, **kwargs)
+    return ModelEngine(role, arch, layouts.configs[role], layouts, hf_get=get, **kwargs)
 
 
 def synthetic_rl_batch(n: int, vocab: int, *, seed: int, prompt_len: tuple[int, int] = (3, 12),
