@@ -177,7 +177,8 @@ class Trainer:
         for epoch in range(cfg.train.ppo_epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed + epoch + n))
             for start in range(0, n, cfg.train.mini_batch_size):
-                mb = _rows(batch, order[start:start + cfg.train.mini_batch_size], n)
+                idx = order[start:start + cfg.train.mini_batch_size]
+                mb = _rows(batch, idx, n)
                 step_metrics: dict[str, float] = {}
                 if self.critic is not None:
                     t0 = time.perf_counter()
@@ -185,7 +186,7 @@ class Trainer:
                     t["t_critic_update"] += time.perf_counter() - t0
                     step_metrics.update(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"],
                                         critic_skipped=m["skipped"], padding_waste_critic=m["padding_waste"])
-                amb = mb if keep is None else _rows(mb, mb["keep_for_actor"].nonzero().squeeze(1), len(mb["scores"]))
+                amb = mb if keep is None else _rows(mb, keep[idx].nonzero().squeeze(1), len(idx))
                 if phase == "ppo" and len(amb["input_ids"]):
                     t0 = time.perf_counter()
                     m = self.actor.train_step(amb, actor_loss_fn(cfg.algorithm, minibatch_counts(amb),
@@ -209,9 +210,7 @@ class Trainer:
         from DAPO: the batch is not refilled by sampling more prompts, so every run keeps the same sample budget."""
         if not self.cfg.algorithm.filter_uniform_groups:
             return None
-        keep = ~uniform_group_mask(batch["scores"], group_size=self.cfg.rollout.n)
-        batch["keep_for_actor"] = keep
-        return keep
+        return ~uniform_group_mask(batch["scores"], group_size=self.cfg.rollout.n)
 
     def sync_weights(self, t: dict) -> None:
         self._wake()  # GPU path untested here: weights must be resident before the push
