@@ -400,12 +400,6 @@ def _layout_problems(cfg: VapoConfig, world_size: int, arch: Any, critic_arch: A
         except ParallelConfigError as e:
             problems.append(f"{role}_parallel: {e}")
             continue
-        try:
-            from vapo_megatron.parallel.context import require_context_parallel_support  # imports torch
-
-            require_context_parallel_support(layout.cp, f"{role}_parallel")
-        except ValueError as e:
-            problems.append(str(e))
         dp = layout.data_parallel_size(world_size)
         if cfg.train.micro_batch_tokens > 0 and mini >= 1 and mini % dp:
             problems.append(f"train.mini_batch_size {mini} is not divisible by the {role} data-parallel size {dp}")

@@ -11,7 +11,6 @@ from vapo_megatron.convert.mapping import check_covers, copy_shard, load_local_s
 from vapo_megatron.models.critic import build_critic
 from vapo_megatron.models.hf_config import ModelArch, transformer_config
 from vapo_megatron.models.policy import build_policy
-from vapo_megatron.parallel.context import require_context_parallel_support
 from vapo_megatron.parallel.layout import ParallelConfig
 
 platform.install_shims()
@@ -64,7 +63,6 @@ def build_model(arch: ModelArch, parallel: ParallelConfig, role: str, *, params_
         raise ValueError("build_model: pass hf_get or full_state, not both")
     parallel.validate(torch.distributed.get_world_size(), num_layers=arch.num_layers, num_heads=arch.num_heads,
                       num_kv_heads=arch.num_kv_heads)
-    require_context_parallel_support(parallel.cp, role)
     config = transformer_config(arch, parallel, params_dtype=params_dtype, **config_overrides)
     prepare_config(config)
     kwargs = dict(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())

@@ -69,7 +69,9 @@ class ModelEngine:
         return micro, rows, start, stop
 
     def _is_reporter(self) -> bool:
-        return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        """One rank per DP rank reports outputs and metrics: CP ranks hold the same whole-sequence results."""
+        return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                and ps.get_context_parallel_rank() == 0)
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, batch: dict, output_fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> torch.Tensor:

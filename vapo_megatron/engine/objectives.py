@@ -11,18 +11,20 @@ from __future__ import annotations
 import torch
 
 from vapo_megatron.algorithms import entropy_loss, policy_loss, positive_lm_loss, value_loss
+from vapo_megatron.parallel.context import gather_sequence_of
 from vapo_megatron.parallel.vocab_parallel import megatron_vocab_logprobs_entropy
 
 
 def response_logprobs(logits: torch.Tensor, mb: dict, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies [m, R] of the response tokens from vocab-parallel logits [m, S, V/tp]."""
     lp, ent = megatron_vocab_logprobs_entropy(logits, mb["targets"], vocab_size)
+    lp, ent = gather_sequence_of(lp, mb), gather_sequence_of(ent, mb)  # whole sequences under CP
     return lp.gather(1, mb["resp_pos"]), ent.gather(1, mb["resp_pos"])
 
 
 def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
     """Critic values [m, R]: V(s_t) read at the position before response token t."""
-    return values.gather(1, mb["resp_pos"])
+    return gather_sequence_of(values, mb).gather(1, mb["resp_pos"])
 
 
 def actor_loss_fn(alg, counts: dict[str, torch.Tensor], vocab_size: int):

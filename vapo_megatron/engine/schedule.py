@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from vapo_megatron import platform
+from vapo_megatron.parallel.context import context_parallel_view, split_for_context_parallel
 
 platform.install_shims()
 from megatron.core import parallel_state  # noqa: E402
@@ -57,7 +58,10 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
     when the model config has `variable_seq_lengths` (pipeline stages then exchange each activation's shape).
 
     `loss_fn(output, micro_batch) -> (loss, metrics)`: output is the model's last-stage output (logits shard
-    [b, S, V/tp] for a policy, values [b, S] for a critic). Returns, on the last pipeline stage, the list of
+    [b, S, V/tp] for a policy, values [b, S] for a critic). With context parallelism (cp > 1) the model sees
+    this CP rank's share of each sequence, the output covers those positions only, and the micro-batch passed to
+    `loss_fn` / `output_fn` is `context_parallel_view(mb)`: gather per-token results with
+    `parallel.context.gather_sequence` (engine/objectives.py does) before reading response positions. Returns, on the last pipeline stage, the list of
     per-micro-batch metrics dicts (or `output_fn(output, mb)` values when forward_only with output_fn);
     other stages get an empty list.
     """
@@ -65,17 +69,26 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
     b, seq = micro_batches[0]["input_ids"].shape
     results: list[Any] = []
 
+    cp = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank() if cp > 1 else 0
+
     def step(data_iter, chunk):
         mb = next(data_iter)
         ids = mb["input_ids"]
-        out = chunk(ids, position_ids(*ids.shape, ids.device), causal_mask(ids.shape[1], ids.device))
+        pos, mask = position_ids(*ids.shape, ids.device), causal_mask(ids.shape[1], ids.device)
+        if cp > 1:  # this CP rank's chunks; the CP attention builds its own mask (parallel/context.py)
+            ids, pos = (split_for_context_parallel(t, cp, cp_rank) for t in (ids, pos))
+            mask = None
+            mb = context_parallel_view(mb, cp, cp_rank, parallel_state.get_context_parallel_group())
+        out = chunk(ids, pos, mask)
 
         def reduce(output):
             if output_fn is not None:
                 results.append(output_fn(output, mb))
                 return output.sum() * 0.0, torch.tensor(1), {}
             loss, metrics = loss_fn(output, mb)
-            return loss, torch.tensor(1), metrics
+            # every CP rank computes the same whole-sequence loss (see parallel/context.py): count it once
+            return loss / cp, torch.tensor(1), metrics
 
         return out, reduce
 

@@ -21,7 +21,7 @@ class CriticModel(GPTModel):
     def __init__(self, arch: ModelArch, config, *, pre_process: bool, post_process: bool, pg_collection=None,
                  use_te: bool | None = None):
         super().__init__(
-            config, gpt_layer_spec(use_te=use_te),
+            config, gpt_layer_spec(use_te=use_te, context_parallel=config.context_parallel_size > 1),
             vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=arch.max_position_embeddings, pre_process=pre_process, post_process=False,
             share_embeddings_and_output_weights=False, position_embedding_type="rope",
@@ -56,7 +56,7 @@ class CriticModel(GPTModel):
 
 def build_critic(arch: ModelArch, config, *, pre_process: bool = True, post_process: bool = True,
                  pg_collection=None, use_te: bool | None = None):
-    """The critic for this pipeline stage: values [B, S] (full sequence order, fp32) on the last stage,
-    hidden states elsewhere."""
+    """The critic for this pipeline stage: values [B, S] (fp32; S = this CP rank's positions when cp > 1) on
+    the last stage, hidden states elsewhere."""
     return CriticModel(arch, config, pre_process=pre_process, post_process=post_process,
                        pg_collection=pg_collection, use_te=use_te)

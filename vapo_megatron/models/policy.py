@@ -10,8 +10,9 @@ def build_policy(arch: ModelArch, config, *, pre_process: bool = True, post_proc
     """A GPTModel for this pipeline stage. Its output is vocabulary-parallel logits [B, S, V/tp]."""
     from megatron.core.models.gpt import GPTModel
 
+    spec = gpt_layer_spec(use_te=use_te, context_parallel=config.context_parallel_size > 1)
     return GPTModel(
-        config, gpt_layer_spec(use_te=use_te), vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
+        config, spec, vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="rope",
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,

@@ -1,6 +1,7 @@
 """Layer specs: TransformerEngine on GPU when importable, megatron-core's local (plain torch) spec otherwise."""
 from __future__ import annotations
 
+import copy
 import functools
 
 
@@ -17,12 +18,20 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def gpt_layer_spec(*, use_te: bool | None = None, qk_layernorm: bool = False):
-    """The GPT layer spec. `use_te=None` picks TransformerEngine when it can run."""
+def gpt_layer_spec(*, use_te: bool | None = None, qk_layernorm: bool = False, context_parallel: bool = False):
+    """The GPT layer spec. `use_te=None` picks TransformerEngine when it can run. `context_parallel` (cp > 1)
+    keeps TE's attention (ring attention) with TE, and swaps the local spec's attention for the all-gather CP
+    attention of models/cp_attention.py without it."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
         use_te = transformer_engine_available()
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    if context_parallel:
+        from vapo_megatron.models.cp_attention import AllGatherCPDotProductAttention
+
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = AllGatherCPDotProductAttention
+    return spec

@@ -1,16 +1,18 @@
 """Context parallelism (CP): which sequence positions a CP rank holds, and putting per-token results back together.
 
 megatron-core's load balancing for causal attention: the sequence is cut into 2 * cp equal chunks and CP rank r
-holds chunks r and 2cp - 1 - r (an early, cheap chunk with a late, expensive one). Inputs (`input_ids`,
-`targets`, position ids) are split this way before the forward; per-token outputs (log-probs, values) come back
-split the same way and are gathered into the whole sequence before response positions are read.
+holds chunks r and 2cp - 1 - r (an early, cheap chunk with a late, expensive one). The engine's schedule
+(engine/schedule.py) splits each micro-batch's `input_ids`, position ids and `targets` this way before the forward;
+megatron's RoPE slices its table the same way (rope_utils.get_pos_emb_on_this_cp_rank). Attention needs the keys
+and values of the whole sequence: TransformerEngine's ring attention on GPUs, or, with megatron-core's local spec
+(CPU, no TE), `models/cp_attention.py`, which all-gathers them. Per-token outputs (log-probs, entropies, values)
+come back split and are gathered into the whole sequence *with autograd* (`gather_sequence`) before the losses
+read response positions, so every loss sees whole sequences and the pure math (algorithms/) needs no CP case.
 
-Only the split and the gather are here and tested (tests/unit/test_parallel_context.py, pure tensors). cp
-reaches megatron's process groups (layout.initialize) and TransformerConfig (models/hf_config.py), but the engine
-does not yet split its micro-batches with these functions (nor gather the log-probs/values with autograd for the
-losses), so `require_context_parallel_support` refuses cp > 1: without TransformerEngine because megatron-core's
-CP attention is TE's, with it because that engine wiring is missing. The CP forward runs in TE's attention on
-GPUs and is untested in this project (no GPU here).
+Gradient bookkeeping: after the gather every CP rank computes the same whole-sequence loss; the schedule divides
+it by cp, the gather's backward (reduce-scatter) sums the cp copies of each shard's gradient (cp x 1/cp = 1), and
+megatron's DDP sums parameter gradients over the data-parallel x context-parallel group. Tested against cp = 1 in
+tests/distributed/test_context_parallel.py; the split and merge alone in tests/unit/test_parallel_context.py.
 """
 from __future__ import annotations
 
@@ -63,16 +65,44 @@ def gather_context_parallel(t: torch.Tensor, group, dim: int = 1) -> torch.Tenso
     return merge_context_parallel_shards(parts, dim=dim)
 
 
-def require_context_parallel_support(cp: int, role: str = "model") -> None:
-    """Raise ValueError when cp > 1 cannot run: megatron-core's CP attention is TransformerEngine's, and the
-    engine does not split its micro-batches over CP ranks yet (see the module docstring)."""
-    from vapo_megatron.models.specs import transformer_engine_available
+def cp_key_positions(seq_len: int, cp: int, device=None) -> torch.Tensor:
+    """Sequence positions of the keys after an all-gather of every CP rank's shard (rank 0's shard first)."""
+    return torch.cat([cp_positions(seq_len, cp, r, device) for r in range(cp)])
 
+
+def cp_causal_mask(local_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """Boolean [1, 1, local_len, cp * local_len] mask (True = masked) of this rank's queries against the
+    all-gathered keys: a query at sequence position i sees keys at positions <= i (right padding included, as in
+    engine/schedule.causal_mask)."""
+    seq_len = local_len * cp
+    q = cp_positions(seq_len, cp, rank, device)
+    k = cp_key_positions(seq_len, cp, device)
+    return (k[None, :] > q[:, None])[None, None]
+
+
+def context_parallel_view(mb: dict, cp: int, rank: int, group) -> dict:
+    """The micro-batch as the loss of CP rank `rank` sees it: `targets` split like the model's input, and
+    `cp_group` = (cp, group) for `gather_sequence_of`. Everything else (response positions, masks, per-token
+    inputs of the losses) stays whole-sequence."""
+    return {**mb, "targets": split_for_context_parallel(mb["targets"], cp, rank), "cp_group": (cp, group)}
+
+
+def gather_sequence_of(t: torch.Tensor, mb: dict, dim: int = 1) -> torch.Tensor:
+    """`t` over the whole sequence for a micro-batch from `context_parallel_view` (unchanged without CP)."""
+    return gather_sequence(t, *mb["cp_group"], dim=dim) if "cp_group" in mb else t
+
+
+def gather_sequence(t: torch.Tensor, cp: int, group, dim: int = 1) -> torch.Tensor:
+    """All-gather this rank's shard of `t` over the CP `group` and merge into the whole sequence, *with
+    autograd*: the backward reduce-scatters (sums) the gradients of the copies back to each shard's owner."""
     if cp == 1:
-        return
-    if not transformer_engine_available():
-        raise ValueError(f"{role}: context parallelism (cp={cp}) needs TransformerEngine attention on CUDA "
-                         f"(megatron-core's local attention has no CP); TransformerEngine is not usable here. "
-                         f"Set cp=1, or install transformer-engine on a GPU machine.")
-    raise ValueError(f"{role}: context parallelism (cp={cp}) is not wired into the engine yet (micro-batches are "
-                     f"not split over CP ranks; parallel/context.py has the split and gather). Set cp=1.")
+        return t
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    moved = t.movedim(dim, 0).contiguous()
+    gathered = gather_from_sequence_parallel_region(moved, tensor_parallel_output_grad=True, group=group)
+    seq_len = gathered.shape[0]
+    order = cp_key_positions(seq_len, cp)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(seq_len)
+    return gathered.index_select(0, inverse.to(gathered.device)).movedim(0, dim)

@@ -29,7 +29,8 @@ def _is_cuda(device) -> bool:
 
 class CudaToCpu(TorchFunctionMode):
     """S3: megatron.core hard-codes `device="cuda"` (DDP buffers, schedules, optimizer, clip_grads),
-    `.cuda()` and `param.type() == "torch.cuda.FloatTensor"` (optimizer param grouping). Redirect them."""
+    `pin_memory=True` (context-parallel RoPE slicing), `.cuda()` and `param.type() == "torch.cuda.FloatTensor"`
+    (optimizer param grouping). Redirect them."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -40,6 +41,8 @@ class CudaToCpu(TorchFunctionMode):
             return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):  # e.g. rope_utils.get_pos_emb_on_this_cp_rank: no pinned memory without CUDA
+            kwargs = dict(kwargs, pin_memory=False)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
