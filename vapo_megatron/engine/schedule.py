@@ -61,9 +61,10 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
     [b, S, V/tp] for a policy, values [b, S] for a critic). With context parallelism (cp > 1) the model sees
     this CP rank's share of each sequence, the output covers those positions only, and the micro-batch passed to
     `loss_fn` / `output_fn` is `context_parallel_view(mb)`: gather per-token results with
-    `parallel.context.gather_sequence` (engine/objectives.py does) before reading response positions. Returns, on the last pipeline stage, the list of
-    per-micro-batch metrics dicts (or `output_fn(output, mb)` values when forward_only with output_fn);
-    other stages get an empty list.
+    `parallel.context.gather_sequence_of` (engine/objectives.py does) before reading response positions.
+
+    Returns, on the last pipeline stage, the list of per-micro-batch metrics dicts (or `output_fn(output, mb)`
+    values when forward_only with output_fn); other stages get an empty list.
     """
     models = list(model) if isinstance(model, Sequence) else [model]
     b, seq = micro_batches[0]["input_ids"].shape

@@ -18,9 +18,11 @@ import functools
 
 import torch
 
+from vapo_megatron import platform
 from vapo_megatron.parallel.context import cp_causal_mask
 
-from megatron.core import parallel_state as ps  # noqa: E402  (callers install the CPU shims first)
+platform.install_shims()
+from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 

@@ -17,7 +17,9 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size: transformer layers are split into this many consecutive stages."""
     cp: int = 1
-    """Context-parallel size (needs TransformerEngine; refused until the engine splits sequences, see context.py)."""
+    """Context-parallel size: each sequence is split into 2 x cp chunks over this many ranks (long responses).
+    Attention is TransformerEngine's ring attention when TE runs, else an all-gather of keys/values
+    (parallel/context.py, models/cp_attention.py)."""
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence over the TP ranks (needs tp > 1)."""
 
