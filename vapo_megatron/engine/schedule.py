@@ -76,8 +76,10 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
     def step(data_iter, chunk):
         mb = next(data_iter)
         ids = mb["input_ids"]
-        pos, mask = position_ids(*ids.shape, ids.device), causal_mask(ids.shape[1], ids.device)
-        if cp > 1:  # this CP rank's chunks; the CP attention builds its own mask (parallel/context.py)
+        pos = position_ids(*ids.shape, ids.device)
+        if cp == 1:
+            mask = causal_mask(ids.shape[1], ids.device)
+        else:  # this CP rank's chunks; the CP attention builds its own mask (parallel/context.py)
             ids, pos = (split_for_context_parallel(t, cp, cp_rank) for t in (ids, pos))
             mask = None
             mb = context_parallel_view(mb, cp, cp_rank, parallel_state.get_context_parallel_group())

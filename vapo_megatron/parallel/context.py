@@ -39,35 +39,24 @@ def split_for_context_parallel(t: torch.Tensor, cp: int, rank: int, dim: int = 1
     return t.index_select(dim, cp_positions(t.shape[dim], cp, rank, t.device))
 
 
+def cp_key_positions(seq_len: int, cp: int, device=None) -> torch.Tensor:
+    """Sequence positions of every CP rank's shard laid end to end (rank 0's shard first), as an all-gather
+    returns them."""
+    return torch.cat([cp_positions(seq_len, cp, r, device) for r in range(cp)])
+
+
 def merge_context_parallel_shards(shards: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
-    """The whole sequence from every CP rank's shard (`shards[r]` from rank r): the inverse of the split."""
+    """The whole sequence from every CP rank's shard (`shards[r]` from rank r): the inverse of the split.
+    Differentiable (a concatenation and an index_select)."""
     cp = len(shards)
     if cp == 1:
         return shards[0]
     seq_len = shards[0].shape[dim] * cp
-    order = torch.cat([cp_positions(seq_len, cp, r) for r in range(cp)])
+    order = cp_key_positions(seq_len, cp)
     merged = torch.cat(shards, dim=dim)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(seq_len)
     return merged.index_select(dim, inverse.to(merged.device))
-
-
-def gather_context_parallel(t: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
-    """All-gather this rank's shard over the CP `group` and merge (no autograd: for log-probs/values read after
-    the forward)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group) if group is not None else 1
-    if world == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return merge_context_parallel_shards(parts, dim=dim)
-
-
-def cp_key_positions(seq_len: int, cp: int, device=None) -> torch.Tensor:
-    """Sequence positions of the keys after an all-gather of every CP rank's shard (rank 0's shard first)."""
-    return torch.cat([cp_positions(seq_len, cp, r, device) for r in range(cp)])
 
 
 def cp_causal_mask(local_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -101,8 +90,4 @@ def gather_sequence(t: torch.Tensor, cp: int, group, dim: int = 1) -> torch.Tens
 
     moved = t.movedim(dim, 0).contiguous()
     gathered = gather_from_sequence_parallel_region(moved, tensor_parallel_output_grad=True, group=group)
-    seq_len = gathered.shape[0]
-    order = cp_key_positions(seq_len, cp)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(seq_len)
-    return gathered.index_select(0, inverse.to(gathered.device)).movedim(0, dim)
+    return merge_context_parallel_shards(list(gathered.chunk(cp, dim=0)), dim=0).movedim(0, dim)
