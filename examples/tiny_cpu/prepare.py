@@ -8,51 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import time
 from pathlib import Path
 
 import torch
 
 from vapo_megatron.data.synthetic import SyntheticDifficulty, write_synthetic_task
-from vapo_megatron.models.tiny import build_char_tokenizer, save_tiny_hf_model
-
-
-def _encode(tok, prompt: str, response: str) -> tuple[list[int], int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  tokenize=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return ids + tok.encode(response, add_special_tokens=False) + [tok.eos_token_id], len(ids)
-
-
-def warm_start(model_dir: Path, sft_rows: list[dict], steps: int, batch: int, lr: float, seed: int) -> None:
-    from transformers import AutoModelForCausalLM
-
-    tok = build_char_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    encoded = [_encode(tok, r["prompt"], r["response"]) for r in sft_rows]
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
-        rows = rng.sample(encoded, batch)
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        labels = torch.full((batch, width), -100, dtype=torch.long)
-        for i, (seq, plen) in enumerate(rows):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, plen: len(seq)] = torch.tensor(seq[plen:])
-        for g in opt.param_groups:  # linear warmup then cosine decay
-            g["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + torch.cos(torch.tensor(step / steps * 3.1416)).item())
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"[warm start] step {step:4d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-    model.save_pretrained(model_dir)
+from vapo_megatron.models.tiny import save_tiny_hf_model, warm_start
 
 
 def main() -> None:

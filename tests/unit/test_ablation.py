@@ -155,3 +155,68 @@ def test_finished_runs_are_skipped_and_failures_reported(tmp_path, monkeypatch):
     changed = plan_runs(grid, [0], out, ["train.steps=5"])
     with pytest.raises(StaleRunError, match="finished with another config"):
         run_grid(grid.base, changed, log=lambda _: None)
+
+
+def test_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch):
+    """Failure: a run interrupted after a checkpoint starts over (its work lost), or one whose saved config differs
+    from the grid's is resumed instead of cleared."""
+    from vapo_megatron.config import dump_yaml
+    from vapo_megatron.engine.checkpoint import DONE_FILE, checkpoint_name, checkpoints_root
+
+    grid = load_grid(_grid(tmp_path, {"vapo": None}))
+    same, changed = plan_runs(grid, [0, 1], tmp_path / "out")
+    for spec, cfg_text in ((same, dump_yaml(same.cfg)), (changed, "other: config\n")):
+        ckpt = checkpoints_root(spec.run_dir) / checkpoint_name(10)
+        ckpt.mkdir(parents=True)
+        (ckpt / DONE_FILE).write_text("{}")
+        (spec.run_dir / "config.yaml").write_text(cfg_text)
+        (spec.run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    _fake_trainer(monkeypatch, "import sys, pathlib; d = pathlib.Path(sys.argv[1]); "
+                               "(d / 'argv').write_text(' '.join(sys.argv[2:])); "
+                               "(d / 'had_metrics').write_text(str((d / 'metrics.jsonl').exists()))")
+    result = run_grid(grid.base, [same, changed], jobs=1, log=lambda _: None, poll_s=0.05)
+    assert result.done == [same, changed]
+    assert (same.run_dir / "argv").read_text() == "--resume" and (same.run_dir / "had_metrics").read_text() == "True"
+    assert (changed.run_dir / "argv").read_text() == "" and (changed.run_dir / "had_metrics").read_text() == "False"
+
+
+def test_pause_and_continue_signal_the_runner_and_its_runs(tmp_path):
+    """Failure: --pause leaves the runner's child processes (the training runs) running, or --continue does not
+    wake them."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from vapo_megatron.ablation.cli import PID_FILE, main
+
+    runner_code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; "
+                   "time.sleep(60)'], start_new_session=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", runner_code])
+    try:
+        (tmp_path / PID_FILE).write_text(str(proc.pid))
+        deadline = time.time() + 20
+        while not psutil.Process(proc.pid).children() and time.time() < deadline:
+            time.sleep(0.05)
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert len(procs) == 2
+        assert main(["--out", str(tmp_path), "--pause"]) == 0
+        assert _wait_for(lambda: all(p.status() == psutil.STATUS_STOPPED for p in procs)), [p.status() for p in procs]
+        assert main(["--out", str(tmp_path), "--continue"]) == 0
+        assert _wait_for(lambda: all(p.status() != psutil.STATUS_STOPPED for p in procs))
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+    assert main(["--out", str(tmp_path / "none"), "--pause"]) == 2
+
+
+def _wait_for(condition, seconds: float = 30.0) -> bool:
+    import time
+
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -3,14 +3,18 @@ the report."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 from vapo_megatron.ablation.grid import BudgetError, GridError, budget, load_grid, plan_runs, validate_runs
 from vapo_megatron.ablation.report import failure_lines, read_manifest, write_manifest, write_report
 from vapo_megatron.ablation.runner import StaleRunError, run_grid, train_command
+
+PID_FILE = "runner.pid"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +35,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-delta", type=float, default=0.1)
     p.add_argument("--report-only", action="store_true", help="rebuild the report from OUT, run nothing")
     p.add_argument("--dry-run", action="store_true", help="validate, check budgets, print the commands, run nothing")
+    p.add_argument("--pause", action="store_true", help="SIGSTOP the grid running in OUT (runner and every run)")
+    p.add_argument("--continue", action="store_true", dest="cont", help="SIGCONT a paused grid in OUT")
     return p
+
+
+def signal_grid(out: Path, sig: int) -> int:
+    """Send ``sig`` to the runner of the grid in ``out`` (its PID file) and to all its descendants; returns how
+    many processes got it. Children are signalled first on SIGSTOP and last on SIGCONT."""
+    import psutil
+
+    pid_file = out / PID_FILE
+    if not pid_file.is_file():
+        raise FileNotFoundError(f"no grid is running in {out} ({pid_file} is missing)")
+    try:
+        runner = psutil.Process(int(pid_file.read_text()))
+        procs = [*runner.children(recursive=True), runner]
+    except psutil.NoSuchProcess:
+        raise FileNotFoundError(f"the grid runner of {out} (PID {pid_file.read_text().strip()}) is gone") from None
+    for proc in procs if sig == signal.SIGSTOP else reversed(procs):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+    return len(procs)
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
@@ -43,7 +68,12 @@ def _run(args: argparse.Namespace, command: str) -> int:
         print("\n".join(" ".join(shlex.quote(a) for a in train_command(grid.base, s)) for s in specs))
         return 0
     write_manifest(Path(args.out), grid.base, specs, command)
-    result = run_grid(grid.base, specs, jobs=args.jobs, cores=args.cores)
+    pid_file = Path(args.out) / PID_FILE
+    pid_file.write_text(str(os.getpid()))
+    try:
+        result = run_grid(grid.base, specs, jobs=args.jobs, cores=args.cores)
+    finally:
+        pid_file.unlink(missing_ok=True)
     for spec, code, log in result.failed:
         print(f"[ablation] FAILED {spec.variant.name} seed {spec.seed} (exit {code}): see {log}", file=sys.stderr)
     return 1 if result.failed else 0
@@ -56,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
     command = "python tools/run_ablation.py " + shlex.join(argv)
+    if args.pause or args.cont:
+        try:
+            n = signal_grid(Path(args.out), signal.SIGSTOP if args.pause else signal.SIGCONT)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"[ablation] {'paused' if args.pause else 'continued'} {n} processes of the grid in {args.out}")
+        return 0
     try:
         code = 0 if args.report_only else _run(args, command)
         if args.dry_run:

@@ -1,7 +1,9 @@
 """Run an ablation grid: one ``vapo-train`` subprocess per (variant, seed), ``jobs`` at a time, each with its own
 rendezvous port and ``cores / jobs`` threads. A run that exits 0 gets a ``DONE`` file (wall time, config hash) and
-is skipped next time, so an interrupted grid continues where it stopped; a run dir without ``DONE`` is cleared and
-run again; a failure is reported with its log and does not stop the others."""
+is skipped next time, so an interrupted grid continues where it stopped; a run without ``DONE`` resumes from its
+newest complete checkpoint (same config) or is cleared and run again; a failure is reported with its log and does
+not stop the others. The runner writes its PID to ``<out>/runner.pid`` so that a grid can be paused while the test
+suite runs (``tools/run_ablation.py --pause/--continue --out OUT``)."""
 from __future__ import annotations
 
 import hashlib
@@ -68,15 +70,28 @@ def _run_env(port: int, threads: int) -> dict[str, str]:
 
 
 def _launch(base: str, spec: RunSpec, port: int, threads: int) -> tuple[subprocess.Popen, float]:
-    if spec.run_dir.exists():  # an interrupted run: metrics.jsonl is appended to, so start it afresh
+    """Start one run. An interrupted run with a complete checkpoint of its own config continues from it
+    (`--resume`: the trainer drops metrics logged after that checkpoint); without one its directory is cleared."""
+    command = train_command(base, spec)
+    if _resumable(spec):
+        command.append("--resume")
+    elif spec.run_dir.exists():
         shutil.rmtree(spec.run_dir)
-    spec.run_dir.mkdir(parents=True)
-    with open(spec.run_dir / LOG, "w") as log:
-        log.write(" ".join(train_command(base, spec)) + "\n")
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(spec.run_dir / LOG, "a") as log:
+        log.write(" ".join(command) + "\n")
         log.flush()
-        proc = subprocess.Popen(train_command(base, spec), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 env=_run_env(port, threads), start_new_session=True)
     return proc, time.time()
+
+
+def _resumable(spec: RunSpec) -> bool:
+    from vapo_megatron.engine.checkpoint import latest_checkpoint
+
+    saved = spec.run_dir / "config.yaml"
+    return (latest_checkpoint(spec.run_dir) is not None and saved.is_file()
+            and saved.read_text() == dump_yaml(spec.cfg))
 
 
 def _free_port(taken: set[int]) -> int:

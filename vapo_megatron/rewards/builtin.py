@@ -1,4 +1,5 @@
-"""Built-in verifier rewards: ``math`` (math-verify) and ``synthetic`` (the embedded chain-arithmetic task).
+"""Built-in verifier rewards: ``math`` (math-verify), ``synthetic`` (the embedded chain-arithmetic task) and
+``bounded_walk`` (the credit-assignment miniature).
 
 Both are binary: ``correct_score`` (default 1.0) when the final answer matches, ``incorrect_score`` (default 0.0)
 otherwise, including when no answer can be extracted. The paper does not state its values; pass
@@ -10,7 +11,7 @@ import functools
 import threading
 from typing import Any
 
-from vapo_megatron.data import synthetic
+from vapo_megatron.data import bounded_walk, synthetic
 from vapo_megatron.rewards.registry import register_reward
 
 
@@ -59,3 +60,15 @@ def synthetic_reward(response: str, ground_truth: str, *, prompt: str = "", data
     :mod:`vapo_megatron.data.synthetic`), else ``incorrect_score``. In-process safe: one linear regex scan and an
     integer comparison."""
     return correct_score if synthetic.is_correct(response, ground_truth) else incorrect_score
+
+
+@register_reward("bounded_walk", in_process_safe=True)
+def bounded_walk_reward(response: str, ground_truth: str, *, prompt: str = "", data_source: str = "",
+                        extra: dict | None = None, correct_score: float = 1.0,
+                        incorrect_score: float = 0.0) -> dict:
+    """``correct_score`` iff the response is a valid walk of the problem ``ground_truth`` (see
+    :mod:`vapo_megatron.data.bounded_walk`), else ``incorrect_score``; ``first_error_span`` is the character
+    span of the first wrong line (None when right). In-process safe: one linear pass over the lines."""
+    ok, span = bounded_walk.score(response, ground_truth)
+    return {"score": correct_score if ok else incorrect_score,
+            "first_error_span": None if span is None else list(span)}

@@ -1,0 +1,186 @@
+"""The bounded-walk task: long step-by-step responses, a sparse verifier reward, and decisive local mistakes
+that are visible in the text (the miniature of the credit-assignment study, docs/credit_assignment.md).
+
+The paper's setting (docs/VAPO.md) has three properties that value-free methods handle badly: long responses,
+a binary reward only at the end, and single local mistakes that decide the outcome. The arithmetic-chain task
+(:mod:`vapo_megatron.data.synthetic`) has the last two, but a slip there ("c=12*2=25") can only be seen by
+redoing the arithmetic, which a critic of a few hundred thousand parameters does not learn (explained variance
+~0). Here a mistake leaves the text visibly broken, so a small critic can learn that the response is lost the
+moment it happens, and credit can be assigned token by token.
+
+Format (every character is one token of the char tokenizer)
+------------------------------------------------------------
+Prompt: the start value and one keyed number per step (keys ``a..z`` then ``A..Z``)::
+
+    0..9 from 4: a3 b1 c5 d2
+
+Rule: walk through the numbers in order, adding or subtracting each; the running total must stay within
+``0..9``. Response: one line per step, ``<key> <total><op><number>=<new total>``, then ``#### <final total>``::
+
+    a 4+3=7
+    b 7-1=6
+    c 6-5=1
+    d 1+2=3
+    #### 3
+
+Numbers are 1..5, so from every total in 0..9 at least one of the two moves stays in range: there are no dead
+ends and no lookahead. A step is *forced* when only one move stays in range (e.g. 7 and 3: ``7+3=10`` leaves
+the range) and *free* when both do (either is right). About 60% of the steps are forced.
+
+Reward (binary, at the end): ``correct_score`` iff every step line is present, repeats the previous total,
+uses its number, is arithmetically right and stays in range, and the final line repeats the last total. Any
+valid walk is right (there is no single reference answer); ``ground_truth`` is the problem itself.
+:func:`first_error_span` gives the character span of the first line that breaks the rule (the decisive
+mistake), which the trainer turns into the first-wrong-step credit metric.
+
+Imperfect demonstrations (for the warm start): valid walks, except that at each forced step the move that
+leaves the range is taken with probability ``slip_rate``; after such a slip the walk goes on (back into range
+where possible), so the response is long and wrong. A model imitating them slips at forced steps at about that
+rate, so its accuracy falls with the number of steps.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATA_SOURCE = "bounded_walk"
+KEYS = string.ascii_lowercase + string.ascii_uppercase
+LOW, HIGH, MAX_NUMBER = 0, 9, 5
+ANSWER_PREFIX = "####"
+_PROMPT_RE = re.compile(r"^0\.\.9 from (\d): ((?:[a-zA-Z][1-9] ?)+)$")
+_LINE_RE = re.compile(r"^([a-zA-Z]) (-?\d+)([+-])(\d+)=(-?\d+)$")
+_ANSWER_RE = re.compile(r"^#### (-?\d+)$")
+
+
+@dataclass(frozen=True)
+class WalkProblem:
+    start: int
+    numbers: tuple[int, ...]
+
+    def prompt(self) -> str:
+        items = " ".join(f"{KEYS[i]}{n}" for i, n in enumerate(self.numbers))
+        return f"0..9 from {self.start}: {items}"
+
+
+def parse_prompt(prompt: str) -> WalkProblem:
+    """Inverse of :meth:`WalkProblem.prompt`; ``ValueError`` quoting the prompt when it does not fit."""
+    m = _PROMPT_RE.match(prompt.strip())
+    if m is None:
+        raise ValueError(f"not a bounded-walk prompt (want '0..9 from S: a3 b1 ...'): {prompt!r}")
+    items = m.group(2).split()
+    for i, item in enumerate(items):
+        if item[0] != KEYS[i]:
+            raise ValueError(f"item {i} of {prompt!r} has key {item[0]!r}, want {KEYS[i]!r}")
+    return WalkProblem(start=int(m.group(1)), numbers=tuple(int(item[1:]) for item in items))
+
+
+def valid_moves(total: int, number: int) -> list[str]:
+    """The moves (``+``/``-``) that keep ``total`` within 0..9."""
+    return [op for op, new in (("+", total + number), ("-", total - number)) if LOW <= new <= HIGH]
+
+
+def sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> WalkProblem:
+    steps = rng.randint(min_steps, max_steps)
+    return WalkProblem(start=rng.randint(LOW, HIGH),
+                       numbers=tuple(rng.randint(1, MAX_NUMBER) for _ in range(steps)))
+
+
+def walk(problem: WalkProblem, rng: random.Random, slip_rate: float = 0.0) -> str:
+    """A response: a random valid move at each step, except that at a forced step the out-of-range move is
+    taken with probability ``slip_rate``; out of range, the walk takes a move back into range when there is one."""
+    total, lines = problem.start, []
+    for i, number in enumerate(problem.numbers):
+        valid = valid_moves(total, number)
+        if len(valid) == 1 and LOW <= total <= HIGH and rng.random() < slip_rate:
+            op = "-" if valid[0] == "+" else "+"
+        else:
+            op = rng.choice(valid) if valid else rng.choice("+-")
+        new = total + number if op == "+" else total - number
+        lines.append(f"{KEYS[i]} {total}{op}{number}={new}")
+        total = new
+    lines.append(f"{ANSWER_PREFIX} {total}")
+    return "\n".join(lines)
+
+
+def first_error_line(response: str, problem: WalkProblem) -> int | None:
+    """Index of the first response line that breaks the rule (a missing line counts at its index, text after
+    the answer line at the line after it), or None when the response is right."""
+    lines = response.strip("\n").split("\n")
+    total = problem.start
+    for i, number in enumerate(problem.numbers):
+        m = _LINE_RE.match(lines[i]) if i < len(lines) else None
+        if m is None:
+            return i
+        key, prev, op, num, new = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+        want = prev + num if op == "+" else prev - num
+        if key != KEYS[i] or prev != total or num != number or new != want or not LOW <= new <= HIGH:
+            return i
+        total = new
+    k = len(problem.numbers)
+    m = _ANSWER_RE.match(lines[k]) if k < len(lines) else None
+    if m is None or int(m.group(1)) != total:
+        return k
+    return None if len(lines) == k + 1 else k + 1
+
+
+def first_error_span(response: str, problem: WalkProblem) -> tuple[int, int] | None:
+    """``[start, end)`` character offsets of the first wrong line in ``response`` (the last character when that
+    line is missing), or None when the response is right."""
+    line = first_error_line(response, problem)
+    if line is None:
+        return None
+    start = 0
+    for i, text in enumerate(response.split("\n")):
+        if i == line:
+            return start, start + len(text) + 1
+        start += len(text) + 1
+    return max(0, len(response) - 1), len(response)   # a missing line: the end of the response
+
+
+def score(response: str, ground_truth: str) -> tuple[bool, tuple[int, int] | None]:
+    """``(correct, first_error_span)`` of a response to the problem ``ground_truth`` (its prompt)."""
+    span = first_error_span(response, parse_prompt(ground_truth))
+    return span is None, span
+
+
+def _rows(count: int, rng: random.Random, min_steps: int, max_steps: int, exclude: set[str],
+          slip_rate: float | None) -> list[dict[str, Any]]:
+    rows, seen = [], set(exclude)
+    while len(rows) < count:
+        problem = sample_problem(rng, min_steps, max_steps)
+        prompt = problem.prompt()
+        if prompt in seen:
+            continue
+        if slip_rate is None:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "ground_truth": prompt, "data_source": DATA_SOURCE,
+                         "extra_info": {"steps": len(problem.numbers)}})
+        else:
+            rows.append({"prompt": prompt, "response": walk(problem, rng, slip_rate)})
+    return rows
+
+
+def write_task(out_dir: str | Path, *, num_train: int = 4096, num_val: int = 128, num_demonstrations: int = 8192,
+               min_steps: int = 6, max_steps: int = 32, slip_rate: float = 0.1, seed: int = 0) -> dict[str, Path]:
+    """``train.jsonl`` and ``val.jsonl`` (distinct prompts, none shared) and ``sft.jsonl`` (imperfect
+    demonstrations, never on a validation prompt) under ``out_dir``."""
+    if not 1 <= min_steps <= max_steps <= len(KEYS):
+        raise ValueError(f"need 1 <= min_steps ({min_steps}) <= max_steps ({max_steps}) <= {len(KEYS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"bounded_walk/{seed}")
+    val = _rows(num_val, rng, min_steps, max_steps, set(), None)
+    val_prompts = {r["prompt"] for r in val}
+    train = _rows(num_train, rng, min_steps, max_steps, val_prompts, None)
+    sft = _rows(num_demonstrations, rng, min_steps, max_steps, val_prompts, slip_rate)
+    paths = {}
+    for name, rows in (("train", train), ("val", val), ("sft", sft)):
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
