@@ -202,6 +202,8 @@ class Trainer:
                 for k, v in step_metrics.items():
                     runs.setdefault(k, []).append(v)
         out = {k: (sum(v) if k.endswith("_skipped") else sum(v) / len(v)) for k, v in runs.items()}
+        out["critic_optimizer_steps"], out["actor_optimizer_steps"] = (len(runs.get(k, [])) for k in
+                                                                       ("value_loss", "policy_loss"))
         if keep is not None:
             out["filtered_frac"] = 1.0 - keep.float().mean().item()
         return out
