@@ -44,11 +44,11 @@ class RolloutConfig:
     n: int = 16
     """Responses sampled per prompt (paper: 16)."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature of training rollouts; must be 1.0 (old log-probs are the temperature-1 ones)."""
     top_p: float = 1.0
-    """Nucleus sampling mass; 1.0 disables it."""
+    """Nucleus sampling mass of training rollouts; must be 1.0 (old log-probs are of the full distribution)."""
     top_k: int | None = None
-    """Sample among the k most likely tokens; None disables it."""
+    """Top-k of training rollouts; must be None (old log-probs are of the full distribution)."""
     max_prompt_length: int = 2048
     """Longest prompt in tokens; longer prompts are dropped (DAPO: 2048)."""
     max_response_length: int = 20480
@@ -98,9 +98,9 @@ class AlgorithmConfig:
     value_clip: float | None = None
     """Clip range of new values around the old ones in the value loss; None disables it."""
     value_pretrain_steps: int = 50
-    """Critic-only steps on the initial policy's samples before PPO (paper: 50); ignored without critic."""
+    """Critic-only steps on the initial policy's samples before PPO, at most (paper: 50); ignored without critic."""
     value_pretrain_ev_threshold: float | None = None
-    """Stop value pretraining early once explained variance reaches this; None runs all steps."""
+    """Stop value pretraining once a step's ev_mc (values before its update, on its fresh rollouts) reaches this."""
     use_critic: bool = True
     """Train a critic; must be true for "gae" and false for "grpo"."""
     filter_uniform_groups: bool = False
@@ -124,7 +124,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables it (DAPO: 1.0)."""
     warmup_steps: int = 0
-    """Optimizer steps of linear warmup from 0 to lr."""
+    """Optimizer steps (not rollout steps: one per mini-batch and epoch) of linear warmup from 0 to lr."""
     adam_beta1: float = 0.9
     """Adam first-moment decay."""
     adam_beta2: float = 0.999
@@ -148,7 +148,9 @@ class TrainConfig:
     recompute_num_layers: int = 1
     """With recompute="full": layers per uniformly recomputed group (fewer stored inputs, more recompute)."""
     ppo_epochs: int = 1
-    """Passes over each rollout batch."""
+    """Actor passes over each rollout batch."""
+    critic_epochs: int | None = None
+    """Critic passes over each rollout batch (value pretraining too); None: ppo_epochs."""
     seed: int = 0
     """Seed of data order, sampling and initialisation."""
     max_nonfinite_in_row: int = 3
@@ -358,7 +360,8 @@ _BOUNDS: tuple[tuple[tuple[str, ...], str, Callable[[Any], bool]], ...] = (
     (("rollout.num_prompts", "rollout.n", "rollout.top_k", "rollout.max_prompt_length", "rollout.max_response_length",
       "rollout.vllm_tensor_parallel", "rollout.bucket_bytes", "rollout.cpu_kv_cache_bytes", "train.steps",
       "train.mini_batch_size", "train.micro_batch_size", "train.recompute_num_layers", "train.ppo_epochs",
-      "train.max_nonfinite_in_row", "reward.num_workers", "eval.n", "eval.max_prompts", "checkpoint.keep_last"),
+      "train.critic_epochs", "train.max_nonfinite_in_row", "reward.num_workers", "eval.n", "eval.max_prompts",
+      "checkpoint.keep_last"),
      ">= 1", lambda v: v >= 1),
     (("rollout.temperature", "train.seed", "train.micro_batch_tokens", "algorithm.positive_lm_coef",
       "algorithm.entropy_coef", "algorithm.value_pretrain_steps", "algorithm.overlong_buffer",
@@ -443,6 +446,11 @@ def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:
     if ":" not in name and name not in available_rewards():
         p.append(f"reward.name={name!r} is neither a registered reward ({', '.join(available_rewards())}) nor "
                  "'path/to/file.py:fn' / 'package.module:fn'." + _did_you_mean(name, available_rewards()))
+    if r.temperature != 1.0 or r.top_p != 1.0 or r.top_k is not None:
+        p.append(f"rollout.temperature={r.temperature}, top_p={r.top_p}, top_k={r.top_k}: training rollouts must "
+                 "sample the full temperature-1 distribution (temperature 1.0, top_p 1.0, top_k null), because "
+                 "the PPO ratio's old log-probs are the trainer's temperature-1 full-vocabulary log-probs; any "
+                 "other sampler makes every update silently off-policy (eval.* may differ)")
     if cfg.eval.every > 0 and not cfg.data.val_files:
         p.append(f"eval.every={cfg.eval.every} needs data.val_files (empty); set eval.every=0 to skip evaluation")
     return p + [f"{key} is required" for key, value in (("model.hf_dir", cfg.model.hf_dir), ("data.train_files",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PANELS = (("accuracy", "val_accuracy"), ("reward_mean",), ("value_loss",), ("explained_variance",),
+PANELS = (("accuracy", "val_accuracy"), ("reward_mean",), ("value_loss",), ("ev_mc", "explained_variance"),
           ("response_length_mean",), ("entropy",))
 
 

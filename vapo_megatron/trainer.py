@@ -3,8 +3,14 @@
 Departures from the paper, each also noted where it happens:
 - the critic starts from the policy's trunk with a fresh value head (or a HF `score` head when the critic
   checkpoint has one), not from a reward model;
-- log-probs for the PPO ratio are those of the temperature-1 distribution (vLLM's raw log-probs), which is the
-  paper's setting (training rollouts at temperature 1.0);
+- old log-probs for the PPO ratio are the trainer's (Megatron's) log-probs of the sampled tokens under the
+  temperature-1 full distribution, computed before the update; vLLM's own log-probs are only compared with them
+  (`rollout_logprob_diff`). Config validation therefore refuses training rollouts at temperature != 1, top_p < 1
+  or with top_k, which would make every update silently off-policy;
+- value pretraining stops at `value_pretrain_steps` or earlier once ev_mc reaches `value_pretrain_ev_threshold`
+  (the paper: "until value loss and explained variance stop improving"); PPO then runs `train.steps` steps;
+- `train.critic_epochs` critic passes per rollout batch, independent of the actor's `ppo_epochs` (the paper's
+  critic learns faster through its larger lr only);
 - no KL penalty (the paper states none).
 """
 from __future__ import annotations
@@ -31,7 +37,9 @@ from vapo_megatron.trainer_parts import (
     batch_metrics,
     build_engines,
     minibatch_counts,
+    minibatch_order,
     score_rollout,
+    value_pretrain_stop,
 )
 
 
@@ -51,28 +59,30 @@ class Trainer:
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, last = self.cfg, {}
-        pretrain = cfg.algorithm.value_pretrain_steps if cfg.algorithm.use_critic else 0
-        end, start = pretrain + cfg.train.steps, 0
+        cfg, last, step = self.cfg, {}, 0
+        pretrain = cfg.algorithm.value_pretrain_steps if cfg.algorithm.use_critic else 0  # a cap until it stops
         if self.resume:
-            start, pretrain = self._restore()
+            step, pretrain = self._restore()
         elif cfg.eval.every:
             self._emit(0, "init", {"val_accuracy": self.validate()})
-        for step in range(start + 1, end + 1):
+        while step < pretrain + cfg.train.steps:                              # the end moves if pretraining stops
+            step += 1
             phase = "value_pretrain" if step <= pretrain else "ppo"
             t = {"t_start": time.perf_counter()}
             batch = self.rollout(self.loader.next_batch(), t)                 # grouped responses + rewards
             self.old_logprobs_and_values(batch, t)                            # engine forwards
             self.advantages(batch)                                            # decoupled, length-adaptive GAE
-            metrics = self.update(batch, phase, t)                            # mini-batch PPO / value updates
+            metrics = {**batch_metrics(batch), **self.update(batch, phase, step, t)}  # critic and actor updates
             if phase == "ppo":
                 self.sync_weights(t)                                          # Megatron -> vLLM
             if cfg.eval.every and phase == "ppo" and (step - pretrain) % cfg.eval.every == 0:
                 metrics["val_accuracy"] = self.validate()
-            last = self._emit(step, phase, {**batch_metrics(batch), **metrics, **self._timings(t)})
-            if phase == "value_pretrain" and self._value_pretrain_done(metrics):
-                pretrain = step                                               # EV threshold reached: PPO now
-            if step == end or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
+                self.show_credit(batch, step)                                 # credit/step_XXXX.png, .html
+            if phase == "value_pretrain":
+                pretrain = self._value_pretrain_end(step, pretrain, metrics)  # EV threshold or step cap
+            last = self._emit(step, phase, {**metrics, **self._timings(t)})
+            every = cfg.checkpoint.save_every
+            if step == pretrain + cfg.train.steps or (every and step % every == 0):
                 self.save(step, pretrain)
         if cfg.checkpoint.export_hf_at_end:
             self.export_hf()
@@ -166,43 +176,56 @@ class Trainer:
         advantages = whiten_advantages(gae.advantages, mask) if alg.whiten_advantages else gae.advantages
         batch["advantages"], batch["returns"], batch["lam_policy"] = advantages, gae.returns, gae.lam_policy
 
-    def update(self, batch: dict, phase: str, t: dict) -> dict:
-        """Mini-batch critic and actor updates; metrics are means over the mini-batches (skips: sums)."""
-        from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn
+    def update(self, batch: dict, phase: str, step: int, t: dict) -> dict:
+        """Mini-batch critic and actor updates; metrics are means over the mini-batches (skips: sums).
 
+        Epoch e visits the mini-batches in a fresh order; on each, the critic steps first (while e <
+        critic_epochs), then the actor (while e < ppo_epochs, PPO phase). The order does not change the maths:
+        advantages and critic targets were fixed from the old values before any update, so extra critic passes
+        only make the critic fit this batch's Monte-Carlo targets more closely for the next step."""
         cfg, n = self.cfg, len(batch["input_ids"])
         keep = self._actor_rows(batch)
+        critic_passes = (cfg.train.critic_epochs or cfg.train.ppo_epochs) if self.critic is not None else 0
+        actor_passes = cfg.train.ppo_epochs if phase == "ppo" else 0
         runs: dict[str, list[float]] = {}
         t["t_actor_update"] = t["t_critic_update"] = 0.0
-        for epoch in range(cfg.train.ppo_epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed + epoch + n))
+        for epoch in range(max(critic_passes, actor_passes)):
+            order = minibatch_order(n, cfg.train.seed, step, epoch)
             for start in range(0, n, cfg.train.mini_batch_size):
                 idx = order[start:start + cfg.train.mini_batch_size]
                 mb = _rows(batch, idx, n)
-                step_metrics: dict[str, float] = {}
-                if self.critic is not None:
-                    t0 = time.perf_counter()
-                    m = self.critic.train_step(mb, critic_loss_fn(cfg.algorithm, minibatch_counts(mb)))
-                    t["t_critic_update"] += time.perf_counter() - t0
-                    step_metrics.update(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"],
-                                        critic_skipped=m["skipped"], padding_waste_critic=m["padding_waste"])
+                step_metrics = self._critic_step(mb, t) if epoch < critic_passes else {}
                 amb = mb if keep is None else _rows(mb, keep[idx].nonzero().squeeze(1), len(idx))
-                if phase == "ppo" and len(amb["input_ids"]):
-                    t0 = time.perf_counter()
-                    m = self.actor.train_step(amb, actor_loss_fn(cfg.algorithm, minibatch_counts(amb),
-                                                                 self.arch.vocab_size))
-                    t["t_actor_update"] += time.perf_counter() - t0
-                    step_metrics.update({k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high",
-                                                           "approx_kl", "entropy") if k in m})
-                    step_metrics.update(nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"],
-                                        actor_skipped=m["skipped"], padding_waste_actor=m["padding_waste"])
+                if epoch < actor_passes and len(amb["input_ids"]):
+                    step_metrics.update(self._actor_step(amb, t))
                 self._guard(step_metrics)
                 for k, v in step_metrics.items():
                     runs.setdefault(k, []).append(v)
         out = {k: (sum(v) if k.endswith("_skipped") else sum(v) / len(v)) for k, v in runs.items()}
+        out["critic_optimizer_steps"], out["actor_optimizer_steps"] = (len(runs.get(k, [])) for k in
+                                                                       ("value_loss", "policy_loss"))
         if keep is not None:
             out["filtered_frac"] = 1.0 - keep.float().mean().item()
         return out
+
+    def _critic_step(self, mb: dict, t: dict) -> dict[str, float]:
+        from vapo_megatron.engine.objectives import critic_loss_fn
+
+        t0 = time.perf_counter()
+        m = self.critic.train_step(mb, critic_loss_fn(self.cfg.algorithm, minibatch_counts(mb)))
+        t["t_critic_update"] += time.perf_counter() - t0
+        return dict(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"], critic_skipped=m["skipped"],
+                    padding_waste_critic=m["padding_waste"])
+
+    def _actor_step(self, amb: dict, t: dict) -> dict[str, float]:
+        from vapo_megatron.engine.objectives import actor_loss_fn
+
+        t0 = time.perf_counter()
+        m = self.actor.train_step(amb, actor_loss_fn(self.cfg.algorithm, minibatch_counts(amb), self.arch.vocab_size))
+        t["t_actor_update"] += time.perf_counter() - t0
+        out = {k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl", "entropy") if k in m}
+        return dict(out, nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"], actor_skipped=m["skipped"],
+                    padding_waste_actor=m["padding_waste"])
 
     def _actor_rows(self, batch: dict) -> torch.Tensor | None:
         """DAPO's dynamic-sampling filter (algorithm.filter_uniform_groups): responses of groups whose rewards are
@@ -235,9 +258,26 @@ class Trainer:
                                      f"gradient norm (limit train.max_nonfinite_in_row="
                                      f"{self.cfg.train.max_nonfinite_in_row}); stopping")
 
-    def _value_pretrain_done(self, metrics: dict) -> bool:
-        threshold = self.cfg.algorithm.value_pretrain_ev_threshold
-        return threshold is not None and metrics.get("explained_variance", float("-inf")) >= threshold
+    def _value_pretrain_end(self, step: int, pretrain: int, metrics: dict) -> int:
+        """The last value-pretraining step: ``step`` when pretraining stops here (the reason goes into
+        ``metrics["value_pretrain_stop"]`` and the log), else ``pretrain`` unchanged."""
+        reason = value_pretrain_stop(step, pretrain, metrics.get("ev_mc"),
+                                     self.cfg.algorithm.value_pretrain_ev_threshold)
+        if reason is None:
+            return pretrain
+        metrics["value_pretrain_stop"] = reason
+        if self.log:
+            print(f"value pretraining stops after step {step} ({reason}: ev_mc {metrics.get('ev_mc', math.nan):.4f}, "
+                  f"threshold {self.cfg.algorithm.value_pretrain_ev_threshold}, cap {pretrain}); "
+                  f"{self.cfg.train.steps} PPO steps follow", flush=True)
+        return step
+
+    def show_credit(self, batch: dict, step: int) -> None:
+        """The credit picture of a few responses of this step's batch (rank 0; needs advantages)."""
+        from vapo_megatron.credit import write_credit_report
+
+        if self.log:
+            write_credit_report(self.cfg.checkpoint.run_dir, step, batch, self.tokenizer)
 
     @staticmethod
     def _timings(t: dict) -> dict:

@@ -17,9 +17,11 @@ from vapo_megatron.algorithms import (
     count_seqs,
     count_tokens,
     explained_variance,
+    explained_variance_mc,
     masked_mean,
 )
-from vapo_megatron.config import VapoConfig, dump_yaml, save_config
+from vapo_megatron.config import OptimConfig, VapoConfig, dump_yaml, save_config
+from vapo_megatron.credit import credit_metrics
 from vapo_megatron.data.rl_batch import build_rl_batch
 
 
@@ -53,6 +55,16 @@ def _critic_hf_get(cfg: VapoConfig, arch) -> Callable[[str], torch.Tensor]:
     return get
 
 
+def engine_kwargs(cfg: VapoConfig, optim: OptimConfig) -> dict[str, Any]:
+    """ModelEngine's optimizer and batching arguments for one role (every OptimConfig field is used)."""
+    return dict(lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
+                adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, warmup_steps=optim.warmup_steps,
+                use_distributed_optimizer=optim.use_distributed_optimizer,
+                params_dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
+                micro_batch_size=cfg.train.micro_batch_size, micro_batch_tokens=cfg.train.micro_batch_tokens,
+                recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers)
+
+
 def build_engines(cfg: VapoConfig) -> Parts:
     from transformers import AutoTokenizer
 
@@ -71,17 +83,11 @@ def build_engines(cfg: VapoConfig) -> Parts:
                            cpu_kv_cache_bytes=r.cpu_kv_cache_bytes)
     torch.manual_seed(seed)
     arch = load_arch(cfg.model.hf_dir)
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     layouts = RoleLayouts(cfg.policy_parallel, cfg.critic_parallel, seed=1234 + seed)
 
     def make(role, parallel, hf_get, optim):
         # weights stream into each rank's own shard, one parameter at a time: no rank holds the whole model
-        return ModelEngine(role, arch, parallel, layouts, hf_get=hf_get, lr=optim.lr,
-                           weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
-                           warmup_steps=optim.warmup_steps, micro_batch_size=cfg.train.micro_batch_size,
-                           params_dtype=dtype, use_distributed_optimizer=optim.use_distributed_optimizer,
-                           recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers,
-                           micro_batch_tokens=cfg.train.micro_batch_tokens)
+        return ModelEngine(role, arch, parallel, layouts, hf_get=hf_get, **engine_kwargs(cfg, optim))
 
     actor = make("policy", cfg.policy_parallel, HFCheckpointReader(cfg.model.hf_dir).get, cfg.actor_optim)
     critic = make("critic", cfg.critic_parallel, _critic_hf_get(cfg, arch), cfg.critic_optim) \
@@ -99,8 +105,10 @@ def build_engines(cfg: VapoConfig) -> Parts:
     return Parts(engine, actor, critic, arch, tokenizer, loader, val_set, rewards, layouts)
 
 
-def _score(trainer, prompts, out) -> tuple[torch.Tensor, dict]:
-    """Rewards on rank 0 (its reward workers), broadcast to every rank."""
+def _score(trainer, prompts, out) -> tuple[torch.Tensor, dict, list]:
+    """Rewards on rank 0 (its reward workers), broadcast to every rank, with each response's first-wrong-step
+    token span (None where the reward gives none)."""
+    from vapo_megatron.credit import error_token_spans
     from vapo_megatron.rewards import RewardItem
 
     payload = [None]
@@ -110,10 +118,11 @@ def _score(trainer, prompts, out) -> tuple[torch.Tensor, dict]:
                             prompt=prompts[int(p)].text, data_source=prompts[int(p)].record.data_source)
                  for txt, p in zip(texts, out.prompt_index)]
         res = trainer.rewards.score(items)
-        payload = [(res.scores, res.stats.num_errors, res.stats.num_timeouts)]
+        spans = error_token_spans(trainer.tokenizer, out.response_ids, texts, res.extras)
+        payload = [(res.scores, res.stats.num_errors, res.stats.num_timeouts, spans)]
     dist.broadcast_object_list(payload, src=0)
-    scores, errors, timeouts = payload[0]
-    return torch.tensor(scores, dtype=torch.float32), {"reward_errors": errors, "reward_timeouts": timeouts}
+    scores, errors, timeouts, spans = payload[0]
+    return torch.tensor(scores, dtype=torch.float32), {"reward_errors": errors, "reward_timeouts": timeouts}, spans
 
 
 def score_rollout(trainer, prompts, params, t: dict) -> dict:
@@ -126,7 +135,7 @@ def score_rollout(trainer, prompts, params, t: dict) -> dict:
     out = generate_distributed(trainer.rollout_engine, ids, params)
     t["t_generation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores, reward_stats = _score(trainer, prompts, out)
+    scores, reward_stats, error_spans = _score(trainer, prompts, out)
     t["t_reward"] = time.perf_counter() - t0
     batch = build_rl_batch(ids, out.prompt_index, out.response_ids, out.rollout_logprobs,
                            pad_to_multiple=trainer.pad_multiple)
@@ -139,6 +148,7 @@ def score_rollout(trainer, prompts, params, t: dict) -> dict:
             dtype=torch.float32)
     batch["scores"] = scores
     batch["reward_stats"] = reward_stats
+    batch["first_error_tokens"] = error_spans  # a list, not a tensor: never sent to the engines
     return batch
 
 
@@ -159,9 +169,28 @@ def batch_metrics(batch: dict) -> dict[str, float]:
                                               mask).item(),
            "lam_policy_mean": batch["lam_policy"].float().mean().item(), **batch["reward_stats"]}
     if "old_values" in batch:
+        # against the variant's own critic targets (bootstrapped when lam_critic < 1): not comparable across variants
         out["explained_variance"] = explained_variance(batch["returns"], batch["old_values"], mask).item()
+        # against the Monte-Carlo return (final reward, gamma 1): the same target for every variant
+        out["ev_mc"] = explained_variance_mc(batch["old_values"], batch["scores"], mask).item()
         out["value_mean"] = masked_mean(batch["old_values"], mask).item()
-    return out
+    return {**out, **credit_metrics(batch)}
+
+
+def minibatch_order(n: int, seed: int, step: int, epoch: int) -> torch.Tensor:
+    """The mini-batch permutation of one epoch of one step: different at every step and epoch, and a function of
+    (seed, step, epoch) alone, so a resumed run draws the same one."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def value_pretrain_stop(step: int, cap: int, ev_mc: float | None, threshold: float | None) -> str | None:
+    """Why value pretraining ends after this step, or None to go on: "ev_threshold" once the step's ev_mc
+    (values before the step's update, on its fresh rollouts of the initial policy: a held-out measure) reaches
+    ``threshold``; "step_cap" at ``cap`` steps (algorithm.value_pretrain_steps). NaN ev_mc never stops it."""
+    if threshold is not None and ev_mc is not None and ev_mc >= threshold:
+        return "ev_threshold"
+    return "step_cap" if step >= cap else None
 
 
 def validation_accuracy(trainer) -> float:
@@ -173,7 +202,7 @@ def validation_accuracy(trainer) -> float:
     params = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
                             max_tokens=trainer.cfg.rollout.max_response_length, seed=trainer.cfg.train.seed + 99991)
     out = generate_distributed(trainer.rollout_engine, [p.input_ids for p in prompts], params)
-    scores, _ = _score(trainer, prompts, out)
+    scores, _, _ = _score(trainer, prompts, out)
     return (scores >= trainer.cfg.algorithm.reward_correct).float().mean().item()
 
 
@@ -181,7 +210,7 @@ class MetricsLogger:
     """metrics.jsonl (one JSON object per step), TensorBoard, optional wandb, a progress bar, and a PNG of the
     curves at the end. Rank 0 only."""
 
-    KEYS = ("reward_mean", "accuracy", "val_accuracy", "value_loss", "explained_variance", "response_length_mean")
+    KEYS = ("reward_mean", "accuracy", "val_accuracy", "value_loss", "ev_mc", "response_length_mean")
 
     def __init__(self, cfg: VapoConfig):
         self.dir = Path(cfg.checkpoint.run_dir)

@@ -88,11 +88,12 @@ def test_bad_placeholder_names_the_problem(tmp_path, expr, message):
 
 def _fake_run(spec, init: float, vals: list[float], wall: float) -> None:
     """metrics.jsonl of a run with 2 value-pretraining steps and evaluations at PPO steps 2, 4, 6."""
-    rows = [{"step": 0, "phase": "init", "val_accuracy": init}, {"step": 1, "phase": "value_pretrain"},
-            {"step": 2, "phase": "value_pretrain"}]
+    rows = [{"step": 0, "phase": "init", "val_accuracy": init},
+            {"step": 1, "phase": "value_pretrain", "ev_mc": 0.1, "explained_variance": 0.9},
+            {"step": 2, "phase": "value_pretrain", "ev_mc": init, "explained_variance": 0.9}]
     for ppo in range(1, 7):
-        rows.append({"step": 2 + ppo, "phase": "ppo", **({"val_accuracy": vals[ppo // 2 - 1]} if ppo % 2 == 0
-                                                       else {})})
+        rows.append({"step": 2 + ppo, "phase": "ppo", "ev_mc": 0.01 * ppo if ppo > 1 else float("nan"),
+                     "explained_variance": 0.9, **({"val_accuracy": vals[ppo // 2 - 1]} if ppo % 2 == 0 else {})})
     spec.run_dir.mkdir(parents=True)
     (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (spec.run_dir / DONE).write_text(json.dumps({"wall_s": wall, "config_hash": config_hash(spec)}))
@@ -119,6 +120,9 @@ def test_report_numbers_match_a_hand_computation(tmp_path):
     assert row["steps"] == f"3.0 ± {statistics.stdev([4, 2]):.1f} (1 not reached)"
     assert row["initial"] == f"{statistics.fmean([0.1, 0.1, 0.2]):.3f} ± {statistics.stdev([0.1, 0.1, 0.2]):.3f}"
     assert row["wall"] == "2.0 ± 1.0" and row["runs"] == "3/3" and row["per_seed"] == "0: 0.250, 1: 0.400, 2: 0.280"
+    # ev_mc, not the variant's own-target explained_variance: last pretraining row / mean of the last 5 PPO rows
+    assert row["ev_mc"] == f"{statistics.fmean([0.1, 0.1, 0.2]):.3f} ± {statistics.stdev([0.1, 0.1, 0.2]):.3f}" \
+        " / 0.040 ± 0.000"
     assert summary_row(results["vapo"], 0.26, 0.1)["steps"] == f"5.3 ± {statistics.stdev([4, 6, 6]):.1f}"  # absolute
     ppo = summary_row(results["ppo"], None, 0.1)
     assert ppo["runs"] == "1/3" and ppo["final"] == "0.100" and ppo["steps"] == "— (1 not reached)"

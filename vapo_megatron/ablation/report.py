@@ -7,6 +7,7 @@ overrides, budget) so that ``--report-only`` rebuilds the same report later from
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -20,6 +21,8 @@ from vapo_megatron.ablation.grid import RunSpec, budget
 from vapo_megatron.ablation.runner import DONE, LOG
 
 MANIFEST = "manifest.json"
+EV_MC_LAST = 5
+"""PPO steps averaged into a run's final ev_mc."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,10 @@ class RunResult:
     """(PPO step, validation accuracy) of every PPO evaluation, in order; value pretraining steps not counted."""
     wall_s: float | None
     """Wall time of the whole run (process start to exit), from DONE."""
+    ev_mc_pretrain: float | None = None
+    """The critic's ev_mc (explained variance against the Monte-Carlo return) at the last value-pretraining step."""
+    ev_mc_final: float | None = None
+    """Mean ev_mc over the last EV_MC_LAST PPO steps that have a finite one."""
 
     @property
     def final(self) -> float | None:
@@ -53,7 +60,18 @@ def read_run(run_dir: Path) -> RunResult | None:
     initial = next((r["val_accuracy"] for r in rows if r["phase"] == "init" and "val_accuracy" in r), None)
     curve = tuple((r["step"] - pretrain, r["val_accuracy"]) for r in rows
                   if r["phase"] == "ppo" and "val_accuracy" in r)
-    return RunResult(initial, curve, json.loads((run_dir / DONE).read_text()).get("wall_s"))
+    return RunResult(initial, curve, json.loads((run_dir / DONE).read_text()).get("wall_s"), *_ev_mc(rows))
+
+
+def _ev_mc(rows: list[dict]) -> tuple[float | None, float | None]:
+    """ev_mc at the end of value pretraining and over the last PPO steps; None where the rows have none. Only
+    ev_mc is used: `explained_variance` is against each variant's own critic targets, not comparable."""
+    def finite(r: dict) -> bool:
+        return isinstance(r.get("ev_mc"), (int, float)) and math.isfinite(r["ev_mc"])
+
+    pretrain = [r["ev_mc"] for r in rows if r["phase"] == "value_pretrain" and finite(r)]
+    ppo = [r["ev_mc"] for r in rows if r["phase"] == "ppo" and finite(r)][-EV_MC_LAST:]
+    return (pretrain[-1] if pretrain else None), (statistics.fmean(ppo) if ppo else None)
 
 
 def write_manifest(out: Path, base: str, specs: Sequence[RunSpec], command: str) -> dict[str, Any]:
@@ -124,6 +142,8 @@ def summary_row(runs: dict[int, RunResult | None], absolute: float | None, delta
         "steps": (fmt(reached, 1) if reached else "—") + (f" ({not_reached} not reached)" if not_reached else ""),
         "initial": fmt([r.initial for r in done.values() if r.initial is not None]),
         "wall": fmt(walls, 1),
+        "ev_mc": fmt([r.ev_mc_pretrain for r in done.values() if r.ev_mc_pretrain is not None]) + " / "
+        + fmt([r.ev_mc_final for r in done.values() if r.ev_mc_final is not None]),
     }
 
 
@@ -152,16 +172,19 @@ def render_markdown(manifest: dict[str, Any], results: dict[str, dict[int, RunRe
         "'value pretrain'). PPO step 0 is the evaluation before any update.", "",
         f"Steps to threshold: first PPO step with {_threshold_text(absolute, delta)}; mean over the seeds that "
         "reached it. Spreads are the sample standard deviation over seeds (n - 1).", "",
+        f"Critic ev_mc: explained variance of the critic's values against the Monte-Carlo return (the final reward "
+        f"on every token), the same target for every variant, at the last value-pretraining step / averaged over "
+        f"the last {EV_MC_LAST} PPO steps ('—': not logged or undefined).", "",
         "## Results", "",
         "| variant | paper Table 1 | final val acc | per seed | best val acc | steps to threshold | initial val "
-        "acc | wall min/run | runs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "acc | wall min/run | runs | critic ev_mc (pretrain end / final) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in manifest["variants"]:
         row = summary_row(results[v["name"]], absolute, delta)
         paper = "—" if v["paper"] is None else f"{v['paper']:g}"
         lines.append(f"| {v['name']} | {paper} | {row['final']} | {row['per_seed']} | {row['best']} | "
-                     f"{row['steps']} | {row['initial']} | {row['wall']} | {row['runs']} |")
+                     f"{row['steps']} | {row['initial']} | {row['wall']} | {row['runs']} | {row['ev_mc']} |")
     lines += ["", f"![validation accuracy vs PPO step]({png_name})", "", "## Variants", "",
               "| variant | value pretrain steps | overrides on top of the base (as run) | note |", "|---|---|---|---|"]
     for v in manifest["variants"]:

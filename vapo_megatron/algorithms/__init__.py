@@ -32,11 +32,14 @@ from vapo_megatron.algorithms.metrics import (
     count_tokens,
     explained_variance,
     explained_variance_from_stats,
+    explained_variance_mc,
     explained_variance_stats,
+    first_error_credit,
     masked_max,
     masked_mean,
     masked_min,
     masked_sum,
+    monte_carlo_returns,
 )
 
 __all__ = [
@@ -50,7 +53,9 @@ __all__ = [
     "entropy_loss",
     "explained_variance",
     "explained_variance_from_stats",
+    "explained_variance_mc",
     "explained_variance_stats",
+    "first_error_credit",
     "gae",
     "gae_deltas",
     "get_loss_agg",
@@ -61,6 +66,7 @@ __all__ = [
     "masked_mean",
     "masked_min",
     "masked_sum",
+    "monte_carlo_returns",
     "policy_loss",
     "positive_lm_loss",
     "register_loss_agg",

@@ -18,11 +18,14 @@ __all__ = [
     "count_tokens",
     "explained_variance",
     "explained_variance_from_stats",
+    "explained_variance_mc",
     "explained_variance_stats",
+    "first_error_credit",
     "masked_max",
     "masked_mean",
     "masked_min",
     "masked_sum",
+    "monte_carlo_returns",
 ]
 
 # Var(G) at or below this fraction of E[G^2] is float64 cancellation noise: treated as zero variance.
@@ -127,3 +130,53 @@ def explained_variance_from_stats(stats: Tensor) -> Tensor:
 def explained_variance(returns: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     """Local explained variance of ``values`` against ``returns`` (one process, one batch)."""
     return explained_variance_from_stats(explained_variance_stats(returns, values, mask))
+
+
+def monte_carlo_returns(scores: Tensor, mask: Tensor) -> Tensor:
+    """The undiscounted Monte-Carlo return of every response token: the final reward ``scores [B]`` broadcast over
+    the valid tokens of ``mask [B, T]`` (gamma = 1; 0 on padding)."""
+    return torch.where(mask.bool(), scores.to(torch.float64)[:, None], torch.zeros((), dtype=torch.float64))
+
+
+def explained_variance_mc(values: Tensor, scores: Tensor, mask: Tensor) -> Tensor:
+    """Explained variance of ``values [B, T]`` against the Monte-Carlo return (:func:`monte_carlo_returns`).
+
+    Unlike :func:`explained_variance` against a variant's own GAE targets (bootstrapped on its own critic when
+    lam_critic < 1), this target is the same for every variant, so critics of PPO and VAPO can be compared. NaN
+    when every return is equal (all responses scored the same): undefined, never a huge negative number.
+    """
+    return explained_variance(monte_carlo_returns(scores, mask), values, mask)
+
+
+def first_error_credit(advantages: Tensor, mask: Tensor, error_mask: Tensor) -> dict[str, Tensor]:
+    """How much blame the tokens of a response's first wrong step get, against the rest of that response.
+
+    Args:
+        advantages: ``[B, T]`` per-token advantages.
+        mask: ``[B, T]`` valid response tokens.
+        error_mask: ``[B, T]`` tokens of the first wrong step (within ``mask``); rows with none are ignored.
+
+    Returns 0-dim float64 tensors (NaN where undefined):
+        ``first``: mean advantage over all first-wrong-step tokens (pooled over rows);
+        ``rest``: mean advantage over the other valid tokens of those rows (pooled);
+        ``ratio``: ``first / rest``, defined only when ``rest < 0`` (both blamed; > 1 means the first wrong step
+        is blamed more); ``gap``: mean over rows having both kinds of token of
+        ``mean_first(row) - mean_rest(row)``, exactly 0 for sequence-level advantages (GRPO/DAPO), negative when
+        the first wrong step is blamed more; ``rows``: number of rows with a first wrong step.
+    """
+    a = advantages.detach().to(torch.float64)
+    m = mask.bool()
+    err = error_mask.bool() & m
+    rows = err.any(dim=-1)
+    rest = m & ~err & rows[:, None]
+    nan = torch.full((), math.nan, dtype=torch.float64)
+    n_first, n_rest = err.sum(), rest.sum()
+    first_mean = masked_sum(a, err) / n_first if n_first > 0 else nan
+    rest_mean = masked_sum(a, rest) / n_rest if n_rest > 0 else nan
+    ratio = first_mean / rest_mean if n_rest > 0 and rest_mean < 0 else nan
+    per_first = masked_sum(a, err, dim=-1) / err.sum(dim=-1).clamp(min=1)
+    per_rest = masked_sum(a, rest, dim=-1) / rest.sum(dim=-1).clamp(min=1)
+    both = rows & rest.any(dim=-1)
+    gap = (per_first - per_rest)[both].mean() if both.any() else nan
+    return {"first": first_mean, "rest": rest_mean, "ratio": ratio, "gap": gap,
+            "rows": rows.sum().to(torch.float64)}

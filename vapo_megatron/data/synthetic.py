@@ -64,6 +64,8 @@ MISTAKE_DELTAS = (-10, -2, -1, 1, 2, 10)
 _ANSWER_RE = re.compile(r"####[ \t]*(-?\d+)")
 _STEP_RE = re.compile(r"^([a-z])=([a-z])([+\-*])(\d+)$")
 _START_RE = re.compile(r"^a=(\d+)$")
+# A whole chain prompt inside a longer text (e.g. a chat template around the user message).
+_PROMPT_IN_TEXT_RE = re.compile(r"a=\d+(?:; [a-z]=[a-z][+\-*]\d+)+; [a-z]=\?")
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,33 @@ def parse_prompt(prompt: str) -> ChainProblem:
     if parts[-1] != f"{VARIABLES[len(steps)]}=?":
         raise ValueError(f"the question of {prompt!r} should be '{VARIABLES[len(steps)]}=?', got {parts[-1]!r}")
     return ChainProblem(start=int(start.group(1)), steps=tuple(steps))
+
+
+def find_problem(text: str) -> ChainProblem | None:
+    """The chain problem whose prompt appears in ``text`` (e.g. a chat-templated prompt); None if none does."""
+    match = _PROMPT_IN_TEXT_RE.search(text)
+    if match is None:
+        return None
+    try:
+        return parse_prompt(match.group(0))
+    except ValueError:
+        return None
+
+
+def first_wrong_step_span(problem: ChainProblem, response: str) -> tuple[int, int] | None:
+    """``[char_start, char_end)`` of the first line of ``response`` that differs from the correct solution
+    (:func:`format_solution`): the first step line with a wrong result (or a wrong copied value, operator or
+    variable), else a wrong final-answer line. None when every line present is right (e.g. a response cut short
+    before its mistake, or a correct one)."""
+    lines, expected, start = response.split("\n"), format_solution(problem).split("\n"), 0
+    for i, (got, want) in enumerate(zip(lines, expected)):
+        if got != want:
+            if i == len(lines) - 1 and want.startswith(got):
+                return None  # cut short, not wrong
+            end = start + max(len(got), 1)  # an empty line: its newline
+            return (start, end) if end <= len(response) else None
+        start += len(got) + 1
+    return None
 
 
 def format_solution(problem: ChainProblem, values: Sequence[int] | None = None) -> str:

@@ -28,7 +28,8 @@ MicroLoss = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.T
 class ModelEngine:
     def __init__(self, role: str, arch: ModelArch, parallel: ParallelConfig, layouts: RoleLayouts, *,
                  hf_get: HFGetter, lr: float, weight_decay: float = 0.0,
-                 clip_grad: float = 1.0, warmup_steps: int = 0, micro_batch_size: int = 8,
+                 clip_grad: float = 1.0, adam_beta1: float = 0.9, adam_beta2: float = 0.999,
+                 warmup_steps: int = 0, micro_batch_size: int = 8,
                  params_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False,
                  recompute: str = "none", recompute_num_layers: int = 1, micro_batch_tokens: int = 0):
         self.role, self.arch, self.parallel, self.layouts = role, arch, parallel, layouts
@@ -40,6 +41,7 @@ class ModelEngine:
                                      use_distributed_optimizer=use_distributed_optimizer, recompute=recompute,
                                      recompute_num_layers=recompute_num_layers)
             self.optimizer = build_optimizer(self.built.model, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
+                                             adam_beta1=adam_beta1, adam_beta2=adam_beta2,
                                              bf16=params_dtype == torch.bfloat16,
                                              use_distributed_optimizer=use_distributed_optimizer)
         # token micro-batches differ in length: pipeline stages then send each activation's shape first

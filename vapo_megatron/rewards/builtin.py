@@ -55,11 +55,18 @@ def math_reward(response: str, ground_truth: str, *, prompt: str = "", data_sour
 
 @register_reward("synthetic", in_process_safe=True)
 def synthetic_reward(response: str, ground_truth: str, *, prompt: str = "", data_source: str = "",
-                     extra: dict | None = None, correct_score: float = 1.0, incorrect_score: float = 0.0) -> float:
+                     extra: dict | None = None, correct_score: float = 1.0,
+                     incorrect_score: float = 0.0) -> float | dict:
     """``correct_score`` iff the integer after the last ``####`` equals the ground truth (see
-    :mod:`vapo_megatron.data.synthetic`), else ``incorrect_score``. In-process safe: one linear regex scan and an
-    integer comparison."""
-    return correct_score if synthetic.is_correct(response, ground_truth) else incorrect_score
+    :mod:`vapo_megatron.data.synthetic`), else ``incorrect_score``. A wrong response whose ``prompt`` holds the
+    chain and which has a wrong line returns ``{"score": incorrect_score, "first_error_span": [start, end)}``,
+    the characters of its first wrong line (:func:`~vapo_megatron.data.synthetic.first_wrong_step_span`).
+    In-process safe: linear regex scans, a line-by-line comparison and integer arithmetic."""
+    if synthetic.is_correct(response, ground_truth):
+        return correct_score
+    problem = synthetic.find_problem(prompt)
+    span = None if problem is None else synthetic.first_wrong_step_span(problem, response)
+    return incorrect_score if span is None else {"score": incorrect_score, "first_error_span": list(span)}
 
 
 @register_reward("bounded_walk", in_process_safe=True)

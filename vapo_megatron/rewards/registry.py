@@ -9,9 +9,13 @@ Every reward function has the signature::
 ``response`` is the decoded generated text (no prompt), ``ground_truth`` the dataset's reference answer,
 ``prompt`` the prompt text, ``data_source`` the row's source and ``extra`` any per-item data (e.g. the dataset
 metadata). It returns the score as a number, or a dict with a ``"score"`` entry plus any other (picklable)
-values, which are reported alongside. ``reward_kwargs`` are the fixed keyword arguments a
-:class:`~vapo_megatron.rewards.manager.RewardManager` was given (e.g. ``correct_score``); a function only gets
-them when the manager was given some, so a user function needs to accept only the ones it is configured with.
+values, which are reported alongside. One such value has a meaning to the trainer: ``"first_error_span":
+[char_start, char_end)``, 0-based character offsets into ``response`` of the response's first wrong step (see
+:func:`first_error_span`); the trainer logs how much advantage those tokens get (``credit_first_error_*``).
+
+``reward_kwargs`` are the fixed keyword arguments a :class:`~vapo_megatron.rewards.manager.RewardManager` was
+given (e.g. ``correct_score``); a function only gets them when the manager was given some, so a user function
+needs to accept only the ones it is configured with.
 """
 from __future__ import annotations
 
@@ -169,3 +173,19 @@ def score_from_output(output: Any) -> tuple[float, dict[str, Any]]:
     if not math.isfinite(score):
         raise ValueError(f"a reward returned a non-finite score ({score})")
     return score, extras
+
+
+FIRST_ERROR_SPAN = "first_error_span"
+"""The extras key of a reward's ``[char_start, char_end)`` span of the response's first wrong step."""
+
+
+def first_error_span(extras: dict[str, Any], text_length: int) -> tuple[int, int] | None:
+    """The valid first-wrong-step span of a reward's extras: two integers ``0 <= start < end <= text_length``;
+    None when absent or malformed (a bad span is ignored rather than failing the run: it only feeds a metric)."""
+    span = extras.get(FIRST_ERROR_SPAN)
+    if not isinstance(span, (list, tuple)) or len(span) != 2:
+        return None
+    start, end = span
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
+        return None
+    return (start, end) if 0 <= start < end <= text_length else None

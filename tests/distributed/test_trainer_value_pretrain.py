@@ -1,0 +1,82 @@
+"""The whole loop's issue-17 mechanics on 1 gloo rank: value pretraining stops at the ev_mc threshold (not at
+its cap) and PPO still runs train.steps steps after it, the reason is logged, ev_mc is in every row, critic
+passes are separate from actor epochs, a reward's first_error_span becomes credit metrics, the credit picture is
+written at validation steps, and a resume after the early stop continues with PPO. A failure pinpoints the
+trainer's loop bookkeeping (trainer.py run/update) rather than the maths (tests/unit)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vapo_megatron.data.synthetic import SyntheticDifficulty, write_synthetic_task
+from vapo_megatron.models.tiny import save_tiny_hf_model
+from vapo_megatron.testing.dist import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+REWARD = '''
+def reward(response, ground_truth, **kwargs):
+    """Half the random responses right (digit-count parity); a wrong one blames its first 3 characters."""
+    score = float(sum(c.isdigit() for c in response) % 2)
+    return score if score or len(response) < 3 else {"score": score, "first_error_span": [0, 3]}
+'''
+
+
+def _run_body(overrides: list[str], resume: bool):
+    from vapo_megatron.config import load_config
+    from vapo_megatron.trainer import Trainer
+
+    return Trainer(load_config(None, overrides), resume=resume).run()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    save_tiny_hf_model(root / "model", "qwen2", seed=0)
+    write_synthetic_task(root / "data", num_train=64, num_val=4, num_demonstrations=8, seed=0,
+                         difficulty=SyntheticDifficulty(min_steps=1, max_steps=2))
+    (root / "reward.py").write_text(REWARD)
+    return root
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ev_threshold_stops_value_pretraining_and_resume_continues(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "rollout.num_prompts=4", "rollout.n=2",
+        "rollout.max_prompt_length=64", "rollout.max_response_length=16", "rollout.cpu_kv_cache_bytes=134217728",
+        "train.steps=2", "train.mini_batch_size=4", "train.micro_batch_size=4", "train.critic_epochs=2",
+        "algorithm.value_pretrain_steps=3", "algorithm.value_pretrain_ev_threshold=-1000",
+        "actor_optim.lr=1e-3", "critic_optim.lr=1e-3", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
+        f"data.val_files=[{assets / 'data' / 'val.jsonl'}]", "eval.every=1", "eval.n=1",
+        f"reward.name={assets / 'reward.py'}:reward", f"checkpoint.run_dir={run_dir}", "checkpoint.save_every=1",
+        "checkpoint.keep_last=5", "checkpoint.export_hf_at_end=false", "logging.progress_bar=false",
+        "logging.tensorboard=false",
+    ]
+    full = run_distributed(_run_body, 1, overrides, False, timeout=600)[0]
+    rows = _rows(run_dir)
+    assert [r["phase"] for r in rows] == ["init", "value_pretrain", "ppo", "ppo"], \
+        "value pretraining did not stop at the ev_mc threshold, or PPO did not run train.steps steps after it"
+    assert rows[1]["value_pretrain_stop"] == "ev_threshold" and math.isfinite(rows[1]["ev_mc"])
+    assert all("ev_mc" in r and "explained_variance" in r for r in rows[1:])
+    assert rows[1]["critic_optimizer_steps"] == 4 and rows[1]["actor_optimizer_steps"] == 0, "2 critic passes x 2"
+    assert rows[2]["critic_optimizer_steps"] == 4 and rows[2]["actor_optimizer_steps"] == 2, "1 actor pass x 2"
+    assert any("credit_first_error_adv" in r and "credit_rest_wrong_adv" in r for r in rows[1:])
+    for step in (2, 3):
+        assert (run_dir / "credit" / f"step_{step:04d}.png").stat().st_size > 0
+        assert (run_dir / "credit" / f"step_{step:04d}.html").stat().st_size > 0
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000003")
+    resumed = run_distributed(_run_body, 1, overrides, True, timeout=600)[0]
+    assert [r["phase"] for r in _rows(run_dir)] == ["init", "value_pretrain", "ppo", "ppo"]
+    assert resumed["step"] == full["step"] == 3 and resumed["phase"] == "ppo"
+    for key in ("policy_loss", "value_loss", "ev_mc", "reward_mean"):
+        a, b = full[key], resumed[key]
+        assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 * max(1.0, abs(a)), (key, a, b)
