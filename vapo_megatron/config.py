@@ -173,6 +173,9 @@ class RewardConfig:
     """Per-call limit of a reward function in a worker process."""
     num_workers: int = 1
     """Reward worker processes."""
+    max_failed_fraction: float = 0.5
+    """Stop the run (non-zero exit) when more than this fraction of a step's reward calls fail (raise, time out,
+    return a non-number), or all of them; rarer failures score algorithm.reward_incorrect and are counted."""
 
 
 @dataclass(frozen=True)
@@ -369,6 +372,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], str, Callable[[Any], bool]], ...] = (
       *(f"{o}.lr" for o in _OPTIMS)), "> 0", lambda v: v > 0),
     (("algorithm.gamma", "algorithm.lam_critic", "algorithm.lam_policy"), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("rollout.top_p", "eval.top_p"), "in (0, 1]", lambda v: 0 < v <= 1),
+    (("reward.max_failed_fraction",), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("algorithm.eps_low",), "in (0, 1)", lambda v: 0 < v < 1),
     (tuple(f"{o}.{k}" for o in _OPTIMS for k in ("adam_beta1", "adam_beta2")), "in [0, 1)", lambda v: 0 <= v < 1),
     (("algorithm.dual_clip",), "> 1", lambda v: v > 1),

@@ -101,18 +101,23 @@ def build_engines(cfg: VapoConfig) -> Parts:
 
 def _score(trainer, prompts, out) -> tuple[torch.Tensor, dict]:
     """Rewards on rank 0 (its reward workers), broadcast to every rank."""
-    from vapo_megatron.rewards import RewardItem
+    from vapo_megatron.errors import RewardFailureError
+    from vapo_megatron.rewards import RewardItem, systematic_failure
 
     payload = [None]
     if dist.get_rank() == 0:
         texts = trainer.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
         items = [RewardItem(response=txt, ground_truth=prompts[int(p)].record.ground_truth,
-                            prompt=prompts[int(p)].text, data_source=prompts[int(p)].record.data_source)
+                            prompt=prompts[int(p)].text, data_source=prompts[int(p)].record.data_source,
+                            extra=prompts[int(p)].record.metadata)
                  for txt, p in zip(texts, out.prompt_index)]
         res = trainer.rewards.score(items)
-        payload = [(res.scores, res.stats.num_errors, res.stats.num_timeouts)]
+        fatal = systematic_failure(res.stats, trainer.cfg.reward.max_failed_fraction)
+        payload = [(res.scores, res.stats.num_errors, res.stats.num_timeouts, fatal)]
     dist.broadcast_object_list(payload, src=0)
-    scores, errors, timeouts = payload[0]
+    scores, errors, timeouts, fatal = payload[0]
+    if fatal:  # every rank stops, with the same message
+        raise RewardFailureError(fatal)
     return torch.tensor(scores, dtype=torch.float32), {"reward_errors": errors, "reward_timeouts": timeouts}
 
 
