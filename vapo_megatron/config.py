@@ -163,6 +163,8 @@ class DataConfig:
     """Evaluation prompt files (needed when eval.every > 0)."""
     shuffle: bool = True
     """Shuffle training prompts every epoch."""
+    prompt_format: Literal["chat", "plain"] = "chat"
+    """"chat": the tokenizer's chat template (required then); "plain" (base models): message contents as text."""
 
 
 @dataclass(frozen=True)
@@ -195,13 +197,17 @@ class EvalConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     run_dir: str = "runs/vapo"
-    """Directory of this run: config.yaml, checkpoints, logs."""
+    """Directory of this run: config.yaml, checkpoints, logs. One with checkpoints or metrics is refused unless
+    the CLI is given --resume (continue it) or --overwrite (start afresh)."""
     save_every: int = 100
     """Save every this many PPO steps; 0 only at the end."""
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted."""
     export_hf_at_end: bool = True
     """Write the final policy as a Hugging Face directory."""
+    trust_checkpoints: bool = False
+    """Load checkpoints whose pickled parts name code outside the allowlist (engine/safe_load.py); only for
+    checkpoints you made yourself or trust: such a file can run code when loaded."""
 
 
 @dataclass(frozen=True)

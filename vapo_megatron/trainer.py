@@ -24,7 +24,7 @@ from vapo_megatron.algorithms import (
     whiten_advantages,
 )
 from vapo_megatron.config import VapoConfig
-from vapo_megatron.engine.checkpoint import load_checkpoint, save_checkpoint
+from vapo_megatron.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from vapo_megatron.engine.offload import rollout_offloader
 from vapo_megatron.trainer_parts import (
     MetricsLogger,
@@ -107,13 +107,17 @@ class Trainer:
     def _restore(self) -> tuple[int, int]:
         """Models, optimizers, RNG, data position and sampling seeds of the newest complete checkpoint;
         FileNotFoundError naming the directory when there is none."""
-        state = load_checkpoint(self.cfg.checkpoint.run_dir, self._engines())
+        ckpt = resolve_checkpoint(self.cfg.checkpoint.run_dir)
+        state = load_checkpoint(ckpt, self._engines(), trust=self.cfg.checkpoint.trust_checkpoints)
         self.loader.load_state_dict(state["loader"])
         self._seed_counter = state["seed_counter"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
         if self.log:
             self.log.truncate_after(state["step"])
         self.sync_weights({})  # vLLM still holds the initial weights
+        if dist.get_rank() == 0:
+            print(f"resumed from {ckpt} (step {state['step']}); continuing at step "
+                  f"{state['step'] + 1}", flush=True)
         return state["step"], state["pretrain"]
 
     # ---- phases ------------------------------------------------------------------------------------------

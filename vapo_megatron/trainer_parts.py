@@ -87,8 +87,9 @@ def build_engines(cfg: VapoConfig) -> Parts:
     critic = make("critic", cfg.critic_parallel, _critic_hf_get(cfg, arch), cfg.critic_optim) \
         if alg.use_critic else None
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
-    train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, r.max_prompt_length)
-    val_set = PromptDataset.from_files(cfg.data.val_files, tokenizer, r.max_prompt_length) \
+    fmt = cfg.data.prompt_format
+    train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, r.max_prompt_length, prompt_format=fmt)
+    val_set = PromptDataset.from_files(cfg.data.val_files, tokenizer, r.max_prompt_length, prompt_format=fmt) \
         if cfg.data.val_files else None
     loader = PromptLoader(train_set, r.num_prompts, seed=seed, shuffle=cfg.data.shuffle)
     rewards = None
@@ -182,6 +183,26 @@ def validation_accuracy(trainer) -> float:
     return (scores >= trainer.cfg.algorithm.reward_correct).float().mean().item()
 
 
+def read_metrics_rows(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A torn last line (the run was killed while writing it) is dropped with a
+    warning naming the file; a bad line elsewhere raises naming the file and line."""
+    import warnings
+
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise ValueError(f"{path}:{i}: not a JSON object ({e.msg}); fix or delete that line") from None
+            warnings.warn(f"{path}: dropped a torn last line (line {i}, {len(line)} characters; the run was "
+                          "stopped while writing it)", stacklevel=2)
+    return rows
+
+
 class MetricsLogger:
     """metrics.jsonl (one JSON object per step), TensorBoard, optional wandb, a progress bar, and a PNG of the
     curves at the end. Rank 0 only."""
@@ -231,7 +252,7 @@ class MetricsLogger:
         """On resume: drop rows logged after the checkpoint's step (they will be produced again)."""
         path = self.dir / "metrics.jsonl"
         self.file.close()
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_metrics_rows(path)
         keep = [r for r in rows if r["step"] <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self.rows = keep
