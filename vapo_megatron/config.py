@@ -153,6 +153,14 @@ class TrainConfig:
     """Seed of data order, sampling and initialisation."""
     max_nonfinite_in_row: int = 3
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    max_weight_norm_ratio: float = 1.5
+    """Stop before saving when one step changes a role's parameter norm by more than this factor; 0 disables."""
+    grad_norm_spike: float = 100.0
+    """Stop before saving when a grad norm exceeds this multiple of its median over the last 20 steps; 0 disables."""
+    max_approx_kl: float = 1.0
+    """Stop before saving when a step's mean policy approx-KL exceeds this (healthy: ~1e-3); 0 disables."""
+    max_rollout_logprob_diff: float = 1.0
+    """Stop before saving when mean |log p_megatron - log p_vllm| of a rollout exceeds this; 0 disables."""
 
 
 @dataclass(frozen=True)
@@ -369,7 +377,8 @@ _BOUNDS: tuple[tuple[tuple[str, ...], str, Callable[[Any], bool]], ...] = (
       "train.mini_batch_size", "train.micro_batch_size", "train.recompute_num_layers", "train.ppo_epochs",
       "train.max_nonfinite_in_row", "reward.num_workers", "eval.n", "eval.max_prompts", "checkpoint.keep_last"),
      ">= 1", lambda v: v >= 1),
-    (("rollout.temperature", "train.seed", "train.micro_batch_tokens", "algorithm.positive_lm_coef",
+    (("rollout.temperature", "train.seed", "train.micro_batch_tokens", "train.max_weight_norm_ratio",
+      "train.grad_norm_spike", "train.max_approx_kl", "train.max_rollout_logprob_diff", "algorithm.positive_lm_coef",
       "algorithm.entropy_coef", "algorithm.value_pretrain_steps", "algorithm.overlong_buffer",
       "algorithm.overlong_penalty", "eval.every",
       "eval.temperature", "checkpoint.save_every",

@@ -26,10 +26,12 @@ from vapo_megatron.algorithms import (
 from vapo_megatron.config import VapoConfig
 from vapo_megatron.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from vapo_megatron.engine.offload import rollout_offloader
+from vapo_megatron.guards import DivergenceGuard
 from vapo_megatron.trainer_parts import (
     MetricsLogger,
     batch_metrics,
     build_engines,
+    logprob_diff,
     minibatch_counts,
     score_rollout,
 )
@@ -48,6 +50,7 @@ class Trainer:
         self._seed_counter = 0  # rollout seeds are derived from it; checkpointed for exact resume
         self._asleep = False
         self.offload = rollout_offloader([self.actor, self.critic], cfg.rollout.offload_megatron_during_rollout)
+        self.guard = DivergenceGuard(cfg.train, cfg.checkpoint.run_dir)
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -64,7 +67,9 @@ class Trainer:
             batch = self.rollout(self.loader.next_batch(), t)                 # grouped responses + rewards
             self.old_logprobs_and_values(batch, t)                            # engine forwards
             self.advantages(batch)                                            # decoupled, length-adaptive GAE
+            self.guard.before_update(self._engines())
             metrics = self.update(batch, phase, t)                            # mini-batch PPO / value updates
+            self.guard.after_update(step, metrics, self._engines(), logprob_diff(batch))  # before sync and save
             if phase == "ppo":
                 self.sync_weights(t)                                          # Megatron -> vLLM
             if cfg.eval.every and phase == "ppo" and (step - pretrain) % cfg.eval.every == 0:

@@ -156,13 +156,17 @@ def minibatch_counts(mb: dict) -> dict[str, torch.Tensor]:
             "correct_tokens": count_correct_tokens(mask, mb["is_correct"]).double()}
 
 
+def logprob_diff(batch: dict) -> float:
+    """Mean |log p_megatron - log p_vllm| over the batch's response tokens (rollout_logprob_diff)."""
+    return masked_mean((batch["old_logprobs"] - batch["rollout_logprobs"]).abs(), batch["resp_mask"]).item()
+
+
 def batch_metrics(batch: dict) -> dict[str, float]:
     mask, lengths = batch["resp_mask"], batch["lengths"].float()
     out = {"reward_mean": batch["scores"].mean().item(), "accuracy": batch["is_correct"].float().mean().item(),
            "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
            "response_clip_ratio": batch["truncated"].float().mean().item(),
-           "rollout_logprob_diff": masked_mean((batch["old_logprobs"] - batch["rollout_logprobs"]).abs(),
-                                              mask).item(),
+           "rollout_logprob_diff": logprob_diff(batch),
            "lam_policy_mean": batch["lam_policy"].float().mean().item(), **batch["reward_stats"]}
     if "old_values" in batch:
         out["explained_variance"] = explained_variance(batch["returns"], batch["old_values"], mask).item()

@@ -315,6 +315,9 @@ def _save_role(engine: ModelEngine, role_dir: Path) -> None:
     """model + optimizer of one role into `role_dir` (collective over all ranks, in the role's layout)."""
     from megatron.core import dist_checkpointing
 
+    from vapo_megatron.process_guard import avoid_checkpoint_manager_process
+
+    avoid_checkpoint_manager_process()  # no Manager server process that would outlive a killed trainer
     with engine.layouts.use(engine.role):
         if dist.get_rank() == 0:
             role_dir.mkdir()

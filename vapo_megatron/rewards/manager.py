@@ -100,6 +100,9 @@ def _describe(e: BaseException) -> str:
 
 def _worker_main(conn: Connection, specs: dict[str, RewardSpec], reward_kwargs: dict[str, Any]) -> None:
     """Worker loop: resolve the rewards, say ready, then score every received share item by item."""
+    from vapo_megatron.process_guard import die_with_parent
+
+    die_with_parent()  # a kill -9 of the trainer must not leave a worker running a long reward call
     try:
         fns = {key: resolve_reward(spec) for key, spec in specs.items()}
     except BaseException as e:  # report any set-up failure instead of dying silently
