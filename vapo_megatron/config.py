@@ -184,8 +184,7 @@ class RewardConfig:
     num_workers: int = 1
     """Reward worker processes."""
     max_failed_fraction: float = 0.5
-    """Stop the run (non-zero exit) when more than this fraction of a step's reward calls fail (raise, time out,
-    return a non-number), or all of them; rarer failures score algorithm.reward_incorrect and are counted."""
+    """Stop (exit 1) when more than this fraction of a step's reward calls fail, or all; rarer ones are counted."""
 
 
 @dataclass(frozen=True)
@@ -205,8 +204,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     run_dir: str = "runs/vapo"
-    """Directory of this run: config.yaml, checkpoints, logs. One with checkpoints or metrics is refused unless
-    the CLI is given --resume (continue it) or --overwrite (start afresh)."""
+    """Directory of this run: config.yaml, checkpoints, logs; reused only with --resume or --overwrite."""
     save_every: int = 100
     """Save every this many PPO steps; 0 only at the end."""
     keep_last: int = 2
@@ -214,8 +212,7 @@ class CheckpointConfig:
     export_hf_at_end: bool = True
     """Write the final policy as a Hugging Face directory."""
     trust_checkpoints: bool = False
-    """Load checkpoints whose pickled parts name code outside the allowlist (engine/safe_load.py); only for
-    checkpoints you made yourself or trust: such a file can run code when loaded."""
+    """Load checkpoints beyond convert/safe_load.py's allowlist (such a file can run code): trusted ones only."""
 
 
 @dataclass(frozen=True)

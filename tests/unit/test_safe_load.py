@@ -1,7 +1,7 @@
 """Checkpoint files do not run code when loaded: a crafted pickle whose __reduce__ writes a marker file is refused
 (marker absent) in trainer_state.pt, in a torch_dist .metadata file and in a torch_dist byte object (_extra_state).
 Each case first shows that torch's own loading would run it, so the test can fail. A failure pinpoints
-engine/safe_load.py or a torch.load in engine/checkpoint.py without weights_only."""
+convert/safe_load.py or a torch.load in engine/checkpoint.py without weights_only."""
 from __future__ import annotations
 
 import io
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from vapo_megatron.convert.safe_load import load_torch_file, restricted_dcp_load
 from vapo_megatron.engine.checkpoint import capture_rng_state, restore_rng_state
-from vapo_megatron.engine.safe_load import load_torch_file, restricted_dcp_load
 from vapo_megatron.errors import UnsafeCheckpointError
 
 

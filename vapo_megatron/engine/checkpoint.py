@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from vapo_megatron.convert import atomic
-from vapo_megatron.engine.safe_load import load_torch_file, restricted_dcp_load
+from vapo_megatron.convert.safe_load import load_torch_file, restricted_dcp_load
 
 if TYPE_CHECKING:
     from vapo_megatron.engine.model_engine import ModelEngine
@@ -438,7 +438,7 @@ def load_checkpoint(path: str | Path, engines: Mapping[str, ModelEngine], *, map
     """Restore model + optimizer (+ `steps_taken`) of every engine and, by default, this rank's RNG states from
     the checkpoint `path` (or the newest one of the run directory `path`); return the saved trainer state
     (with its "step"). Collective: call on every rank. Nothing in the files runs code unless `trust`
-    (engine/safe_load.py; UnsafeCheckpointError otherwise).
+    (convert/safe_load.py; UnsafeCheckpointError otherwise).
 
     Raises FileNotFoundError ("no checkpoint in <run_dir>/checkpoints") when there is none, CheckpointError for
     an incomplete checkpoint or when its roles differ from `engines`."""
