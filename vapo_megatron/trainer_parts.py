@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,8 +191,6 @@ def validation_accuracy(trainer) -> float:
 def read_metrics_rows(path: Path) -> list[dict]:
     """The rows of metrics.jsonl. A torn last line (the run was killed while writing it) is dropped with a
     warning naming the file; a bad line elsewhere raises naming the file and line."""
-    import warnings
-
     lines = path.read_text().splitlines()
     rows = []
     for i, line in enumerate(lines, 1):
@@ -202,8 +201,9 @@ def read_metrics_rows(path: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             if i < len(lines):
                 raise ValueError(f"{path}:{i}: not a JSON object ({e.msg}); fix or delete that line") from None
-            warnings.warn(f"{path}: dropped a torn last line (line {i}, {len(line)} characters; the run was "
-                          "stopped while writing it)", stacklevel=2)
+            # printed, not warnings.warn: the demo scripts run with PYTHONWARNINGS=ignore
+            print(f"warning: {path}: dropped a torn last line (line {i}, {len(line)} characters; the run was "
+                  "stopped while writing it)", file=sys.stderr, flush=True)
     return rows
 
 
