@@ -13,6 +13,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.eps_high=0.28")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run dir that holds checkpoints or metrics, deleting them (without it, "
+                        "such a run dir is refused unless --resume is given)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of user errors (config, data, reward, run dir) too; also VAPO_DEBUG=1")
     dry = p.add_argument_group("dry run (no GPU, no process group)")
     dry.add_argument("--dry-run", action="store_true",
                      help="validate the config for --world-size, print the parallel and memory plan, and exit "
@@ -55,22 +60,55 @@ def _dry_run(args: argparse.Namespace) -> int:
     return 0 if result.ok else 2
 
 
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    from vapo_megatron.config import load_config, validate
+    from vapo_megatron.models.hf_config import load_arch
+    from vapo_megatron.preflight import preflight
+    from vapo_megatron.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world, load_arch(cfg.model.hf_dir) if cfg.model.hf_dir else None)
+    preflight(cfg, resume=args.resume, overwrite=args.overwrite, is_rank0=_rank() == 0)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from vapo_megatron.config import ConfigError
+    from vapo_megatron.data.datasets import DatasetFormatError
+    from vapo_megatron.errors import UserError
+
+    return UserError, ConfigError, DatasetFormatError
+
+
 def train_main(argv: list[str] | None = None) -> int:
+    """`vapo-train`: exit 0 on success; on a user error (module errors.UserError, config, data) one message on
+    rank 0 and exit 1, with the traceback only under --debug / VAPO_DEBUG=1; internal errors raise as they are."""
+    import os
+
     args = _train_parser().parse_args(argv)
     if args.config is None:
         _train_parser().print_help()
         return 0
     if args.dry_run:
         return _dry_run(args)
-    from vapo_megatron.config import load_config, validate
-    from vapo_megatron.models.hf_config import load_arch
-    from vapo_megatron.trainer import train
-
-    cfg = load_config(args.config, args.overrides)
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world, load_arch(cfg.model.hf_dir) if cfg.model.hf_dir else None)
-    train(cfg, resume=args.resume)
-    return 0
+    try:
+        return _train(args)
+    except _user_errors() as exc:
+        if args.debug or os.environ.get("VAPO_DEBUG", "") not in ("", "0"):
+            raise
+        if _rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 def generate_main(argv: list[str] | None = None) -> int:

@@ -155,6 +155,14 @@ class TrainConfig:
     """Seed of data order, sampling and initialisation."""
     max_nonfinite_in_row: int = 3
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    max_weight_norm_ratio: float = 1.5
+    """Stop before saving when one step changes a role's parameter norm by more than this factor; 0 disables."""
+    grad_norm_spike: float = 100.0
+    """Stop before saving when a grad norm exceeds this multiple of its median over the last 20 steps; 0 disables."""
+    max_approx_kl: float = 1.0
+    """Stop before saving when a step's mean policy approx-KL exceeds this (healthy: ~1e-3); 0 disables."""
+    max_rollout_logprob_diff: float = 1.0
+    """Stop before saving when mean |log p_megatron - log p_vllm| of a rollout exceeds this; 0 disables."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,8 @@ class DataConfig:
     """Evaluation prompt files (needed when eval.every > 0)."""
     shuffle: bool = True
     """Shuffle training prompts every epoch."""
+    prompt_format: Literal["chat", "plain"] = "chat"
+    """"chat": the tokenizer's chat template (required then); "plain" (base models): message contents as text."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,8 @@ class RewardConfig:
     """Per-call limit of a reward function in a worker process."""
     num_workers: int = 1
     """Reward worker processes."""
+    max_failed_fraction: float = 0.5
+    """Stop (exit 1) when more than this fraction of a step's reward calls fail, or all; rarer ones are counted."""
 
 
 @dataclass(frozen=True)
@@ -194,13 +206,15 @@ class EvalConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     run_dir: str = "runs/vapo"
-    """Directory of this run: config.yaml, checkpoints, logs."""
+    """Directory of this run: config.yaml, checkpoints, logs; reused only with --resume or --overwrite."""
     save_every: int = 100
     """Save every this many PPO steps; 0 only at the end."""
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted."""
     export_hf_at_end: bool = True
     """Write the final policy as a Hugging Face directory."""
+    trust_checkpoints: bool = False
+    """Load checkpoints beyond convert/safe_load.py's allowlist (such a file can run code): trusted ones only."""
 
 
 @dataclass(frozen=True)
@@ -363,7 +377,8 @@ _BOUNDS: tuple[tuple[tuple[str, ...], str, Callable[[Any], bool]], ...] = (
       "train.critic_epochs", "train.max_nonfinite_in_row", "reward.num_workers", "eval.n", "eval.max_prompts",
       "checkpoint.keep_last"),
      ">= 1", lambda v: v >= 1),
-    (("rollout.temperature", "train.seed", "train.micro_batch_tokens", "algorithm.positive_lm_coef",
+    (("rollout.temperature", "train.seed", "train.micro_batch_tokens", "train.max_weight_norm_ratio",
+      "train.grad_norm_spike", "train.max_approx_kl", "train.max_rollout_logprob_diff", "algorithm.positive_lm_coef",
       "algorithm.entropy_coef", "algorithm.value_pretrain_steps", "algorithm.overlong_buffer",
       "algorithm.overlong_penalty", "eval.every",
       "eval.temperature", "checkpoint.save_every",
@@ -372,6 +387,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], str, Callable[[Any], bool]], ...] = (
       *(f"{o}.lr" for o in _OPTIMS)), "> 0", lambda v: v > 0),
     (("algorithm.gamma", "algorithm.lam_critic", "algorithm.lam_policy"), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("rollout.top_p", "eval.top_p"), "in (0, 1]", lambda v: 0 < v <= 1),
+    (("reward.max_failed_fraction",), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("algorithm.eps_low",), "in (0, 1)", lambda v: 0 < v < 1),
     (tuple(f"{o}.{k}" for o in _OPTIMS for k in ("adam_beta1", "adam_beta2")), "in [0, 1)", lambda v: 0 <= v < 1),
     (("algorithm.dual_clip",), "> 1", lambda v: v > 1),

@@ -30,8 +30,9 @@ from vapo_megatron.algorithms import (
     whiten_advantages,
 )
 from vapo_megatron.config import VapoConfig
-from vapo_megatron.engine.checkpoint import load_checkpoint, save_checkpoint
+from vapo_megatron.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from vapo_megatron.engine.offload import rollout_offloader
+from vapo_megatron.guards import DivergenceGuard
 from vapo_megatron.trainer_parts import (
     MetricsLogger,
     batch_metrics,
@@ -56,6 +57,7 @@ class Trainer:
         self._seed_counter = 0  # rollout seeds are derived from it; checkpointed for exact resume
         self._asleep = False
         self.offload = rollout_offloader([self.actor, self.critic], cfg.rollout.offload_megatron_during_rollout)
+        self.guard = DivergenceGuard(cfg.train, cfg.checkpoint.run_dir)
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -72,7 +74,9 @@ class Trainer:
             batch = self.rollout(self.loader.next_batch(), t)                 # grouped responses + rewards
             self.old_logprobs_and_values(batch, t)                            # engine forwards
             self.advantages(batch)                                            # decoupled, length-adaptive GAE
+            self.guard.before_update(self._engines())
             metrics = {**batch_metrics(batch), **self.update(batch, phase, step, t)}  # critic and actor updates
+            self.guard.after_update(step, metrics, self._engines(), metrics["rollout_logprob_diff"])  # not synced yet
             if phase == "ppo":
                 self.sync_weights(t)                                          # Megatron -> vLLM
             if cfg.eval.every and phase == "ppo" and (step - pretrain) % cfg.eval.every == 0:
@@ -117,13 +121,17 @@ class Trainer:
     def _restore(self) -> tuple[int, int]:
         """Models, optimizers, RNG, data position and sampling seeds of the newest complete checkpoint;
         FileNotFoundError naming the directory when there is none."""
-        state = load_checkpoint(self.cfg.checkpoint.run_dir, self._engines())
+        ckpt = resolve_checkpoint(self.cfg.checkpoint.run_dir)
+        state = load_checkpoint(ckpt, self._engines(), trust=self.cfg.checkpoint.trust_checkpoints)
         self.loader.load_state_dict(state["loader"])
         self._seed_counter = state["seed_counter"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
         if self.log:
             self.log.truncate_after(state["step"])
         self.sync_weights({})  # vLLM still holds the initial weights
+        if dist.get_rank() == 0:
+            print(f"resumed from {ckpt} (step {state['step']}); continuing at step "
+                  f"{state['step'] + 1}", flush=True)
         return state["step"], state["pretrain"]
 
     # ---- phases ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,8 +94,9 @@ def build_engines(cfg: VapoConfig) -> Parts:
     critic = make("critic", cfg.critic_parallel, _critic_hf_get(cfg, arch), cfg.critic_optim) \
         if alg.use_critic else None
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
-    train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, r.max_prompt_length)
-    val_set = PromptDataset.from_files(cfg.data.val_files, tokenizer, r.max_prompt_length) \
+    fmt = cfg.data.prompt_format
+    train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, r.max_prompt_length, prompt_format=fmt)
+    val_set = PromptDataset.from_files(cfg.data.val_files, tokenizer, r.max_prompt_length, prompt_format=fmt) \
         if cfg.data.val_files else None
     loader = PromptLoader(train_set, r.num_prompts, seed=seed, shuffle=cfg.data.shuffle)
     rewards = None
@@ -107,21 +109,27 @@ def build_engines(cfg: VapoConfig) -> Parts:
 
 def _score(trainer, prompts, out) -> tuple[torch.Tensor, dict, list]:
     """Rewards on rank 0 (its reward workers), broadcast to every rank, with each response's first-wrong-step
-    token span (None where the reward gives none)."""
+    token span (None where the reward gives none); every rank raises RewardFailureError when too many rewards
+    failed (reward.max_failed_fraction)."""
     from vapo_megatron.credit import error_token_spans
-    from vapo_megatron.rewards import RewardItem
+    from vapo_megatron.errors import RewardFailureError
+    from vapo_megatron.rewards import RewardItem, systematic_failure
 
     payload = [None]
     if dist.get_rank() == 0:
         texts = trainer.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
         items = [RewardItem(response=txt, ground_truth=prompts[int(p)].record.ground_truth,
-                            prompt=prompts[int(p)].text, data_source=prompts[int(p)].record.data_source)
+                            prompt=prompts[int(p)].text, data_source=prompts[int(p)].record.data_source,
+                            extra=prompts[int(p)].record.metadata)
                  for txt, p in zip(texts, out.prompt_index)]
         res = trainer.rewards.score(items)
-        spans = error_token_spans(trainer.tokenizer, out.response_ids, texts, res.extras)
-        payload = [(res.scores, res.stats.num_errors, res.stats.num_timeouts, spans)]
+        fatal = systematic_failure(res.stats, trainer.cfg.reward.max_failed_fraction)
+        spans = None if fatal else error_token_spans(trainer.tokenizer, out.response_ids, texts, res.extras)
+        payload = [(res.scores, res.stats.num_errors, res.stats.num_timeouts, fatal, spans)]
     dist.broadcast_object_list(payload, src=0)
-    scores, errors, timeouts, spans = payload[0]
+    scores, errors, timeouts, fatal, spans = payload[0]
+    if fatal:  # every rank stops, with the same message
+        raise RewardFailureError(fatal)
     return torch.tensor(scores, dtype=torch.float32), {"reward_errors": errors, "reward_timeouts": timeouts}, spans
 
 
@@ -160,13 +168,17 @@ def minibatch_counts(mb: dict) -> dict[str, torch.Tensor]:
             "correct_tokens": count_correct_tokens(mask, mb["is_correct"]).double()}
 
 
+def logprob_diff(batch: dict) -> float:
+    """Mean |log p_megatron - log p_vllm| over the batch's response tokens (rollout_logprob_diff)."""
+    return masked_mean((batch["old_logprobs"] - batch["rollout_logprobs"]).abs(), batch["resp_mask"]).item()
+
+
 def batch_metrics(batch: dict) -> dict[str, float]:
     mask, lengths = batch["resp_mask"], batch["lengths"].float()
     out = {"reward_mean": batch["scores"].mean().item(), "accuracy": batch["is_correct"].float().mean().item(),
            "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
            "response_clip_ratio": batch["truncated"].float().mean().item(),
-           "rollout_logprob_diff": masked_mean((batch["old_logprobs"] - batch["rollout_logprobs"]).abs(),
-                                              mask).item(),
+           "rollout_logprob_diff": logprob_diff(batch),
            "lam_policy_mean": batch["lam_policy"].float().mean().item(), **batch["reward_stats"]}
     if "old_values" in batch:
         # against the variant's own critic targets (bootstrapped when lam_critic < 1): not comparable across variants
@@ -204,6 +216,25 @@ def validation_accuracy(trainer) -> float:
     out = generate_distributed(trainer.rollout_engine, [p.input_ids for p in prompts], params)
     scores, _, _ = _score(trainer, prompts, out)
     return (scores >= trainer.cfg.algorithm.reward_correct).float().mean().item()
+
+
+def read_metrics_rows(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A torn last line (the run was killed while writing it) is dropped with a
+    warning naming the file; a bad line elsewhere raises naming the file and line."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise ValueError(f"{path}:{i}: not a JSON object ({e.msg}); fix or delete that line") from None
+            # printed, not warnings.warn: the demo scripts run with PYTHONWARNINGS=ignore
+            print(f"warning: {path}: dropped a torn last line (line {i}, {len(line)} characters; the run was "
+                  "stopped while writing it)", file=sys.stderr, flush=True)
+    return rows
 
 
 class MetricsLogger:
@@ -255,7 +286,7 @@ class MetricsLogger:
         """On resume: drop rows logged after the checkpoint's step (they will be produced again)."""
         path = self.dir / "metrics.jsonl"
         self.file.close()
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_metrics_rows(path)
         keep = [r for r in rows if r["step"] <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self.rows = keep

@@ -113,3 +113,39 @@ def test_algorithms_layer_imports_no_distributed_or_megatron():
             if isinstance(node, ast.Attribute) and node.attr == "distributed":
                 offenders.append(f"{path.name}: attribute .distributed")
     assert not offenders, offenders
+
+
+def _reference_explained_variance(returns, values, lengths, float32_eps=2.0 ** -23):
+    """Slow reference: 1 - Var(G - V) / Var(G) over valid tokens, undefined (NaN) when the returns are all equal
+    up to the float32 rounding of `advantages + values` (|G_i - G_j| within a few eps of the values' scale)."""
+    g = [float(returns[b, t]) for b, n in enumerate(lengths) for t in range(n)]
+    v = [float(values[b, t]) for b, n in enumerate(lengths) for t in range(n)]
+    scale = max(abs(x) for x in g + v)
+    if max(g) - min(g) <= 8 * float32_eps * scale:
+        return math.nan
+
+    def var(xs):
+        mean = sum(xs) / len(xs)
+        return sum((x - mean) ** 2 for x in xs) / len(xs)
+
+    return 1 - var([a - b for a, b in zip(g, v)]) / var(g)
+
+
+def test_explained_variance_of_equal_returns_from_gae_is_nan_not_minus_1e13():
+    """Failure: every reward equal (all wrong) gives GAE returns equal up to float32 rounding of adv + values;
+    explained variance then came out as about -1e13 instead of undefined (issue 13)."""
+    from vapo_megatron.algorithms import decoupled_gae, token_rewards_from_scores
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([16, 9, 16, 12])
+    mask = torch.arange(16)[None, :] < lengths[:, None]
+    values = (torch.randn(4, 16, generator=gen) * 0.3) * mask
+    gae = decoupled_gae(token_rewards_from_scores(torch.zeros(4), mask), values, mask, gamma=1.0, lam_critic=1.0,
+                        lam_policy=0.95)
+    ev = explained_variance(gae.returns, values, mask).item()
+    assert math.isnan(_reference_explained_variance(gae.returns, values, lengths.tolist()))
+    assert math.isnan(ev), f"explained variance of equal returns logged as {ev}"
+    varied = decoupled_gae(token_rewards_from_scores(torch.tensor([1.0, 0.0, 1.0, 0.0]), mask), values, mask,
+                           gamma=1.0, lam_critic=1.0, lam_policy=0.95)
+    assert explained_variance(varied.returns, values, mask).item() == pytest.approx(
+        _reference_explained_variance(varied.returns, values, lengths.tolist()), rel=1e-6)

@@ -28,7 +28,7 @@ __all__ = [
     "monte_carlo_returns",
 ]
 
-# Var(G) at or below this fraction of E[G^2] is float64 cancellation noise: treated as zero variance.
+# Var(G) at or below this fraction of E[G^2] + E[(G - V)^2] is rounding noise: treated as zero variance.
 _RELATIVE_VARIANCE_FLOOR = 1e-10
 
 
@@ -114,15 +114,18 @@ def explained_variance_stats(returns: Tensor, values: Tensor, mask: Tensor) -> T
 def explained_variance_from_stats(stats: Tensor) -> Tensor:
     """``1 - Var(G - V) / Var(G)`` (population variances) from :func:`explained_variance_stats`, summed globally.
 
-    Returns a 0-dim float64 tensor; NaN when there are no tokens or ``Var(G)`` is zero (up to float64 cancellation:
-    ``Var(G) <= 1e-10 * E[G^2]``), where explained variance is undefined, e.g. all returns equal.
+    Returns a 0-dim float64 tensor; NaN when there are no tokens or ``Var(G)`` is zero up to rounding, where
+    explained variance is undefined, e.g. all returns equal. "Up to rounding" is ``Var(G) <= 1e-10 * (E[G^2] +
+    E[(G - V)^2])``: returns computed in float32 as ``advantages + values`` carry rounding noise of the values'
+    scale (~1e-8 |V|), so all-equal returns have a tiny non-zero variance that would otherwise divide Var(G - V)
+    into -1e13.
     """
     sum_g, sum_g2, sum_r, sum_r2, count = stats.to(torch.float64).unbind()
     n = count.clamp(min=1)
     mean_sq_g = sum_g2 / n
     var_g = mean_sq_g - (sum_g / n) ** 2
     var_r = sum_r2 / n - (sum_r / n) ** 2
-    defined = (count > 0) & (var_g > _RELATIVE_VARIANCE_FLOOR * mean_sq_g)
+    defined = (count > 0) & (var_g > _RELATIVE_VARIANCE_FLOOR * (mean_sq_g + sum_r2 / n))
     ev = 1 - var_r.clamp(min=0) / torch.where(defined, var_g, torch.ones_like(var_g))
     return torch.where(defined, ev, torch.full_like(ev, math.nan))
 

@@ -32,6 +32,7 @@ from vapo_megatron import platform
 from vapo_megatron.convert import atomic
 from vapo_megatron.convert.hf_io import copy_hf_assets, dtype_name, parse_dtype
 from vapo_megatron.convert.mapping import ShapeMismatchError
+from vapo_megatron.convert.safe_load import restricted_dcp_load
 from vapo_megatron.models.hf_config import ModelArch, transformer_config
 
 platform.install_shims()
@@ -139,14 +140,16 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path, *, strict: bool = T
         raise ValueError(f"{ckpt_dir} holds a {info.role}, the model is a {role}")
     sharded = module.sharded_state_dict()
     check_global_shapes(sharded, ckpt_dir)
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    with restricted_dcp_load():  # nothing in the checkpoint runs code (convert/safe_load.py)
+        state = dist_checkpointing.load(sharded, str(ckpt_dir))
     module.load_state_dict(state, strict=strict)
 
 
 def check_global_shapes(sharded: dict, ckpt_dir: str | Path) -> None:
     """Raise ShapeMismatchError naming the tensor and both global shapes before megatron starts reading.
     Vocabulary tensors may differ in their padded row count (megatron reads the overlap)."""
-    stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    with restricted_dcp_load():
+        stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     applied, _, _ = load_preprocess(sharded)
     for sh in nested_values(applied):
         if not isinstance(sh, ShardedTensor) or sh.key not in stored:
@@ -160,7 +163,8 @@ def check_global_shapes(sharded: dict, ckpt_dir: str | Path) -> None:
 
 def stored_dtype(ckpt_dir: str | Path) -> torch.dtype:
     """The dtype the word embeddings were saved in."""
-    return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))["embedding.word_embeddings.weight"].dtype
+    with restricted_dcp_load():
+        return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))["embedding.word_embeddings.weight"].dtype
 
 
 # ---- single-process streaming, on a meta-device model at TP=PP=1 ------------------------------------------
@@ -286,6 +290,7 @@ def load_groups(meta_model: torch.nn.Module, ckpt_dir: str | Path, groups: Itera
     sharded = meta_model.sharded_state_dict()
     for names in groups:
         plans = {n: _loadable(sharded[n]) for n in names}
-        loaded = dist_checkpointing.load({n: p[0] for n, p in plans.items()}, str(ckpt_dir),
-                                         validate_access_integrity=False)
+        with restricted_dcp_load():
+            loaded = dist_checkpointing.load({n: p[0] for n, p in plans.items()}, str(ckpt_dir),
+                                             validate_access_integrity=False)
         yield {n: plans[n][1](loaded[n]) for n in names}

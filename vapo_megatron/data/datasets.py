@@ -168,39 +168,48 @@ def load_prompt_records(paths: str | Path | Sequence[str | Path], *,
     return records
 
 
-def render_prompts(records: Sequence[PromptRecord], tokenizer: Any) -> tuple[list[str], list[list[int]]]:
+def render_prompts(records: Sequence[PromptRecord], tokenizer: Any,
+                   prompt_format: str = "chat") -> tuple[list[str], list[list[int]]]:
     """Chat-template texts (with the generation prompt) and their token ids. The template already writes any
-    special tokens it wants, so the tokenizer must not add its own (a double BOS otherwise)."""
-    texts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
-             for r in records]
+    special tokens it wants, so the tokenizer must not add its own (a double BOS otherwise). ``prompt_format=
+    "plain"`` (base models without a chat template): the messages' contents joined by blank lines, tokenised
+    with the tokenizer's own special tokens (its BOS, if any)."""
+    if prompt_format == "plain":
+        texts = ["\n\n".join(m["content"] for m in r.messages) for r in records]
+    else:
+        texts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
+                 for r in records]
     if not texts:
         return [], []
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=prompt_format == "plain")["input_ids"]
     return texts, [list(x) for x in ids]
 
 
 class PromptDataset(Sequence[TokenizedPrompt]):
     """Tokenised prompts no longer than ``max_prompt_length`` tokens; ``num_dropped_too_long`` counts the rest."""
 
-    def __init__(self, records: Sequence[PromptRecord], tokenizer: Any, max_prompt_length: int) -> None:
+    def __init__(self, records: Sequence[PromptRecord], tokenizer: Any, max_prompt_length: int,
+                 prompt_format: str = "chat") -> None:
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+        if not records:
+            raise ValueError("no prompts: the prompt files hold no rows")
         self.max_prompt_length = max_prompt_length
-        texts, ids = render_prompts(records, tokenizer)
+        texts, ids = render_prompts(records, tokenizer, prompt_format)
         self._items = [TokenizedPrompt(record=r, text=t, input_ids=x)
                        for r, t, x in zip(records, texts, ids) if len(x) <= max_prompt_length]
         # How many prompts were longer than `max_prompt_length` tokens and so dropped.
         self.num_dropped_too_long = len(records) - len(self._items)
         if not self._items:
             raise ValueError(f"no prompt is left: all {len(records)} prompts are longer than "
-                             f"max_prompt_length={max_prompt_length} tokens (or no rows were read)")
+                             f"max_prompt_length={max_prompt_length} tokens")
 
     @classmethod
     def from_files(cls, paths: str | Path | Sequence[str | Path], tokenizer: Any, max_prompt_length: int, *,
-                   default_data_source: str = "") -> PromptDataset:
+                   default_data_source: str = "", prompt_format: str = "chat") -> PromptDataset:
         """Load, validate and tokenise the rows of one or several files."""
         return cls(load_prompt_records(paths, default_data_source=default_data_source), tokenizer,
-                   max_prompt_length)
+                   max_prompt_length, prompt_format)
 
     def __len__(self) -> int:
         return len(self._items)

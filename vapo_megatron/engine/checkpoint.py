@@ -7,8 +7,10 @@ Layout under the run directory:
       step_00000200/
         policy/  critic/          torch_dist (`dist_checkpointing.save`) of {"model": ..., "optimizer": ...},
                                   each written inside that role's parallel layout (any TP/PP/DP per role)
-        trainer_state.pt          the caller's `trainer_state` (torch.save by rank 0: step, loader, counters...)
-        rng/rank_00000.pt ...     python/numpy/torch (+CUDA, + megatron RNG tracker) states of every rank
+        trainer_state.pt          the caller's `trainer_state` (torch.save by rank 0: step, loader, counters...;
+                                  tensors and plain Python values only: loaded with weights_only=True)
+        rng/rank_00000.pt ...     python/numpy/torch (+CUDA, + megatron RNG tracker) states of every rank (plain
+                                  values and tensors: weights_only=True)
         meta.json                 step, world size, per-role layout and `steps_taken`
         DONE                      written last
       step_00000300.tmp-1a2b3c4d/ a save in progress (or one that crashed: removed by the next save)
@@ -39,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from vapo_megatron.convert import atomic
+from vapo_megatron.convert.safe_load import load_torch_file, restricted_dcp_load
 
 if TYPE_CHECKING:
     from vapo_megatron.engine.model_engine import ModelEngine
@@ -125,7 +128,9 @@ def capture_rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # plain types and a tensor, so that the file loads with weights_only=True
+        state["numpy"] = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     except ImportError:
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -142,7 +147,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     tracker = _rng_tracker()
@@ -309,6 +315,9 @@ def _save_role(engine: ModelEngine, role_dir: Path) -> None:
     """model + optimizer of one role into `role_dir` (collective over all ranks, in the role's layout)."""
     from megatron.core import dist_checkpointing
 
+    from vapo_megatron.process_guard import avoid_checkpoint_manager_process
+
+    avoid_checkpoint_manager_process()  # no Manager server process that would outlive a killed trainer
     with engine.layouts.use(engine.role):
         if dist.get_rank() == 0:
             role_dir.mkdir()
@@ -425,10 +434,11 @@ def _load_role(engine: ModelEngine, role_dir: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, engines: Mapping[str, ModelEngine], *, map_location: Any = "cpu",
-                    restore_rng: bool = True) -> dict:
+                    restore_rng: bool = True, trust: bool = False) -> dict:
     """Restore model + optimizer (+ `steps_taken`) of every engine and, by default, this rank's RNG states from
     the checkpoint `path` (or the newest one of the run directory `path`); return the saved trainer state
-    (with its "step"). Collective: call on every rank.
+    (with its "step"). Collective: call on every rank. Nothing in the files runs code unless `trust`
+    (convert/safe_load.py; UnsafeCheckpointError otherwise).
 
     Raises FileNotFoundError ("no checkpoint in <run_dir>/checkpoints") when there is none, CheckpointError for
     an incomplete checkpoint or when its roles differ from `engines`."""
@@ -443,16 +453,17 @@ def load_checkpoint(path: str | Path, engines: Mapping[str, ModelEngine], *, map
     for role in roles:
         if engines[role].role != role:
             raise ValueError(f"engine under key {role!r} is the {engines[role].role!r} engine")
-        _load_role(engines[role], ckpt / role)
+        with restricted_dcp_load(trust):
+            _load_role(engines[role], ckpt / role)
         engines[role].steps_taken = int(meta["roles"][role]["steps_taken"])
 
     if restore_rng:
         rng_file = ckpt / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
         if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
-            restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+            restore_rng_state(load_torch_file(rng_file, trust=trust))
         else:
             warnings.warn(f"{ckpt} was saved by {meta.get('world_size')} ranks, this run has "
                           f"{dist.get_world_size()}: RNG states not restored", stacklevel=2)
-    state = torch.load(ckpt / TRAINER_STATE_FILE, map_location=map_location, weights_only=False)
+    state = load_torch_file(ckpt / TRAINER_STATE_FILE, trust=trust, map_location=map_location)
     dist.barrier()
     return state

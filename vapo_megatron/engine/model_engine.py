@@ -154,6 +154,18 @@ class ModelEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
 
+    def param_norm(self) -> float:
+        """Global L2 norm of the parameters, each counted once over TP/PP (DP replicas are equal); collective."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        with self.layouts.use(self.role), torch.no_grad():
+            sq = torch.zeros(1, dtype=torch.float64, device=platform.device())
+            for p in self.model.parameters():
+                if param_is_not_tensor_parallel_duplicate(p):
+                    sq += p.detach().double().pow(2).sum()
+            dist.all_reduce(sq, group=ps.get_model_parallel_group())
+        return math.sqrt(sq.item())
+
     # ---- weights ------------------------------------------------------------------------------------------
     def iter_hf_tensors(self):
         """HF-named whole tensors (collective generator; consumed inside the policy layout)."""

@@ -1,8 +1,14 @@
-"""Reward functions: a registry (``math``, ``synthetic`` built in), user functions given as ``file.py:function``
-or ``module:function``, a manager that scores batches with per-call timeouts in worker processes, and DAPO's
-overlong penalty and group filter."""
+"""Reward functions: a registry (``math``, ``synthetic``, ``verl_default`` built in), user functions given as
+``file.py:function`` or ``module:function`` (the project's or verl's signature), a manager that scores batches
+with per-call timeouts in worker processes, and DAPO's overlong penalty and group filter."""
 from vapo_megatron.rewards.builtin import math_reward, synthetic_reward  # importing registers them
-from vapo_megatron.rewards.manager import RewardItem, RewardManager, RewardResults, RewardStats
+from vapo_megatron.rewards.manager import (
+    RewardItem,
+    RewardManager,
+    RewardResults,
+    RewardStats,
+    systematic_failure,
+)
 from vapo_megatron.rewards.registry import (
     RewardFn,
     RewardSpec,
@@ -14,6 +20,7 @@ from vapo_megatron.rewards.registry import (
     score_from_output,
 )
 from vapo_megatron.rewards.shaping import apply_overlong_penalty, filter_uniform_groups, overlong_penalty
+from vapo_megatron.rewards.verl_default import verl_default_reward  # importing registers it
 
 __all__ = [
     "RewardFn",
@@ -33,4 +40,6 @@ __all__ = [
     "resolve_reward",
     "score_from_output",
     "synthetic_reward",
+    "systematic_failure",
+    "verl_default_reward",
 ]

@@ -9,15 +9,20 @@ remaining items of its share are sent to the replacement. One message carries a 
 batch and each result comes back as soon as it is computed, so a batch costs one round trip per worker while
 every call still gets its own deadline.
 
-A raising reward (or one returning something that is not a score) scores ``failure_score`` and is counted in
-``num_errors``. Rewards registered ``in_process_safe`` (bounded work, like ``synthetic``) run in the calling
-process when every reward used is safe: no process start-up, no pickling; they still cannot crash the run.
+A raising reward (or one returning something that is not a finite number: NaN, a string ``"1.0"``) scores
+``failure_score`` and is counted in ``num_errors``; the first traceback of each kind of failure is printed once
+(stderr), and ``RewardStats.first_failure`` keeps the first failing item of the batch, so that the trainer can
+stop on a systematic failure (:func:`systematic_failure`) instead of training on failure scores.
+Rewards registered ``in_process_safe`` (bounded work, like ``synthetic``) run in the calling process
+when every reward used is safe: no process start-up, no pickling; they still cannot crash the run.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import sys
 import time
+import traceback
 import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from vapo_megatron.rewards.calling import call_reward, check_reward_signature, describe
 from vapo_megatron.rewards.registry import (
     RewardSpec,
     get_registered,
@@ -61,6 +67,12 @@ class RewardStats:
     seconds: float = 0.0
     error_examples: list[str] = field(default_factory=list)
     """The first few error messages, for the log."""
+    first_failure: dict[str, Any] | None = None
+    """The first failing item: ``function``, ``message``, ``traceback``, ``item`` (its fields)."""
+
+    @property
+    def num_failed(self) -> int:
+        return self.num_errors + self.num_timeouts
 
     def as_metrics(self, prefix: str = "reward/") -> dict[str, float]:
         return {f"{prefix}num_errors": float(self.num_errors), f"{prefix}num_timeouts": float(self.num_timeouts),
@@ -79,9 +91,7 @@ class RewardResults:
 
 
 def _call_reward(fn: Any, item: tuple, reward_kwargs: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
-    response, ground_truth, prompt, data_source, extra = item
-    out = fn(response, ground_truth, prompt=prompt, data_source=data_source, extra=extra, **reward_kwargs)
-    return score_from_output(out)
+    return score_from_output(call_reward(fn, item, reward_kwargs))
 
 
 def _describe(e: BaseException) -> str:
@@ -90,6 +100,9 @@ def _describe(e: BaseException) -> str:
 
 def _worker_main(conn: Connection, specs: dict[str, RewardSpec], reward_kwargs: dict[str, Any]) -> None:
     """Worker loop: resolve the rewards, say ready, then score every received share item by item."""
+    from vapo_megatron.process_guard import die_with_parent
+
+    die_with_parent()  # a kill -9 of the trainer must not leave a worker running a long reward call
     try:
         fns = {key: resolve_reward(spec) for key, spec in specs.items()}
     except BaseException as e:  # report any set-up failure instead of dying silently
@@ -108,7 +121,7 @@ def _worker_main(conn: Connection, specs: dict[str, RewardSpec], reward_kwargs: 
                 score, extras = _call_reward(fns[key], item, reward_kwargs)
                 conn.send(("ok", pos, score, extras))
             except Exception as e:  # the parent counts it; the worker lives on
-                conn.send(("error", pos, _describe(e)))
+                conn.send(("error", pos, _describe(e), traceback.format_exc()))
 
 
 class _Worker:
@@ -173,6 +186,10 @@ class RewardManager:
         # Resolve here too, so that a missing file or misspelt name fails now, not in a worker mid-run.
         self._fns = {key: resolve_reward(spec) for key, spec in self.specs.items()}
         self.reward_kwargs = dict(reward_kwargs or {})
+        for fn in self._fns.values():
+            check_reward_signature(fn, self.reward_kwargs)
+        self._printed_kinds: set[tuple[str, str]] = set()
+        self._jobs: list[tuple[int, str, tuple]] = []
         self.failure_score = float(self.reward_kwargs.get("incorrect_score", 0.0) if failure_score is None
                                    else failure_score)
         self.timeout_s, self.num_workers, self.startup_timeout_s = timeout_s, num_workers, startup_timeout_s
@@ -191,6 +208,7 @@ class RewardManager:
                                 stats=RewardStats(num_items=n))
         jobs = [(pos, self._key(item), (item.response, item.ground_truth, item.prompt, item.data_source,
                                         item.extra)) for pos, item in enumerate(items)]
+        self._jobs = jobs
         if self.in_process:
             self._score_in_process(jobs, results)
         elif jobs:
@@ -229,16 +247,33 @@ class RewardManager:
             try:
                 results.scores[pos], results.extras[pos] = _call_reward(self._fns[key], item, self.reward_kwargs)
             except Exception as e:
-                self._record_failure(results, pos, "error", _describe(e))
+                self._record_failure(results, pos, "error", _describe(e), traceback.format_exc())
 
-    def _record_failure(self, results: RewardResults, pos: int, status: str, message: str) -> None:
+    def describe(self, key: str = DEFAULT_KEY) -> str:
+        """The reward used for ``key`` (a data source or the default), as its spec and its function."""
+        spec = self.specs[key]
+        return f"{spec if isinstance(spec, str) else ''} = {describe(self._fns[key])}".lstrip(" =")
+
+    def _record_failure(self, results: RewardResults, pos: int, status: str, message: str,
+                        trace: str = "") -> None:
+        stats = results.stats
         results.scores[pos], results.status[pos] = self.failure_score, status
         if status == "timeout":
-            results.stats.num_timeouts += 1
+            stats.num_timeouts += 1
         else:
-            results.stats.num_errors += 1
-        if len(results.stats.error_examples) < MAX_ERROR_EXAMPLES:
-            results.stats.error_examples.append(f"item {pos}: {message}")
+            stats.num_errors += 1
+        if len(stats.error_examples) < MAX_ERROR_EXAMPLES:
+            stats.error_examples.append(f"item {pos}: {message}")
+        _, key, item = self._jobs[pos]  # jobs are in item order
+        failure = {"function": self.describe(key), "message": message, "traceback": trace,
+                   "item": dict(zip(("response", "ground_truth", "prompt", "data_source", "extra"), item))}
+        if stats.first_failure is None:
+            stats.first_failure = failure
+        kind = (key, message.split(":", 1)[0] if status == "error" else status)
+        if kind not in self._printed_kinds:  # the first of each kind once, then only counted
+            self._printed_kinds.add(kind)
+            print(f"reward failure ({status}) in {failure['function']}: {message}\n{trace}".rstrip(),
+                  file=sys.stderr, flush=True)
 
     def _score_in_workers(self, jobs: list[tuple[int, str, tuple]], results: RewardResults) -> None:
         try:
@@ -299,7 +334,7 @@ class RewardManager:
         if kind == "ok":
             results.scores[pos], results.extras[pos] = message[2], message[3]
         else:
-            self._record_failure(results, pos, "error", message[2])
+            self._record_failure(results, pos, "error", message[2], message[3])
         worker.deadline = time.monotonic() + self.timeout_s
 
     def _on_deadline(self, worker: _Worker, results: RewardResults) -> None:
@@ -337,3 +372,19 @@ def _worker_spec(spec: RewardSpec) -> RewardSpec:
         raise TypeError(f"reward {fn!r} cannot be sent to a worker process ({_describe(e)}); use a module-level "
                         "function, a 'file.py:function' string, or in_process=True (no timeout)") from e
     return fn
+
+
+def systematic_failure(stats: RewardStats, max_failed_fraction: float) -> str | None:
+    """A message when the rewards of a batch failed systematically: every call failed, or more than
+    ``max_failed_fraction`` of them (errors and timeouts); None when the failures are rare enough to count only."""
+    n, failed = stats.num_items, stats.num_failed
+    if n == 0 or failed == 0 or (failed < n and failed <= max_failed_fraction * n):
+        return None
+    first = stats.first_failure or {}
+    item = {k: (v[:300] + "..." if isinstance(v, str) and len(v) > 300 else v)
+            for k, v in first.get("item", {}).items()}
+    return (f"the reward function failed on {failed} of {n} responses (errors {stats.num_errors}, timeouts "
+            f"{stats.num_timeouts}; limit reward.max_failed_fraction={max_failed_fraction}), so training would "
+            f"only see failure scores.\n  function: {first.get('function', '?')}\n  error: "
+            f"{first.get('message', '?')}\n  first failing item: {item}\n"
+            + (first.get("traceback") or "").rstrip())

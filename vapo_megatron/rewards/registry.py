@@ -1,7 +1,8 @@
 """The reward-function registry, user functions given as ``file.py:function`` / ``module:function``, and the
 normalisation of what a reward function returns.
 
-Every reward function has the signature::
+A reward function has the project's signature (or verl's ``compute_score(data_source, solution_str, ground_truth,
+extra_info=None)``; see :mod:`vapo_megatron.rewards.calling`, which passes only the keywords a function accepts)::
 
     fn(response: str, ground_truth: str, *, prompt: str = "", data_source: str = "",
        extra: dict | None = None, **reward_kwargs) -> float | dict
@@ -14,8 +15,7 @@ values, which are reported alongside. One such value has a meaning to the traine
 :func:`first_error_span`); the trainer logs how much advantage those tokens get (``credit_first_error_*``).
 
 ``reward_kwargs`` are the fixed keyword arguments a :class:`~vapo_megatron.rewards.manager.RewardManager` was
-given (e.g. ``correct_score``); a function only gets them when the manager was given some, so a user function
-needs to accept only the ones it is configured with.
+given (e.g. ``correct_score``); a function gets only those it declares (all of them when it takes ``**kwargs``).
 """
 from __future__ import annotations
 
@@ -168,7 +168,8 @@ def score_from_output(output: Any) -> tuple[float, dict[str, Any]]:
         value = output["score"]
         extras = {k: v for k, v in output.items() if k != "score"}
     if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
-        raise TypeError(f"a reward must return a number or a dict with 'score', got {type(value).__name__}")
+        raise TypeError(f"a reward must return a number or a dict with 'score', got {type(value).__name__} "
+                        f"{value!r:.80}" + (" (return float(...), not a string)" if isinstance(value, str) else ""))
     score = float(value)
     if not math.isfinite(score):
         raise ValueError(f"a reward returned a non-finite score ({score})")

@@ -1,0 +1,28 @@
+"""Errors a user can fix. The CLI prints their message alone, once, without a traceback (``--debug`` or
+``VAPO_DEBUG=1`` shows it); any other exception is an internal error and keeps its full traceback."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's inputs (config, data, tokenizer, reward, run directory, checkpoint)."""
+
+
+class PreflightError(UserError):
+    """An input found unusable before any model or vLLM engine is built."""
+
+
+class RunDirError(UserError):
+    """A run directory that would be silently reused, or cannot be resumed."""
+
+
+class RewardFailureError(UserError):
+    """The reward function fails systematically (every call, or more than reward.max_failed_fraction)."""
+
+
+class DivergenceError(UserError):
+    """A training step out of range (train.divergence_* thresholds) with no way to skip it; the state after it
+    is not checkpointed."""
+
+
+class UnsafeCheckpointError(UserError):
+    """A checkpoint file that would run code when loaded, refused unless checkpoint.trust_checkpoints is set."""
