@@ -147,6 +147,9 @@ def child(stage: str, work: Path, args: argparse.Namespace) -> None:
 
     if stage in ("hf2meg", "meg2hf"):
         os.environ.setdefault("VAPO_FORCE_CPU", "1")
+        from vapo_megatron import platform
+
+        platform.install_shims()  # entry point of the child: before megatron-core is imported
         import vapo_megatron.convert.dist_ckpt  # noqa: F401 - megatron-core
     rss_imports, anon_imports = _status("VmRSS"), _status("RssAnon")
     outputs = {"baseline": "baseline", "hf2meg": "meg", "meg2hf": "hf_out"}

@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VAPO_FORCE_CPU", "1")  # conversion is I/O: keep it off the GPU and NCCL
+    from vapo_megatron import platform
+
+    platform.install_shims()  # entry point: before anything imports megatron-core (CPU only)
     from vapo_megatron.convert.hf_io import MissingShardError, MissingTensorError, TruncatedShardError
     from vapo_megatron.convert.hf_to_megatron import convert_hf_to_megatron
     from vapo_megatron.convert.mapping import ShapeMismatchError

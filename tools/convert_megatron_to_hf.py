@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VAPO_FORCE_CPU", "1")  # conversion is I/O: keep it off the GPU and NCCL
+    from vapo_megatron import platform
+
+    platform.install_shims()  # entry point: before anything imports megatron-core (CPU only)
     from vapo_megatron.convert.mapping import ShapeMismatchError
     from vapo_megatron.convert.megatron_to_hf import convert_megatron_to_hf
     from vapo_megatron.models.hf_config import UnsupportedModelError

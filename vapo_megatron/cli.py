@@ -76,6 +76,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_platform_shims() -> None:
+    """The entry points install the CPU shims for megatron-core once, before anything imports it (no module
+    does so as an import side effect; nothing happens on CUDA)."""
+    from vapo_megatron import platform
+
+    platform.install_shims()
+
+
 def _rank() -> int:
     import os
 
@@ -95,6 +103,7 @@ def train_main(argv: list[str] | None = None) -> int:
     rank 0 and exit 1, with the traceback only under --debug / VAPO_DEBUG=1; internal errors raise as they are."""
     import os
 
+    _install_platform_shims()
     args = _train_parser().parse_args(argv)
     if args.config is None:
         _train_parser().print_help()
@@ -112,6 +121,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
+    _install_platform_shims()
     from vapo_megatron.rollout.generate import generate_main as run
 
     return run(argv)

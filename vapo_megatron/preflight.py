@@ -113,11 +113,17 @@ def check_data(cfg: VapoConfig, tokenizer: Any) -> list[str]:
 
 def check_reward(cfg: VapoConfig, data_sources: list[str]) -> None:
     """The reward loads and can be called; ``verl_default`` knows every training data source."""
-    from vapo_megatron.rewards import resolve_reward
+    from vapo_megatron.config import did_you_mean
+    from vapo_megatron.rewards import available_rewards, resolve_reward
     from vapo_megatron.rewards.calling import check_reward_signature
+    from vapo_megatron.rewards.registry import is_custom_spec
     from vapo_megatron.rewards.verl_default import is_known_source, known_sources
 
     name = cfg.reward.name
+    if not is_custom_spec(name) and name not in available_rewards():
+        known = available_rewards()  # importing the package registers the built-in rewards
+        raise PreflightError(f"reward.name={name!r} is neither a registered reward ({', '.join(known)}) nor "
+                             "'path/to/file.py:fn' / 'package.module:fn'." + did_you_mean(name, known))
     try:
         fn = resolve_reward(name)
         check_reward_signature(fn, {"correct_score": 1.0, "incorrect_score": 0.0})

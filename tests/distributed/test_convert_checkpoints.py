@@ -145,7 +145,7 @@ def _layouts(root: str, ids: torch.Tensor) -> dict:
 def _perturb(model_name: str, parallel, r: Path, ids: torch.Tensor):
     from vapo_megatron.convert.dist_ckpt import load_model, read_info, save_model
     from vapo_megatron.engine.build import build_model, load_full_state
-    from vapo_megatron.parallel.gather import full_state_dict
+    from vapo_megatron.engine.gather import full_state_dict
 
     info = read_info(r / "meg" / model_name)
     model = build_model(info.arch, parallel, "policy", ddp=False).model

@@ -41,9 +41,9 @@ def _run_role(hf_dir: str, role: str, parallel) -> dict:
     from vapo_megatron.convert.hf_io import HFCheckpointReader
     from vapo_megatron.convert.mapping import iter_hf_to_full
     from vapo_megatron.engine.build import build_model, load_full_state
+    from vapo_megatron.engine.gather import full_state_dict
     from vapo_megatron.engine.schedule import forward_backward
     from vapo_megatron.models.hf_config import load_arch
-    from vapo_megatron.parallel.gather import full_state_dict
 
     arch = load_arch(hf_dir)
     reader = HFCheckpointReader(hf_dir)

@@ -95,7 +95,7 @@ def _resumable(spec: RunSpec) -> bool:
 
 
 def _free_port(taken: set[int]) -> int:
-    from vapo_megatron.testing.dist import free_port
+    from vapo_megatron.platform import free_port
 
     while (port := free_port()) in taken:
         pass

@@ -27,25 +27,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
+from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess, save_preprocess
+from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
 
-from vapo_megatron import platform
 from vapo_megatron.convert import atomic
 from vapo_megatron.convert.hf_io import copy_hf_assets, dtype_name, parse_dtype
 from vapo_megatron.convert.mapping import ShapeMismatchError
 from vapo_megatron.convert.safe_load import restricted_dcp_load
 from vapo_megatron.models.hf_config import ModelArch, transformer_config
-
-platform.install_shims()
-from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config  # noqa: E402
-from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402
-from megatron.core.dist_checkpointing.mapping import (  # noqa: E402
-    ShardedObject,
-    ShardedTensor,
-    ShardedTensorFactory,
-)
-from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess, save_preprocess  # noqa: E402
-from megatron.core.dist_checkpointing.strategies import torch as mcore_torch  # noqa: E402
 
 INFO_FILE = "vapo_checkpoint.json"
 ASSETS_DIR = "hf_assets"

@@ -1,5 +1,5 @@
 """The bounded-walk task: long step-by-step responses, a sparse verifier reward, and decisive local mistakes
-that are visible in the text (the miniature of the credit-assignment study, docs/credit_assignment.md).
+that are visible in the text (the miniature of the credit-assignment study: README "Using it", examples/credit/).
 
 The paper's setting (docs/VAPO.md) has three properties that value-free methods handle badly: long responses,
 a binary reward only at the end, and single local mistakes that decide the outcome. The arithmetic-chain task

@@ -5,19 +5,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from vapo_megatron import platform
 from vapo_megatron.convert.mapping import check_covers, copy_shard, load_local_shards, shard_state_dict
+from vapo_megatron.engine.schedule import prepare_config
 from vapo_megatron.models.critic import build_critic
 from vapo_megatron.models.hf_config import ModelArch, transformer_config
 from vapo_megatron.models.policy import build_policy
 from vapo_megatron.parallel.layout import ParallelConfig
-
-platform.install_shims()
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
-
-from vapo_megatron.engine.schedule import prepare_config  # noqa: E402
 
 HFGetter = Callable[[str], torch.Tensor]  # HF tensor name -> tensor
 

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 import torch
 
 from vapo_megatron.convert.mapping import full_to_hf
+from vapo_megatron.engine.gather import iter_full_tensors
 from vapo_megatron.models.hf_config import ModelArch
-from vapo_megatron.parallel.gather import iter_full_tensors
 
 
 def iter_hf_tensors(model: torch.nn.Module, arch: ModelArch, role: str = "policy", *,

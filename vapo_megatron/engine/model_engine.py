@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from vapo_megatron import platform
 from vapo_megatron.engine.build import HFGetter, build_model
@@ -18,9 +19,6 @@ from vapo_megatron.engine.optim import build_optimizer
 from vapo_megatron.engine.schedule import forward_backward
 from vapo_megatron.models.hf_config import ModelArch
 from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
-
-platform.install_shims()
-from megatron.core import parallel_state as ps  # noqa: E402
 
 MicroLoss = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 

@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import torch
-
-from vapo_megatron import platform
-
-platform.install_shims()
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,

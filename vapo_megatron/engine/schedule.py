@@ -12,14 +12,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from vapo_megatron import platform
 from vapo_megatron.parallel.context import context_parallel_view, split_for_context_parallel
-
-platform.install_shims()
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.distributed import finalize_model_grads  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 _MASKS: dict[tuple[int, str], torch.Tensor] = {}
 

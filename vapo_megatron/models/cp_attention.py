@@ -17,14 +17,11 @@ import copy
 import functools
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-from vapo_megatron import platform
 from vapo_megatron.parallel.context import cp_causal_mask
-
-platform.install_shims()
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region  # noqa: E402
-from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 
 
 @functools.lru_cache(maxsize=16)

@@ -3,15 +3,12 @@ layer. No vocabulary projection is ever built: at 32B that would be ~0.8B unused
 from __future__ import annotations
 
 import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import build_module
 
-from vapo_megatron import platform
 from vapo_megatron.models.hf_config import ModelArch
-from vapo_megatron.models.specs import gpt_layer_spec
-
-platform.install_shims()
-from megatron.core import tensor_parallel  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.transformer.spec_utils import build_module  # noqa: E402
+from vapo_megatron.models.specs import gpt_layer_spec, quiet_gpt_model_deprecation
 
 
 class CriticModel(GPTModel):
@@ -20,6 +17,7 @@ class CriticModel(GPTModel):
 
     def __init__(self, arch: ModelArch, config, *, pre_process: bool, post_process: bool, pg_collection=None,
                  use_te: bool | None = None):
+        quiet_gpt_model_deprecation()
         super().__init__(
             config, gpt_layer_spec(use_te=use_te, context_parallel=config.context_parallel_size > 1),
             vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from vapo_megatron.models.hf_config import ModelArch
-from vapo_megatron.models.specs import gpt_layer_spec
+from vapo_megatron.models.specs import gpt_layer_spec, quiet_gpt_model_deprecation
 
 
 def build_policy(arch: ModelArch, config, *, pre_process: bool = True, post_process: bool = True,
@@ -10,6 +10,7 @@ def build_policy(arch: ModelArch, config, *, pre_process: bool = True, post_proc
     """A GPTModel for this pipeline stage. Its output is vocabulary-parallel logits [B, S, V/tp]."""
     from megatron.core.models.gpt import GPTModel
 
+    quiet_gpt_model_deprecation()
     spec = gpt_layer_spec(use_te=use_te, context_parallel=config.context_parallel_size > 1)
     return GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),

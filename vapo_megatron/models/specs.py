@@ -3,6 +3,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
+
+
+class _DropGPTModelDeprecation(logging.Filter):
+    """Drops megatron-core 0.19's "GPTModel IS DEPRECATED ... HybridModel" warning, printed at every build.
+    This project stays on GPTModel on purpose (docs/architecture.md, "GPTModel or HybridModel"); every other
+    record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("GPTModel IS DEPRECATED")
+
+
+@functools.cache
+def quiet_gpt_model_deprecation() -> None:
+    """Install the filter above once per process (called by the policy and critic builders)."""
+    logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(_DropGPTModelDeprecation())
 
 
 @functools.cache

@@ -1,5 +1,11 @@
 """Where the project meets the hardware: CUDA clusters run megatron-core untouched; CPU-only machines get
-the shims of :mod:`vapo_megatron.platform.cpu`."""
+the shims of :mod:`vapo_megatron.platform.cpu`.
+
+The shims are installed once per process by its entry point, never as an import side effect: `vapo-train` /
+`vapo-generate` (cli.py), the tools' `main`, `parallel.layout.init_distributed` (benchmarks, examples), the test
+set-up (tests/conftest.py) and every spawned test rank (testing/dist.py, before it unpickles its function).
+Modules that import megatron-core at their top therefore need an entry point to have run first on CPU; the
+pure layers (algorithms, config, data) never import it."""
 from __future__ import annotations
 
 import os
@@ -12,8 +18,8 @@ def has_cuda() -> bool:
 
 
 def install_shims() -> None:
-    """Make `import megatron.core` work on this machine (idempotent; nothing happens on CUDA). Modules that
-    import megatron.core at their top call this first."""
+    """Make `import megatron.core` work on this machine (idempotent; nothing happens on CUDA). Called by the
+    entry points listed in the module docstring."""
     if not has_cuda():
         from vapo_megatron.platform import cpu
 
@@ -42,3 +48,12 @@ def device() -> torch.device:
 
 def dist_backend() -> str:
     return "nccl" if has_cuda() else "gloo"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for MASTER_PORT of a single-machine process group)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

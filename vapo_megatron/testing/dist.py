@@ -14,23 +14,20 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+from vapo_megatron.platform import free_port
 
 
 class DistributedTestError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, queue, env: dict):
+def _worker(rank: int, world_size: int, port: int, fn_bytes: bytes, args: bytes, queue, env: dict):
+    """One rank. `fn` and its arguments arrive pickled and are unpickled only after `platform.setup()`:
+    unpickling imports the test module, which may import megatron-core, which needs the CPU shims first."""
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -39,9 +36,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
 
         from vapo_megatron import platform
 
-        platform.setup()
+        platform.setup()  # the entry point of a spawned rank: shims before anything imports megatron-core
+        fn, (fn_args, fn_kwargs) = pickle.loads(fn_bytes), pickle.loads(args)
         dist.init_process_group(platform.dist_backend(), rank=rank, world_size=world_size)
-        result = fn(*args, **kwargs)
+        result = fn(*fn_args, **fn_kwargs)
         queue.put((rank, True, pickle.dumps(result)))  # bytes: no shared-memory handles to outlive us
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit, to the parent
         queue.put((rank, False, traceback.format_exc()))
@@ -96,7 +94,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     queue = ctx.Queue()
     port = free_port()
     base_env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, queue, base_env),
+    fn_bytes, arg_bytes = pickle.dumps(fn), pickle.dumps((args, kwargs))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn_bytes, arg_bytes, queue, base_env),
                          daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()

@@ -9,13 +9,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
-from vapo_megatron import platform
 from vapo_megatron.convert.mapping import ParamMap, full_shape, merge_tp, param_maps, stage_local_name, stages_of
 from vapo_megatron.models.hf_config import ModelArch
-
-platform.install_shims()
-from megatron.core import parallel_state as ps  # noqa: E402
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
