@@ -103,9 +103,8 @@ class Trainer:
         from vapo_megatron.engine.export import export_hf
 
         base = json.loads((Path(self.cfg.model.hf_dir) / "config.json").read_text())
-        with self.layouts.use("policy"):
-            export_hf(self.actor.model, self.arch, Path(self.cfg.checkpoint.run_dir) / "hf_policy",
-                      hf_assets=self.cfg.model.hf_dir, base_config=base)
+        export_hf(self.actor.model, self.arch, Path(self.cfg.checkpoint.run_dir) / "hf_policy",
+                  hf_assets=self.cfg.model.hf_dir, base_config=base, groups=self.actor.groups)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _engines(self) -> dict:

@@ -5,7 +5,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from vapo_megatron import platform
@@ -14,7 +13,7 @@ from vapo_megatron.engine.schedule import prepare_config
 from vapo_megatron.models.critic import build_critic
 from vapo_megatron.models.hf_config import ModelArch, transformer_config
 from vapo_megatron.models.policy import build_policy
-from vapo_megatron.parallel.layout import ParallelConfig
+from vapo_megatron.parallel.layout import ParallelConfig, RoleGroups, current_groups
 
 HFGetter = Callable[[str], torch.Tensor]  # HF tensor name -> tensor
 
@@ -25,17 +24,20 @@ class BuiltModel:
     config: object  # megatron TransformerConfig
     arch: ModelArch
     role: str
+    groups: RoleGroups  # the process groups it was built in
 
 
-def _rank_layout() -> dict[str, int]:
-    return dict(tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
-                pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank())
+def _rank_layout(groups: RoleGroups | None) -> dict[str, int]:
+    g = (groups or current_groups()).pg
+    return dict(tp=g.tp.size(), tp_rank=g.tp.rank(), pp=g.pp.size(), pp_rank=g.pp.rank())
 
 
-def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], arch: ModelArch, role: str) -> None:
+def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], arch: ModelArch, role: str,
+                    groups: RoleGroups | None = None) -> None:
     """Copy this rank's shard of a Megatron full state dict into `model` (every parameter must be covered).
-    For a full state that is already in memory (an edited one); initial weights stream (`load_hf_weights`)."""
-    local = shard_state_dict(full, arch, role=role, **_rank_layout())
+    For a full state that is already in memory (an edited one); initial weights stream (`load_hf_weights`).
+    `groups`: the role's process groups (None: those `parallel.layout.initialize` set up)."""
+    local = shard_state_dict(full, arch, role=role, **_rank_layout(groups))
     params = dict(model.named_parameters())
     check_covers(params, local, role)
     with torch.no_grad():
@@ -43,37 +45,42 @@ def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], arch:
             copy_shard(params[name], name, tensor)
 
 
-def load_hf_weights(model: torch.nn.Module, hf_get: HFGetter, arch: ModelArch, role: str) -> None:
+def load_hf_weights(model: torch.nn.Module, hf_get: HFGetter, arch: ModelArch, role: str,
+                    groups: RoleGroups | None = None) -> None:
     """Stream this rank's parameters from HF tensors (`hf_get(name)`, e.g. `HFCheckpointReader.get`): only the
     tensors of this pipeline stage are read, one parameter at a time, and only this TP rank's piece is kept
     (peak host memory: about one full tensor, the largest being the embedding)."""
-    load_local_shards(dict(model.named_parameters()), hf_get, arch, role, **_rank_layout())
+    load_local_shards(dict(model.named_parameters()), hf_get, arch, role, **_rank_layout(groups))
 
 
 def build_model(arch: ModelArch, parallel: ParallelConfig, role: str, *, params_dtype=torch.float32,
                 hf_get: HFGetter | None = None, full_state: dict[str, torch.Tensor] | None = None,
-                ddp: bool = True, use_distributed_optimizer: bool = False, **config_overrides) -> BuiltModel:
-    """The `role` model ("policy" or "critic") of this rank, in megatron's current parallel state, with its
-    weights streamed from HF tensors (`hf_get`), or sliced from a Megatron full state dict already in memory
-    (`full_state`), or left at megatron's random init (neither)."""
+                ddp: bool = True, use_distributed_optimizer: bool = False, groups: RoleGroups | None = None,
+                **config_overrides) -> BuiltModel:
+    """The `role` model ("policy" or "critic") of this rank in the process groups `groups` (None: those that
+    `parallel.layout.initialize` set up last), with its weights streamed from HF tensors (`hf_get`), or sliced
+    from a Megatron full state dict already in memory (`full_state`), or left at megatron's random init
+    (neither). The groups go to GPTModel and DDP explicitly; the role's RNG tracker is active while building."""
     if hf_get is not None and full_state is not None:
         raise ValueError("build_model: pass hf_get or full_state, not both")
     parallel.validate(torch.distributed.get_world_size(), num_layers=arch.num_layers, num_heads=arch.num_heads,
                       num_kv_heads=arch.num_kv_heads)
+    groups = groups or current_groups(role)
     config = transformer_config(arch, parallel, params_dtype=params_dtype, **config_overrides)
     prepare_config(config)
-    kwargs = dict(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    model = build_policy(arch, config, **kwargs) if role == "policy" else build_critic(arch, config, **kwargs)
+    kwargs = dict(pre_process=groups.is_first_stage, post_process=groups.is_last_stage, pg_collection=groups.pg)
+    with groups.rng():  # TP-sharded layers draw their initial weights from the tracker
+        model = build_policy(arch, config, **kwargs) if role == "policy" else build_critic(arch, config, **kwargs)
     if platform.has_cuda():
         model.cuda(torch.cuda.current_device())
     if hf_get is not None:
-        load_hf_weights(model, hf_get, arch, role)
+        load_hf_weights(model, hf_get, arch, role, groups)
     elif full_state is not None:
-        load_full_state(model, full_state, arch, role)
+        load_full_state(model, full_state, arch, role, groups)
     if ddp:
         ddp_config = DistributedDataParallelConfig(
             use_distributed_optimizer=use_distributed_optimizer, overlap_grad_reduce=False,
             grad_reduce_in_fp32=True)
-        model = DistributedDataParallel(config, ddp_config, model)
+        model = DistributedDataParallel(config, ddp_config, model, pg_collection=groups.pg)
         config.no_sync_func = model.no_sync
-    return BuiltModel(model=model, config=config, arch=arch, role=role)
+    return BuiltModel(model=model, config=config, arch=arch, role=role, groups=groups)

@@ -156,6 +156,10 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         tracker.set_states({k: v.clone() for k, v in state["megatron_tracker"].items()})
 
 
+def _clone(states: dict | None) -> dict | None:
+    return None if states is None else {k: v.clone() for k, v in states.items()}
+
+
 def _rng_tracker():
     try:
         from megatron.core import tensor_parallel
@@ -318,10 +322,11 @@ def _save_role(engine: ModelEngine, role_dir: Path) -> None:
     from vapo_megatron.process_guard import avoid_checkpoint_manager_process
 
     avoid_checkpoint_manager_process()  # no Manager server process that would outlive a killed trainer
-    with engine.layouts.use(engine.role):
-        if dist.get_rank() == 0:
-            role_dir.mkdir()
-        dist.barrier()  # dist_checkpointing.save wants the (empty) directory to exist on every rank
+    if dist.get_rank() == 0:
+        role_dir.mkdir()
+    dist.barrier()  # dist_checkpointing.save wants the (empty) directory to exist on every rank
+    # confined (docs/architecture.md): the optimizer's sharded_state_dict reads megatron's globals
+    with engine.groups.megatron_globals():
         dist_checkpointing.save(_sharded_state_dict(engine, is_loading=False), str(role_dir))
 
 
@@ -387,7 +392,9 @@ def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, ModelE
     if dist.get_rank() == 0:
         rng_dir.mkdir()
     dist.barrier()
-    torch.save(capture_rng_state(), rng_dir / f"rank_{dist.get_rank():05d}.pt")
+    rng = capture_rng_state()
+    rng["megatron_tracker_roles"] = {role: _clone(engines[role].groups.rng_states) for role in sorted(engines)}
+    torch.save(rng, rng_dir / f"rank_{dist.get_rank():05d}.pt")
 
     result: Any = final
     if dist.get_rank() == 0:
@@ -420,7 +427,8 @@ def _load_role(engine: ModelEngine, role_dir: Path) -> None:
 
     from vapo_megatron.convert.dist_ckpt import check_global_shapes, unwrap
 
-    with engine.layouts.use(engine.role):
+    # confined (docs/architecture.md): sharded_state_dict and the optimizer's load read megatron's globals
+    with engine.groups.megatron_globals():
         module = unwrap(engine.model)
         check_global_shapes(module.sharded_state_dict(), role_dir)  # names the tensor on an arch mismatch
         if _uses_distributed_optimizer(engine.optimizer):
@@ -460,7 +468,11 @@ def load_checkpoint(path: str | Path, engines: Mapping[str, ModelEngine], *, map
     if restore_rng:
         rng_file = ckpt / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
         if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
-            restore_rng_state(load_torch_file(rng_file, trust=trust))
+            rng = load_torch_file(rng_file, trust=trust)
+            restore_rng_state(rng)
+            for role, states in (rng.get("megatron_tracker_roles") or {}).items():
+                if states is not None and role in engines:
+                    engines[role].groups.rng_states = _clone(states)
         else:
             warnings.warn(f"{ckpt} was saved by {meta.get('world_size')} ranks, this run has "
                           f"{dist.get_world_size()}: RNG states not restored", stacklevel=2)

@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from vapo_megatron.convert.mapping import ParamMap, full_shape, merge_tp, param_maps, stage_local_name, stages_of
 from vapo_megatron.models.hf_config import ModelArch
+from vapo_megatron.parallel.layout import RoleGroups, current_groups
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -28,8 +28,7 @@ def local_tensors(model: torch.nn.Module, getter: Callable[[torch.nn.Parameter],
     return {name: getter(p) for name, p in _unwrap(model).named_parameters()}
 
 
-def _gather_tp(pm: ParamMap, shard: torch.Tensor, arch: ModelArch) -> torch.Tensor:
-    group = ps.get_tensor_model_parallel_group()
+def _gather_tp(pm: ParamMap, shard: torch.Tensor, arch: ModelArch, group) -> torch.Tensor:
     tp = dist.get_world_size(group)
     if pm.tp_dim is None or tp == 1:
         return merge_tp(pm, [shard], arch) if pm.vocab else shard
@@ -40,14 +39,18 @@ def _gather_tp(pm: ParamMap, shard: torch.Tensor, arch: ModelArch) -> torch.Tens
 
 def iter_full_tensors(model: torch.nn.Module, arch: ModelArch, role: str = "policy", *,
                       getter: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
-                      dtype: torch.dtype | None = None) -> Iterator[tuple[ParamMap, torch.Tensor]]:
+                      dtype: torch.dtype | None = None, groups: RoleGroups | None = None
+                      ) -> Iterator[tuple[ParamMap, torch.Tensor]]:
     """Yield (ParamMap, whole Megatron tensor) for every parameter, in order, on every rank.
 
     Collective: every rank of the model-parallel group must iterate in lockstep. TP shards are all-gathered
-    within the owning stage, then the result is broadcast over the pipeline group."""
+    within the owning stage, then the result is broadcast over the pipeline group. `groups`: the role's process
+    groups (None: those `parallel.layout.initialize` set up), held by the generator, so that other work (vLLM)
+    may run between its items."""
+    groups = groups or current_groups(role)
     local = local_tensors(model, getter)
-    pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    pp_group = ps.get_pipeline_model_parallel_group()
+    pp_group = groups.pg.pp
+    pp, stage = pp_group.size(), groups.pp_rank
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else None
     some = next(iter(local.values()))
     dtype = dtype or some.dtype
@@ -55,7 +58,7 @@ def iter_full_tensors(model: torch.nn.Module, arch: ModelArch, role: str = "poli
         owner = stages_of(pm, arch, pp, role)[0]
         full = None
         if stage == owner:
-            full = _gather_tp(pm, local[stage_local_name(pm, arch, pp, stage)], arch).to(dtype)
+            full = _gather_tp(pm, local[stage_local_name(pm, arch, pp, stage)], arch, groups.pg.tp).to(dtype)
         if pp > 1:
             if full is None:
                 full = torch.empty(full_shape(pm, arch), dtype=dtype, device=some.device)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from vapo_megatron import platform
 from vapo_megatron.engine.build import HFGetter, build_model
@@ -34,14 +33,14 @@ class ModelEngine:
         self.micro_batch_size, self.base_lr, self.warmup_steps = micro_batch_size, lr, warmup_steps
         self.micro_batch_tokens, self.pad_multiple = micro_batch_tokens, parallel.seq_multiple()
         self.steps_taken = 0
-        with layouts.use(role):
-            self.built = build_model(arch, parallel, role, hf_get=hf_get, params_dtype=params_dtype,
-                                     use_distributed_optimizer=use_distributed_optimizer, recompute=recompute,
-                                     recompute_num_layers=recompute_num_layers)
-            self.optimizer = build_optimizer(self.built.model, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
-                                             adam_beta1=adam_beta1, adam_beta2=adam_beta2,
-                                             bf16=params_dtype == torch.bfloat16,
-                                             use_distributed_optimizer=use_distributed_optimizer)
+        self.groups = layouts.groups[role]
+        self.built = build_model(arch, parallel, role, hf_get=hf_get, params_dtype=params_dtype,
+                                 use_distributed_optimizer=use_distributed_optimizer, recompute=recompute,
+                                 recompute_num_layers=recompute_num_layers, groups=self.groups)
+        self.optimizer = build_optimizer(self.built.model, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
+                                         adam_beta1=adam_beta1, adam_beta2=adam_beta2,
+                                         bf16=params_dtype == torch.bfloat16,
+                                         use_distributed_optimizer=use_distributed_optimizer, groups=self.groups)
         # token micro-batches differ in length: pipeline stages then send each activation's shape first
         self.built.config.variable_seq_lengths = micro_batch_tokens > 0
 
@@ -49,9 +48,9 @@ class ModelEngine:
     def model(self) -> torch.nn.Module:
         return self.built.model
 
-    # ---- layout helpers (call inside `layouts.use(role)`) -------------------------------------------------
+    # ---- layout helpers -----------------------------------------------------------------------------------
     def _dp_bounds(self, n: int) -> tuple[int, int]:
-        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        dp, rank = self.groups.dp_size, self.groups.dp_rank
         if n % dp:
             raise ValueError(f"{self.role}: batch of {n} samples does not split over data-parallel size {dp}")
         per = n // dp
@@ -70,33 +69,29 @@ class ModelEngine:
 
     def _is_reporter(self) -> bool:
         """One rank per DP rank reports outputs and metrics: CP ranks hold the same whole-sequence results."""
-        return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-                and ps.get_context_parallel_rank() == 0)
+        g = self.groups
+        return g.is_last_stage and g.tp_rank == 0 and g.cp_rank == 0
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, batch: dict, output_fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> torch.Tensor:
-        """`output_fn(model_output, micro_batch) -> [m, ...]` per micro-batch; returns the whole-batch result
-        [n, ...] on every rank (slices assembled over DP with one all-reduce)."""
-        with self.layouts.use(self.role), torch.no_grad():
+        """`output_fn(model_output, micro_batch) -> [m, R]` per micro-batch: one value per response slot (R =
+        `batch["resp_pos"].shape[1]`, as `response_logprobs` / `response_values` give). Returns the whole-batch
+        result [n, R] (float32) on every rank.
+
+        The shape comes from the batch, so no collective asks for it. The one collective is the assembly: each
+        DP rank's reporting rank (last stage, TP rank 0, CP rank 0) writes its rows into a zero [n, R] tensor and
+        one all-reduce over all ranks sums them (adding zeros is exact)."""
+        n, width = batch["resp_pos"].shape
+        full = torch.zeros((n, width), dtype=torch.float32, device=platform.device())
+        with self.groups.rng(), torch.no_grad():
             micro, rows, start, stop = self._micro_batches(batch)
-            outs = forward_backward(self.model, micro, None, forward_only=True, output_fn=output_fn)
-            local = None
-            if outs:  # back into row order (token micro-batches are sorted by length)
-                local = torch.empty((stop - start, *outs[0].shape[1:]), dtype=outs[0].dtype, device=outs[0].device)
-                local[torch.tensor([i for r in rows for i in r], device=local.device)] = torch.cat(outs)
-            shape = self._broadcast_shape(local)
-            full = torch.zeros((batch["input_ids"].shape[0], *shape[1:]), dtype=torch.float32,
-                               device=platform.device())
-            if self._is_reporter():
-                full[start:stop] = local.float()
+            outs = forward_backward(self.model, micro, None, forward_only=True, output_fn=output_fn,
+                                    groups=self.groups)
+            if outs and self._is_reporter():  # back into row order (token micro-batches are sorted by length)
+                order = torch.tensor([start + i for r in rows for i in r], device=full.device)
+                full[order] = torch.cat(outs).float()
         dist.all_reduce(full)
         return full.to(batch["input_ids"].device)
-
-    def _broadcast_shape(self, local: torch.Tensor | None) -> list[int]:
-        shape = [list(local.shape) if local is not None and self._is_reporter() else None]
-        objs = [None] * dist.get_world_size()
-        dist.all_gather_object(objs, shape[0])
-        return next(s for s in objs if s is not None)
 
     # ---- training -----------------------------------------------------------------------------------------
     def train_step(self, batch: dict, loss_fn: MicroLoss) -> dict[str, float]:
@@ -105,11 +100,11 @@ class ModelEngine:
         finite and no update was applied) and `padding_waste` (fraction of computed token slots that are padding,
         over all DP ranks)."""
         self._set_lr()
-        with self.layouts.use(self.role):
+        with self.groups.rng():
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             micro, _, _, _ = self._micro_batches(batch)
-            stats = forward_backward(self.model, micro, loss_fn)
+            stats = forward_backward(self.model, micro, loss_fn, groups=self.groups)
             padded, real = padded_and_real_tokens(micro)
             metrics = self._reduce_metrics(stats, {"padded_tokens": padded, "real_tokens": real})
             finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0],
@@ -156,16 +151,16 @@ class ModelEngine:
         """Global L2 norm of the parameters, each counted once over TP/PP (DP replicas are equal); collective."""
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        with self.layouts.use(self.role), torch.no_grad():
+        with torch.no_grad():
             sq = torch.zeros(1, dtype=torch.float64, device=platform.device())
             for p in self.model.parameters():
-                if param_is_not_tensor_parallel_duplicate(p):
+                if param_is_not_tensor_parallel_duplicate(p, tp_group=self.groups.pg.tp):
                     sq += p.detach().double().pow(2).sum()
-            dist.all_reduce(sq, group=ps.get_model_parallel_group())
+            dist.all_reduce(sq, group=self.groups.pg.mp)
         return math.sqrt(sq.item())
 
     # ---- weights ------------------------------------------------------------------------------------------
     def iter_hf_tensors(self):
-        """HF-named whole tensors (collective generator; consumed inside the policy layout)."""
-        with self.layouts.use(self.role):
-            yield from iter_hf_tensors(self.model, self.arch, self.role)
+        """HF-named whole tensors (collective generator: every rank consumes it in lockstep). It holds the
+        role's process groups itself, so vLLM may run between its items."""
+        return iter_hf_tensors(self.model, self.arch, self.role, groups=self.groups)

@@ -17,7 +17,7 @@ from vapo_megatron.parallel.vocab_parallel import megatron_vocab_logprobs_entrop
 
 def response_logprobs(logits: torch.Tensor, mb: dict, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies [m, R] of the response tokens from vocab-parallel logits [m, S, V/tp]."""
-    lp, ent = megatron_vocab_logprobs_entropy(logits, mb["targets"], vocab_size)
+    lp, ent = megatron_vocab_logprobs_entropy(logits, mb["targets"], vocab_size, tp_group=mb.get("tp_group"))
     lp, ent = gather_sequence_of(lp, mb), gather_sequence_of(ent, mb)  # whole sequences under CP
     return lp.gather(1, mb["resp_pos"]), ent.gather(1, mb["resp_pos"])
 

@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from vapo_megatron.parallel.context import context_parallel_view, split_for_context_parallel
+from vapo_megatron.parallel.layout import RoleGroups, current_groups
 
 _MASKS: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -35,7 +36,8 @@ def position_ids(batch: int, seq_len: int, device=None) -> torch.Tensor:
 
 
 def finalize_grads_unscaled(model, num_tokens=None, *args, **kwargs):
-    """finalize_model_grads without the division by the token count (see the module docstring)."""
+    """finalize_model_grads without the division by the token count (see the module docstring). The schedules
+    pass it the role's `pg_collection` (forward_backward hands it to them)."""
     return finalize_model_grads(model, None, *args, **kwargs)
 
 
@@ -45,12 +47,20 @@ def prepare_config(config) -> None:
     config.finalize_model_grads_func = finalize_grads_unscaled
 
 
+def _model_config(model: torch.nn.Module):
+    """The TransformerConfig of a (DDP-wrapped) megatron model."""
+    from megatron.core.utils import get_model_config
+
+    return get_model_config(model)
+
+
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_batches: Sequence[dict],
                      loss_fn: LossFn | None, *, forward_only: bool = False,
-                     output_fn: Callable[[torch.Tensor, dict], Any] | None = None) -> list[Any]:
+                     output_fn: Callable[[torch.Tensor, dict], Any] | None = None,
+                     groups: RoleGroups | None = None) -> list[Any]:
     """Run all micro-batches (dicts with `input_ids` [b, S]) through the schedule. Their shapes may differ only
     when the model config has `variable_seq_lengths` (pipeline stages then exchange each activation's shape).
 
@@ -60,15 +70,19 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
     `loss_fn` / `output_fn` is `context_parallel_view(mb)`: gather per-token results with
     `parallel.context.gather_sequence_of` (engine/objectives.py does) before reading response positions.
 
+    The micro-batch passed to `loss_fn` / `output_fn` also carries `tp_group` (the role's tensor-parallel group,
+    for the vocab-parallel log-probs). `groups`: the role's process groups, handed to megatron's schedule and
+    through it to finalize_model_grads (None: those `parallel.layout.initialize` set up last).
+
     Returns, on the last pipeline stage, the list of per-micro-batch metrics dicts (or `output_fn(output, mb)`
     values when forward_only with output_fn); other stages get an empty list.
     """
     models = list(model) if isinstance(model, Sequence) else [model]
+    groups = groups or current_groups()
     b, seq = micro_batches[0]["input_ids"].shape
     results: list[Any] = []
-
-    cp = parallel_state.get_context_parallel_world_size()
-    cp_rank = parallel_state.get_context_parallel_rank() if cp > 1 else 0
+    cp = groups.pg.cp.size()
+    cp_rank = groups.cp_rank if cp > 1 else 0
 
     def step(data_iter, chunk):
         mb = next(data_iter)
@@ -79,7 +93,8 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
         else:  # this CP rank's chunks; the CP attention builds its own mask (parallel/context.py)
             ids, pos = (split_for_context_parallel(t, cp, cp_rank) for t in (ids, pos))
             mask = None
-            mb = context_parallel_view(mb, cp, cp_rank, parallel_state.get_context_parallel_group())
+            mb = context_parallel_view(mb, cp, cp_rank, groups.pg.cp)
+        mb = {**mb, "tp_group": groups.pg.tp}
         out = chunk(ids, pos, mask)
 
         def reduce(output):
@@ -92,9 +107,12 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
 
         return out, reduce
 
-    stored = get_forward_backward_func()(
+    schedule = get_forward_backward_func(pp_size=groups.pg.pp.size(), vp_size=None)
+    stored = schedule(
         forward_step_func=step, data_iterator=iter(micro_batches), model=models,
-        num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=b, forward_only=forward_only)
-    if not parallel_state.is_pipeline_last_stage():
+        num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=b, forward_only=forward_only,
+        p2p_communicator=P2PCommunicator(pp_group=groups.pg.pp, config=_model_config(models[0])),
+        pg_collection=groups.pg)
+    if not groups.is_last_stage:
         return []
     return results if output_fn is not None else list(stored)

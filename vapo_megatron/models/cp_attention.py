@@ -17,7 +17,6 @@ import copy
 import functools
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -36,12 +35,12 @@ class AllGatherCPDotProductAttention(DotProductAttention):
     CP layout (a query at position i sees keys at positions <= i), which with right padding is also the padding
     mask. Packed (THD) sequences are not supported, as in megatron's DotProductAttention."""
 
-    def __init__(self, config, *args, **kwargs):
+    def __init__(self, config, *args, pg_collection=None, **kwargs):
         self.cp_size = config.context_parallel_size
         local = copy.copy(config)  # DotProductAttention asserts cp == 1; it uses the config for nothing CP-related
         local.context_parallel_size = 1
-        super().__init__(local, *args, **kwargs)
-        self.cp_group = ps.get_context_parallel_group() if self.cp_size > 1 else None
+        super().__init__(local, *args, pg_collection=pg_collection, **kwargs)
+        self.cp_group = self.pg_collection.cp if self.cp_size > 1 else None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

@@ -1,6 +1,7 @@
 """Parallel layout of one model role (policy or critic): sizes, validation with numbers, process groups."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 
@@ -74,6 +75,8 @@ def initialize(config: ParallelConfig, *, seed: int = 1234) -> None:
     config.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    else:  # RoleLayouts cleared the group globals but kept the memory buffer (see there)
+        parallel_state.destroy_global_memory_buffer()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=config.tp, pipeline_model_parallel_size=config.pp,
         context_parallel_size=config.cp, create_gloo_process_groups=not platform.has_cuda())
@@ -105,51 +108,146 @@ def init_distributed() -> None:
     dist.init_process_group(platform.dist_backend())
 
 
-class RoleLayouts:
-    """Separate megatron-core parallel layouts for the policy and the critic in the same processes.
+class RoleGroups:
+    """The process groups of one role (policy or critic) as megatron-core's `ProcessGroupCollection` (`pg`),
+    this rank's coordinates in them, and the role's own megatron RNG-tracker states.
 
-    megatron-core keeps its process groups in module globals of `parallel_state`, read at run time by the
-    schedules, DDP, finalize_model_grads and the tensor-parallel layers. Each role's groups are created once
-    (`new_group` is collective, so every rank creates both) and their globals snapshotted; `use(role)` swaps
-    that role's snapshot in for the duration of the block. Roles with equal layouts share one snapshot."""
+    Passed explicitly to everything megatron-core 0.19.2 lets us pass groups to: GPTModel, DDP,
+    finalize_model_grads, the pipeline schedules (with a P2PCommunicator), the vocab-parallel log-probs, the
+    context-parallel attention, gathers for weight sync and export. `megatron_globals()` is the one way to hand
+    megatron-core's `parallel_state` globals to a call that still reads them; docs/architecture.md lists those
+    calls and the megatron-core function each one is for."""
+
+    def __init__(self, role: str, config: ParallelConfig, pg, mpu_globals: dict, rng_states: dict | None):
+        self.role, self.config, self.pg = role, config, pg
+        self._mpu_globals = mpu_globals
+        self.rng_states = rng_states
+        """megatron's RNG tracker states of this role (`get_cuda_rng_tracker().get_states()`); None: the role
+        uses the tracker as it is (a single layout from `initialize`, nothing to switch)."""
+
+    # ---- this rank's coordinates ----------------------------------------------------------------------
+    @property
+    def tp_rank(self) -> int:
+        return self.pg.tp.rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.pg.pp.rank()
+
+    @property
+    def cp_rank(self) -> int:
+        return self.pg.cp.rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.pg.dp.rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.pg.dp.size()
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pg.pp.size() - 1
+
+    # ---- confined hand-overs to megatron-core --------------------------------------------------------
+    def megatron_globals(self):
+        """Context manager: megatron-core's `parallel_state` globals are this role's for the duration of ONE call
+        that reads them (the call sites are listed in docs/architecture.md); the previous globals come back after."""
+        return _swap_globals(self._mpu_globals)
+
+    def rng(self):
+        """Context manager: megatron's RNG tracker holds this role's states inside the block; what the block
+        drew is kept for the role's next block."""
+        return _role_rng(self)
+
+
+def _mpu_snapshot() -> dict:
+    from megatron.core import parallel_state
+
+    return {k: v for k, v in vars(parallel_state).items() if k.startswith("_") and k[1:2].isupper()}
+
+
+@contextlib.contextmanager
+def _swap_globals(snapshot: dict):
+    from megatron.core import parallel_state
+
+    previous = _mpu_snapshot()
+    vars(parallel_state).update(snapshot)
+    try:
+        yield
+    finally:
+        vars(parallel_state).update(previous)
+
+
+def _tracker():
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.get_cuda_rng_tracker()
+
+
+@contextlib.contextmanager
+def _role_rng(groups: RoleGroups):
+    if groups.rng_states is None:
+        yield
+        return
+    tracker = _tracker()
+    previous = tracker.get_states()
+    tracker.set_states(groups.rng_states)
+    try:
+        yield
+    finally:
+        groups.rng_states = tracker.get_states()
+        tracker.set_states(previous)
+
+
+def current_groups(role: str = "current") -> RoleGroups:
+    """The groups of the layout that `initialize()` set up last (single-layout scripts and tests; the trainer
+    builds its roles with `RoleLayouts`)."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    config = ParallelConfig(tp=parallel_state.get_tensor_model_parallel_world_size(),
+                            pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                            cp=parallel_state.get_context_parallel_world_size())
+    return RoleGroups(role, config, ProcessGroupCollection.use_mpu_process_groups(), _mpu_snapshot(), None)
+
+
+class RoleLayouts:
+    """The policy's and the critic's parallel layouts in the same processes: one `RoleGroups` each.
+
+    megatron-core creates groups through `parallel_state.initialize_model_parallel`, which writes module globals;
+    each role's groups are created once (`new_group` is collective, so every rank creates both roles' groups)
+    and captured as a ProcessGroupCollection, a snapshot of those globals and the RNG-tracker states that
+    `model_parallel_cuda_manual_seed` derived for that layout. Afterwards the globals are cleared, so a megatron
+    call that reads them outside `RoleGroups.megatron_globals()` fails loudly instead of silently using the
+    other role's groups. Roles with equal layouts share the same groups."""
 
     def __init__(self, policy: ParallelConfig, critic: ParallelConfig, *, seed: int = 1234):
         from megatron.core import parallel_state
 
-        self._ps = parallel_state
         self.configs = {"policy": policy, "critic": critic}
-        self._snapshots: dict[str, dict] = {}
-        initialize(policy, seed=seed)
-        self._snapshots["policy"] = self._snapshot()
-        if critic == policy:
-            self._snapshots["critic"] = self._snapshots["policy"]
-        else:
-            initialize(critic, seed=seed)
-            self._snapshots["critic"] = self._snapshot()
-        self._active = "critic" if critic != policy else "policy"
-        self._activate("policy")
-
-    def _snapshot(self) -> dict:
-        return {k: v for k, v in vars(self._ps).items() if k.startswith("_") and k[1:2].isupper()}
-
-    def _activate(self, role: str) -> None:
-        vars(self._ps).update(self._snapshots[role])
-        self._active = role
+        self.groups: dict[str, RoleGroups] = {}
+        for role, config in self.configs.items():
+            if role == "critic" and critic == policy:
+                g = self.groups["policy"]
+                self.groups["critic"] = RoleGroups("critic", critic, g.pg, g._mpu_globals, dict(g.rng_states))
+                continue
+            initialize(config, seed=seed)
+            self.groups[role] = current_groups(role)
+            self.groups[role].rng_states = _tracker().get_states()  # seeded for this layout's ranks
+        # From here on groups are passed explicitly: clear the globals that name groups, ranks and sizes (not
+        # `destroy_model_parallel`, which would also destroy the groups the roles hold). megatron's global
+        # memory buffer (used by sequence-parallel all-gathers) stays.
+        vars(parallel_state).update({k: None for k in _mpu_snapshot() if k != "_GLOBAL_MEMORY_BUFFER"})
 
     def use(self, role: str):
-        """Context manager: megatron's global process groups are those of `role` inside the block."""
-        import contextlib
-
-        if role not in self._snapshots:
+        """Context manager for code outside the package (tests, scripts) that reads megatron's globals:
+        they are `role`'s inside the block. The package itself never uses it."""
+        if role not in self.groups:
             raise ValueError(f"unknown role {role!r}; use 'policy' or 'critic'")
-
-        @contextlib.contextmanager
-        def _ctx():
-            previous = self._active
-            self._activate(role)
-            try:
-                yield self
-            finally:
-                self._activate(previous)
-
-        return _ctx()
+        return self.groups[role].megatron_globals()

@@ -79,11 +79,14 @@ def vocab_parallel_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def megatron_vocab_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`vocab_parallel_logprobs_entropy` over megatron's current tensor-parallel group and vocab split."""
-    from megatron.core import parallel_state as ps
+                                    temperature: float = 1.0, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vocab_parallel_logprobs_entropy` with megatron's vocab split (TP rank r holds the r-th equal slice) over
+    the tensor-parallel group `tp_group` (None: megatron's global one, for single-layout scripts)."""
+    if tp_group is None:
+        from megatron.core import parallel_state as ps
 
-    rank = ps.get_tensor_model_parallel_rank()
+        tp_group = ps.get_tensor_model_parallel_group()
+    rank = dist.get_rank(tp_group) if dist.get_world_size(tp_group) > 1 else 0
     return vocab_parallel_logprobs_entropy(
         logits, targets, vocab_start=rank * logits.shape[-1], vocab_size=vocab_size, temperature=temperature,
-        group=ps.get_tensor_model_parallel_group())
+        group=tp_group)
