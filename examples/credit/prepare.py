@@ -20,13 +20,13 @@ from vapo_megatron.models.tiny import save_tiny_hf_model, warm_start
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/credit/assets")
-    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-steps", type=int, default=1000)
     ap.add_argument("--sft-batch", type=int, default=32)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--slip-rate", type=float, default=0.08,
                     help="probability that a demonstration leaves the range at a forced step")
     ap.add_argument("--min-steps", type=int, default=6)
-    ap.add_argument("--max-steps", type=int, default=32)
+    ap.add_argument("--max-steps", type=int, default=28)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)

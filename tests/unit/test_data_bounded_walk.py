@@ -14,7 +14,7 @@ def _response(problem: bw.WalkProblem, ops: str) -> str:
     total, lines = problem.start, []
     for i, (op, n) in enumerate(zip(ops, problem.numbers)):
         new = total + n if op == "+" else total - n
-        lines.append(f"{bw.KEYS[i]} {total}{op}{n}={new}")
+        lines.append(f"{bw.KEYS[i]}{n} {total}{op}{n}={new}")
         total = new
     return "\n".join(lines + [f"#### {total}"])
 
@@ -56,16 +56,18 @@ def test_no_dead_ends_and_forced_steps():
 
 def test_broken_lines_and_answer():
     problem = bw.WalkProblem(start=4, numbers=(3, 1))
-    good = "a 4+3=7\nb 7-1=6\n#### 6"
+    good = "a3 4+3=7\nb1 7-1=6\n#### 6"
     assert bw.first_error_line(good, problem) is None
-    assert bw.first_error_line("a 4+3=8\nb 8-1=7\n#### 7", problem) == 0     # arithmetic
-    assert bw.first_error_line("a 4+3=7\nb 6-1=5\n#### 5", problem) == 1     # not the previous total
-    assert bw.first_error_line("a 4+3=7\nb 7-2=5\n#### 5", problem) == 1     # wrong number
-    assert bw.first_error_line("a 4+3=7\nb 7-1=6\n#### 5", problem) == 2     # wrong final answer
-    assert bw.first_error_line("a 4+3=7\nb 7-1=6", problem) == 2             # missing answer line
-    assert bw.first_error_line("a 4+3=7", problem) == 1                      # missing step
-    assert bw.first_error_line(good + "\nmore", problem) == 3                  # text after the answer
-    assert bw.score("a 4+3=7", problem.prompt())[1] == (6, 7)                 # missing line: the last character
+    assert bw.first_error_line("a3 4+3=8\nb1 8-1=7\n#### 7", problem) == 0     # arithmetic
+    assert bw.first_error_line("a3 4+3=7\nb1 6-1=5\n#### 5", problem) == 1     # not the previous total
+    assert bw.first_error_line("a3 4+3=7\nb2 7-2=5\n#### 5", problem) == 1     # wrong item copied
+    assert bw.first_error_line("a3 4+3=7\nb1 7-2=5\n#### 5", problem) == 1     # wrong number used
+    assert bw.first_error_line("a3 4+3=7\nc1 7-1=6\n#### 6", problem) == 1     # wrong key
+    assert bw.first_error_line("a3 4+3=7\nb1 7-1=6\n#### 5", problem) == 2     # wrong final answer
+    assert bw.first_error_line("a3 4+3=7\nb1 7-1=6", problem) == 2             # missing answer line
+    assert bw.first_error_line("a3 4+3=7", problem) == 1                       # missing step
+    assert bw.first_error_line(good + "\nmore", problem) == 3                   # text after the answer
+    assert bw.score("a3 4+3=7", problem.prompt())[1] == (7, 8)                 # missing line: the last character
 
 
 def test_demonstrations_slip_at_forced_steps_only(tmp_path):
@@ -82,7 +84,7 @@ def test_demonstrations_slip_at_forced_steps_only(tmp_path):
         if line is not None:
             wrong += 1
             step = row["response"].split("\n")[line]
-            prev = int(step.split(" ")[1].split("+")[0].split("-")[0])
+            prev = int(step.split(" ")[1][0])     # the first wrong line starts from an in-range total
             assert len(bw.valid_moves(prev, problem.numbers[line])) == 1      # the slip is at a forced step
     assert 0.3 < wrong / len(sft) < 0.95
     clean = bw.write_task(tmp_path / "clean", num_train=1, num_val=1, num_demonstrations=100, slip_rate=0.0)
@@ -92,6 +94,6 @@ def test_demonstrations_slip_at_forced_steps_only(tmp_path):
 
 def test_registered_reward_returns_score_and_span():
     fn = get_reward("bounded_walk")
-    assert fn("a 4+3=7\n#### 7", "0..9 from 4: a3") == {"score": 1.0, "first_error_span": None}
-    out = fn("a 4+3=7\nb 7+5=12\n#### 12", "0..9 from 4: a3 b5", incorrect_score=-1.0)
-    assert out == {"score": -1.0, "first_error_span": [8, 17]}
+    assert fn("a3 4+3=7\n#### 7", "0..9 from 4: a3") == {"score": 1.0, "first_error_span": None}
+    out = fn("a3 4+3=7\nb5 7+5=12\n#### 12", "0..9 from 4: a3 b5", incorrect_score=-1.0)
+    assert out == {"score": -1.0, "first_error_span": [9, 19]}

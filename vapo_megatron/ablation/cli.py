@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from vapo_megatron.ablation.figure import append_figure_section
 from vapo_megatron.ablation.grid import BudgetError, GridError, budget, load_grid, plan_runs, validate_runs
 from vapo_megatron.ablation.report import failure_lines, read_manifest, write_manifest, write_report
 from vapo_megatron.ablation.runner import StaleRunError, run_grid, train_command
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-delta", type=float, default=0.1)
     p.add_argument("--report-only", action="store_true", help="rebuild the report from OUT, run nothing")
     p.add_argument("--dry-run", action="store_true", help="validate, check budgets, print the commands, run nothing")
+    p.add_argument("--figure-variants", nargs="+", default=None, metavar="VARIANT",
+                   help="also plot reward/entropy/length/ev_mc curves of these variants and a first-wrong-step "
+                        "credit table into the report")
     p.add_argument("--pause", action="store_true", help="SIGSTOP the grid running in OUT (runner and every run)")
     p.add_argument("--continue", action="store_true", dest="cont", help="SIGCONT a paused grid in OUT")
     return p
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return code
         md, png = write_report(Path(args.out), Path(args.report), args.threshold, args.threshold_delta)
+        if args.figure_variants:
+            names = [v["name"] for v in read_manifest(Path(args.out))["variants"]]
+            append_figure_section(Path(args.out), md, args.figure_variants, names)
     except (GridError, BudgetError, StaleRunError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

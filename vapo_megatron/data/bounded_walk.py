@@ -15,13 +15,18 @@ Prompt: the start value and one keyed number per step (keys ``a..z`` then ``A..Z
     0..9 from 4: a3 b1 c5 d2
 
 Rule: walk through the numbers in order, adding or subtracting each; the running total must stay within
-``0..9``. Response: one line per step, ``<key> <total><op><number>=<new total>``, then ``#### <final total>``::
+``0..9``. Response: one line per step, ``<key><number> <total><op><number>=<new total>``, then
+``#### <final total>``::
 
-    a 4+3=7
-    b 7-1=6
-    c 6-5=1
-    d 1+2=3
+    a3 4+3=7
+    b1 7-1=6
+    c5 6-5=1
+    d2 1+2=3
     #### 3
+
+Each line starts by copying its keyed item from the prompt (a lookup a small transformer learns: the key, then
+the digit after the same key in the prompt), so the model's errors are about the walk, not about finding the
+number.
 
 Numbers are 1..5, so from every total in 0..9 at least one of the two moves stays in range: there are no dead
 ends and no lookahead. A step is *forced* when only one move stays in range (e.g. 7 and 3: ``7+3=10`` leaves
@@ -53,7 +58,7 @@ KEYS = string.ascii_lowercase + string.ascii_uppercase
 LOW, HIGH, MAX_NUMBER = 0, 9, 5
 ANSWER_PREFIX = "####"
 _PROMPT_RE = re.compile(r"^0\.\.9 from (\d): ((?:[a-zA-Z][1-9] ?)+)$")
-_LINE_RE = re.compile(r"^([a-zA-Z]) (-?\d+)([+-])(\d+)=(-?\d+)$")
+_LINE_RE = re.compile(r"^([a-zA-Z])(\d) (-?\d+)([+-])(\d+)=(-?\d+)$")
 _ANSWER_RE = re.compile(r"^#### (-?\d+)$")
 
 
@@ -101,7 +106,7 @@ def walk(problem: WalkProblem, rng: random.Random, slip_rate: float = 0.0) -> st
         else:
             op = rng.choice(valid) if valid else rng.choice("+-")
         new = total + number if op == "+" else total - number
-        lines.append(f"{KEYS[i]} {total}{op}{number}={new}")
+        lines.append(f"{KEYS[i]}{number} {total}{op}{number}={new}")
         total = new
     lines.append(f"{ANSWER_PREFIX} {total}")
     return "\n".join(lines)
@@ -116,9 +121,11 @@ def first_error_line(response: str, problem: WalkProblem) -> int | None:
         m = _LINE_RE.match(lines[i]) if i < len(lines) else None
         if m is None:
             return i
-        key, prev, op, num, new = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+        key, item, prev, op = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        num, new = int(m.group(5)), int(m.group(6))
         want = prev + num if op == "+" else prev - num
-        if key != KEYS[i] or prev != total or num != number or new != want or not LOW <= new <= HIGH:
+        if (key != KEYS[i] or item != number or prev != total or num != number or new != want
+                or not LOW <= new <= HIGH):
             return i
         total = new
     k = len(problem.numbers)
@@ -166,7 +173,7 @@ def _rows(count: int, rng: random.Random, min_steps: int, max_steps: int, exclud
 
 
 def write_task(out_dir: str | Path, *, num_train: int = 4096, num_val: int = 128, num_demonstrations: int = 8192,
-               min_steps: int = 6, max_steps: int = 32, slip_rate: float = 0.1, seed: int = 0) -> dict[str, Path]:
+               min_steps: int = 6, max_steps: int = 28, slip_rate: float = 0.08, seed: int = 0) -> dict[str, Path]:
     """``train.jsonl`` and ``val.jsonl`` (distinct prompts, none shared) and ``sft.jsonl`` (imperfect
     demonstrations, never on a validation prompt) under ``out_dir``."""
     if not 1 <= min_steps <= max_steps <= len(KEYS):
