@@ -10,17 +10,20 @@ It assumes that decoding a prefix gives a prefix of the text, which holds for bo
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vapo_megatron.algorithms import first_error_credit
+from vapo_megatron.data.rl_batch import RLBatch, resp_pos_of
 from vapo_megatron.rewards.registry import first_error_span
 
 TokenSpan = tuple[int, int]
 """``[first_token, end_token)`` of a response's first wrong step, in response-token positions."""
+BatchView = RLBatch | Mapping[str, Any]
+"""The step's batch (or a dict with the fields read, as the tests build)."""
 
 
 def _prefix_chars(tokenizer: Any, ids: Sequence[int], k: int, text: str, partial: bool) -> int:
@@ -74,7 +77,7 @@ def error_token_mask(spans: Sequence[TokenSpan | None], mask: torch.Tensor) -> t
     return out & mask.bool()
 
 
-def credit_metrics(batch: dict) -> dict[str, float]:
+def credit_metrics(batch: BatchView) -> dict[str, float]:
     """``credit_first_error_adv`` / ``credit_rest_wrong_adv`` (mean advantage on the first wrong step's tokens /
     on the other tokens of the same wrong responses), ``credit_first_error_ratio`` (first / rest, only when rest
     < 0), ``credit_first_error_gap`` (per-response mean difference: 0 for value-free advantages) and
@@ -92,7 +95,7 @@ def credit_metrics(batch: dict) -> dict[str, float]:
             "credit_error_spans": c["rows"].item()}
 
 
-def pick_responses(batch: dict, count: int = 4) -> list[int]:
+def pick_responses(batch: BatchView, count: int = 4) -> list[int]:
     """Rows worth showing: the first correct response, then wrong ones (those with a first-wrong-step span
     first), then anything else, up to ``count``; deterministic (batch order)."""
     correct = batch["is_correct"].bool().tolist()
@@ -104,7 +107,7 @@ def pick_responses(batch: dict, count: int = 4) -> list[int]:
     return rows[:count]
 
 
-def write_credit_report(run_dir: str | os.PathLike, step: int, batch: dict, tokenizer: Any,
+def write_credit_report(run_dir: str | os.PathLike, step: int, batch: BatchView, tokenizer: Any,
                         count: int = 4) -> tuple[Path, Path]:
     """``<run_dir>/credit/step_XXXX.png`` and ``.html``: a few responses of this step's batch, their tokens
     coloured by advantage and by value; returns both paths. Rank 0 only (callers check)."""
@@ -114,7 +117,7 @@ def write_credit_report(run_dir: str | os.PathLike, step: int, batch: dict, toke
     spans = batch.get("first_error_tokens") or [None] * len(batch["lengths"])
     for i in pick_responses(batch, count):
         n = int(batch["lengths"][i])
-        ids = batch["input_ids"][i, batch["resp_pos"][i, :n] + 1].tolist()
+        ids = batch["input_ids"][i, resp_pos_of(batch, [i])[0, :n] + 1].tolist()
         values = batch["old_values"][i, :n].tolist() if "old_values" in batch else None
         rows.append(CreditRow(index=i, tokens=token_texts(tokenizer, ids), advantages=batch["advantages"][i, :n]
                               .tolist(), values=values, score=float(batch["scores"][i]),

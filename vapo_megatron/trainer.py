@@ -16,7 +16,6 @@ Departures from the paper, each also noted where it happens:
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,11 +29,14 @@ from vapo_megatron.algorithms import (
     whiten_advantages,
 )
 from vapo_megatron.config import VapoConfig
+from vapo_megatron.data.rl_batch import RLBatch
 from vapo_megatron.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from vapo_megatron.engine.offload import rollout_offloader
 from vapo_megatron.guards import DivergenceGuard
+from vapo_megatron.timing import StepTimer
 from vapo_megatron.trainer_parts import (
     MetricsLogger,
+    Scoring,
     batch_metrics,
     build_engines,
     minibatch_counts,
@@ -58,6 +60,8 @@ class Trainer:
         self._asleep = False
         self.offload = rollout_offloader([self.actor, self.critic], cfg.rollout.offload_megatron_during_rollout)
         self.guard = DivergenceGuard(cfg.train, cfg.checkpoint.run_dir)
+        self.timer = StepTimer()  # one step's timings (t_* metrics)
+        self.scoring = Scoring(self.tokenizer, self.rewards, cfg.reward, cfg.algorithm, cfg.rollout.max_response_length)
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -70,21 +74,21 @@ class Trainer:
         while step < pretrain + cfg.train.steps:                              # the end moves if pretraining stops
             step += 1
             phase = "value_pretrain" if step <= pretrain else "ppo"
-            t = {"t_start": time.perf_counter()}
-            batch = self.rollout(self.loader.next_batch(), t)                 # grouped responses + rewards
-            self.old_logprobs_and_values(batch, t)                            # engine forwards
-            self.advantages(batch)                                            # decoupled, length-adaptive GAE
+            self.timer.start()
+            batch = self.rollout(self.loader.next_batch())                    # RLBatch: responses + rewards
+            self.old_logprobs_and_values(batch)                               # + old_logprobs, old_values
+            self.advantages(batch)                                            # + advantages, returns, lam_policy
             self.guard.before_update(self._engines())
-            metrics = {**batch_metrics(batch), **self.update(batch, phase, step, t)}  # critic and actor updates
+            metrics = {**batch_metrics(batch), **self.update(batch, phase, step)}  # critic and actor updates
             self.guard.after_update(step, metrics, self._engines(), metrics["rollout_logprob_diff"])  # not synced yet
             if phase == "ppo":
-                self.sync_weights(t)                                          # Megatron -> vLLM
+                self.sync_weights()                                           # Megatron -> vLLM
             if cfg.eval.every and phase == "ppo" and (step - pretrain) % cfg.eval.every == 0:
                 metrics["val_accuracy"] = self.validate()
                 self.show_credit(batch, step)                                 # credit/step_XXXX.png, .html
             if phase == "value_pretrain":
                 pretrain = self._value_pretrain_end(step, pretrain, metrics)  # EV threshold or step cap
-            last = self._emit(step, phase, {**metrics, **self._timings(t)})
+            last = self._emit(step, phase, {**metrics, **self.timer.as_metrics()})
             every = cfg.checkpoint.save_every
             if step == pretrain + cfg.train.steps or (every and step % every == 0):
                 self.save(step, pretrain)
@@ -127,14 +131,14 @@ class Trainer:
         self.nonfinite_in_row = state["nonfinite_in_row"]
         if self.log:
             self.log.truncate_after(state["step"])
-        self.sync_weights({})  # vLLM still holds the initial weights
+        self.sync_weights()  # vLLM still holds the initial weights
         if dist.get_rank() == 0:
             print(f"resumed from {ckpt} (step {state['step']}); continuing at step "
                   f"{state['step'] + 1}", flush=True)
         return state["step"], state["pretrain"]
 
     # ---- phases ------------------------------------------------------------------------------------------
-    def rollout(self, prompts, t: dict) -> dict:
+    def rollout(self, prompts: list) -> RLBatch:
         from vapo_megatron.rollout.sampler import SamplingConfig
 
         r = self.cfg.rollout
@@ -142,7 +146,8 @@ class Trainer:
                                 max_tokens=r.max_response_length, seed=self._sample_seed())
         with self.offload.offloaded():      # GPU: Megatron's params/grads/optimizer on host while vLLM runs
             self._wake()
-            batch = score_rollout(self, prompts, params, t)
+            batch = score_rollout(self.rollout_engine, prompts, params, self.scoring, pad_multiple=self.pad_multiple,
+                                  timer=self.timer)
             if r.sleep_between_steps:
                 self.rollout_engine.sleep()  # GPU: free the KV cache while training; CPU: no-op (logged once)
                 self._asleep = True
@@ -157,54 +162,54 @@ class Trainer:
         self._seed_counter += 1
         return self.cfg.train.seed * 1_000_003 + self._seed_counter
 
-    def old_logprobs_and_values(self, batch: dict, t: dict) -> None:
+    def old_logprobs_and_values(self, batch: RLBatch) -> None:
+        """The engine forwards: `old_logprobs` (policy) and `old_values` (critic, when there is one)."""
         from vapo_megatron.engine.objectives import response_logprobs, response_values
 
         v = self.arch.vocab_size
-        t0 = time.perf_counter()
-        batch["old_logprobs"] = self.actor.forward(batch, lambda out, mb: response_logprobs(out, mb, v)[0])
-        t["t_old_logprob"] = time.perf_counter() - t0
+        with self.timer("old_logprob"):
+            batch.old_logprobs = self.actor.forward(batch, lambda out, mb: response_logprobs(out, mb, v)[0])
         if self.critic is not None:
-            t0 = time.perf_counter()
-            batch["old_values"] = self.critic.forward(batch, lambda out, mb: response_values(out, mb))
-            t["t_critic_forward"] = time.perf_counter() - t0
+            with self.timer("critic_forward"):
+                batch.old_values = self.critic.forward(batch, lambda out, mb: response_values(out, mb))
 
-    def advantages(self, batch: dict) -> None:
-        alg, mask = self.cfg.algorithm, batch["resp_mask"]
+    def advantages(self, batch: RLBatch) -> None:
+        """`advantages` (GRPO: group-normalised scores; else decoupled GAE, which also sets `returns` and
+        `lam_policy`)."""
+        alg, mask = self.cfg.algorithm, batch.resp_mask
         if alg.advantage == "grpo":
-            batch["advantages"] = group_normalized_advantages(batch["scores"], mask, group_size=self.cfg.rollout.n)
-            batch["lam_policy"] = torch.zeros(len(mask))
+            batch.advantages = group_normalized_advantages(batch.scores, mask, group_size=self.cfg.rollout.n)
             return
-        rewards = token_rewards_from_scores(batch["scores"], mask)
-        values = batch["old_values"] * mask
+        rewards = token_rewards_from_scores(batch.scores, mask)
+        values = batch.old_values * mask
         gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=alg.lam_critic,
                             lam_policy=None if alg.length_adaptive else alg.lam_policy,
                             alpha=alg.alpha if alg.length_adaptive else None, coupled=alg.couple_gae)
         advantages = whiten_advantages(gae.advantages, mask) if alg.whiten_advantages else gae.advantages
-        batch["advantages"], batch["returns"], batch["lam_policy"] = advantages, gae.returns, gae.lam_policy
+        batch.advantages, batch.returns, batch.lam_policy = advantages, gae.returns, gae.lam_policy
 
-    def update(self, batch: dict, phase: str, step: int, t: dict) -> dict:
+    def update(self, batch: RLBatch, phase: str, step: int) -> dict:
         """Mini-batch critic and actor updates; metrics are means over the mini-batches (skips: sums).
 
         Epoch e visits the mini-batches in a fresh order; on each, the critic steps first (while e <
         critic_epochs), then the actor (while e < ppo_epochs, PPO phase). The order does not change the maths:
         advantages and critic targets were fixed from the old values before any update, so extra critic passes
         only make the critic fit this batch's Monte-Carlo targets more closely for the next step."""
-        cfg, n = self.cfg, len(batch["input_ids"])
+        cfg, n = self.cfg, batch.n
         keep = self._actor_rows(batch)
         critic_passes = (cfg.train.critic_epochs or cfg.train.ppo_epochs) if self.critic is not None else 0
         actor_passes = cfg.train.ppo_epochs if phase == "ppo" else 0
         runs: dict[str, list[float]] = {}
-        t["t_actor_update"] = t["t_critic_update"] = 0.0
+        self.timer.zero("actor_update", "critic_update")
         for epoch in range(max(critic_passes, actor_passes)):
             order = minibatch_order(n, cfg.train.seed, step, epoch)
             for start in range(0, n, cfg.train.mini_batch_size):
                 idx = order[start:start + cfg.train.mini_batch_size]
-                mb = _rows(batch, idx, n)
-                step_metrics = self._critic_step(mb, t) if epoch < critic_passes else {}
-                amb = mb if keep is None else _rows(mb, keep[idx].nonzero().squeeze(1), len(idx))
-                if epoch < actor_passes and len(amb["input_ids"]):
-                    step_metrics.update(self._actor_step(amb, t))
+                mb = batch.rows(idx)
+                step_metrics = self._critic_step(mb) if epoch < critic_passes else {}
+                amb = mb if keep is None else mb.rows(keep[idx].nonzero().squeeze(1))
+                if epoch < actor_passes and amb.n:
+                    step_metrics.update(self._actor_step(amb))
                 self._guard(step_metrics)
                 for k, v in step_metrics.items():
                     runs.setdefault(k, []).append(v)
@@ -215,45 +220,44 @@ class Trainer:
             out["filtered_frac"] = 1.0 - keep.float().mean().item()
         return out
 
-    def _critic_step(self, mb: dict, t: dict) -> dict[str, float]:
+    def _critic_step(self, mb: RLBatch) -> dict[str, float]:
         from vapo_megatron.engine.objectives import critic_loss_fn
 
-        t0 = time.perf_counter()
-        m = self.critic.train_step(mb, critic_loss_fn(self.cfg.algorithm, minibatch_counts(mb)))
-        t["t_critic_update"] += time.perf_counter() - t0
+        with self.timer("critic_update"):
+            m = self.critic.train_step(mb, critic_loss_fn(self.cfg.algorithm, minibatch_counts(mb)))
         return dict(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"], critic_skipped=m["skipped"],
                     padding_waste_critic=m["padding_waste"])
 
-    def _actor_step(self, amb: dict, t: dict) -> dict[str, float]:
+    def _actor_step(self, amb: RLBatch) -> dict[str, float]:
         from vapo_megatron.engine.objectives import actor_loss_fn
 
-        t0 = time.perf_counter()
-        m = self.actor.train_step(amb, actor_loss_fn(self.cfg.algorithm, minibatch_counts(amb), self.arch.vocab_size))
-        t["t_actor_update"] += time.perf_counter() - t0
+        with self.timer("actor_update"):
+            m = self.actor.train_step(amb, actor_loss_fn(self.cfg.algorithm, minibatch_counts(amb),
+                                                         self.arch.vocab_size))
         out = {k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl", "entropy") if k in m}
         return dict(out, nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"], actor_skipped=m["skipped"],
                     padding_waste_actor=m["padding_waste"])
 
-    def _actor_rows(self, batch: dict) -> torch.Tensor | None:
+    def _actor_rows(self, batch: RLBatch) -> torch.Tensor | None:
         """DAPO's dynamic-sampling filter (algorithm.filter_uniform_groups): responses of groups whose rewards are
         all equal carry no policy signal, so the actor skips them (the critic still learns from them). Departure
         from DAPO: the batch is not refilled by sampling more prompts, so every run keeps the same sample budget."""
         if not self.cfg.algorithm.filter_uniform_groups:
             return None
-        return ~uniform_group_mask(batch["scores"], group_size=self.cfg.rollout.n)
+        return ~uniform_group_mask(batch.scores, group_size=self.cfg.rollout.n)
 
-    def sync_weights(self, t: dict) -> None:
+    def sync_weights(self) -> None:
         self._wake()  # GPU path untested here: weights must be resident before the push
-        t0 = time.perf_counter()
-        self.rollout_engine.update_weights(self.actor.iter_hf_tensors(), bucket_bytes=self.cfg.rollout.bucket_bytes)
-        t["t_weight_sync"] = time.perf_counter() - t0
+        with self.timer("weight_sync"):
+            self.rollout_engine.update_weights(self.actor.iter_hf_tensors(),
+                                               bucket_bytes=self.cfg.rollout.bucket_bytes)
 
     def validate(self) -> float:
         from vapo_megatron.trainer_parts import validation_accuracy
 
         with self.offload.offloaded():
             self._wake()
-            return validation_accuracy(self)
+            return validation_accuracy(self.rollout_engine, self.val, self.scoring, self.cfg.eval, self.cfg.train.seed)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
     def _guard(self, out: dict) -> None:
@@ -279,19 +283,12 @@ class Trainer:
                   f"{self.cfg.train.steps} PPO steps follow", flush=True)
         return step
 
-    def show_credit(self, batch: dict, step: int) -> None:
+    def show_credit(self, batch: RLBatch, step: int) -> None:
         """The credit picture of a few responses of this step's batch (rank 0; needs advantages)."""
         from vapo_megatron.credit import write_credit_report
 
         if self.log:
             write_credit_report(self.cfg.checkpoint.run_dir, step, batch, self.tokenizer)
-
-    @staticmethod
-    def _timings(t: dict) -> dict:
-        total = time.perf_counter() - t.pop("t_start")
-        t["t_step"] = total
-        t["t_other"] = total - sum(v for k, v in t.items() if k != "t_step")
-        return dict(t)
 
     def _emit(self, step: int, phase: str, metrics: dict) -> dict:
         row = {"step": step, "phase": phase, **metrics}
@@ -306,8 +303,3 @@ def train(cfg: VapoConfig, resume: bool = False) -> dict:
     platform.setup()
     init_distributed()
     return Trainer(cfg, resume=resume).run()
-
-
-def _rows(batch: dict, idx: torch.Tensor, n: int) -> dict:
-    """The rows `idx` of every per-sample tensor of `batch` (those with `n` rows)."""
-    return {k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor) and len(v) == n}

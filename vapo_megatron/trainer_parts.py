@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,18 @@ from vapo_megatron.algorithms import (
     explained_variance_mc,
     masked_mean,
 )
-from vapo_megatron.config import OptimConfig, VapoConfig, dump_yaml, save_config
+from vapo_megatron.config import (
+    AlgorithmConfig,
+    EvalConfig,
+    OptimConfig,
+    RewardConfig,
+    VapoConfig,
+    dump_yaml,
+    save_config,
+)
 from vapo_megatron.credit import credit_metrics
-from vapo_megatron.data.rl_batch import build_rl_batch
+from vapo_megatron.data.rl_batch import RLBatch, build_rl_batch
+from vapo_megatron.timing import StepTimer
 
 
 @dataclass
@@ -107,24 +115,25 @@ def build_engines(cfg: VapoConfig) -> Parts:
     return Parts(engine, actor, critic, arch, tokenizer, loader, val_set, rewards, layouts)
 
 
-def _score(trainer, prompts, out) -> tuple[torch.Tensor, dict, list]:
-    """Rewards on rank 0 (its reward workers), broadcast to every rank, with each response's first-wrong-step
-    token span (None where the reward gives none); every rank raises RewardFailureError when too many rewards
-    failed (reward.max_failed_fraction)."""
+def _score(tokenizer: Any, rewards: Any, max_failed_fraction: float, prompts: Sequence[Any], out: Any
+           ) -> tuple[torch.Tensor, dict[str, int], list | None]:
+    """Rewards on rank 0 (its reward workers, `rewards`; None elsewhere), broadcast to every rank, with each
+    response's first-wrong-step token span (None where the reward gives none); every rank raises
+    RewardFailureError when more than `max_failed_fraction` of the rewards failed."""
     from vapo_megatron.credit import error_token_spans
     from vapo_megatron.errors import RewardFailureError
     from vapo_megatron.rewards import RewardItem, systematic_failure
 
     payload = [None]
     if dist.get_rank() == 0:
-        texts = trainer.tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(out.response_ids, skip_special_tokens=True)
         items = [RewardItem(response=txt, ground_truth=prompts[int(p)].record.ground_truth,
                             prompt=prompts[int(p)].text, data_source=prompts[int(p)].record.data_source,
                             extra=prompts[int(p)].record.metadata)
                  for txt, p in zip(texts, out.prompt_index)]
-        res = trainer.rewards.score(items)
-        fatal = systematic_failure(res.stats, trainer.cfg.reward.max_failed_fraction)
-        spans = None if fatal else error_token_spans(trainer.tokenizer, out.response_ids, texts, res.extras)
+        res = rewards.score(items)
+        fatal = systematic_failure(res.stats, max_failed_fraction)
+        spans = None if fatal else error_token_spans(tokenizer, out.response_ids, texts, res.extras)
         payload = [(res.scores, res.stats.num_errors, res.stats.num_timeouts, fatal, spans)]
     dist.broadcast_object_list(payload, src=0)
     scores, errors, timeouts, fatal, spans = payload[0]
@@ -133,59 +142,74 @@ def _score(trainer, prompts, out) -> tuple[torch.Tensor, dict, list]:
     return torch.tensor(scores, dtype=torch.float32), {"reward_errors": errors, "reward_timeouts": timeouts}, spans
 
 
-def score_rollout(trainer, prompts, params, t: dict) -> dict:
+@dataclass(frozen=True)
+class Scoring:
+    """What scoring a rollout needs besides the engine and the prompts: the tokenizer, rank 0's reward manager
+    (None on other ranks) and the config pieces it reads."""
+
+    tokenizer: Any
+    rewards: Any
+    reward: RewardConfig
+    algorithm: AlgorithmConfig
+    max_response_length: int
+
+
+def score_rollout(rollout_engine: Any, prompts: Sequence[Any], params: Any, scoring: Scoring, *,
+                  pad_multiple: int, timer: StepTimer) -> RLBatch:
+    """Generate (every rank its own prompts), score (rank 0, broadcast) and build the step's `RLBatch` with its
+    rollout and rewards fields; `scores` carry DAPO's overlong penalty when configured."""
     from vapo_megatron.rewards.shaping import apply_overlong_penalty
     from vapo_megatron.rollout.sampler import generate_distributed
 
-    cfg = trainer.cfg
-    t0 = time.perf_counter()
+    alg = scoring.algorithm
     ids = [p.input_ids for p in prompts]
-    out = generate_distributed(trainer.rollout_engine, ids, params)
-    t["t_generation"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scores, reward_stats, error_spans = _score(trainer, prompts, out)
-    t["t_reward"] = time.perf_counter() - t0
-    batch = build_rl_batch(ids, out.prompt_index, out.response_ids, out.rollout_logprobs,
-                           pad_to_multiple=trainer.pad_multiple)
-    batch["is_correct"] = scores >= cfg.algorithm.reward_correct
-    batch["truncated"] = torch.tensor([f == "length" for f in out.finish_reason])
-    if cfg.algorithm.overlong_buffer > 0:
+    with timer("generation"):
+        out = generate_distributed(rollout_engine, ids, params)
+    with timer("reward"):
+        scores, reward_stats, error_spans = _score(scoring.tokenizer, scoring.rewards,
+                                                   scoring.reward.max_failed_fraction, prompts, out)
+    batch = build_rl_batch(ids, out.prompt_index, out.response_ids, out.rollout_logprobs, pad_to_multiple=pad_multiple)
+    batch.is_correct = scores >= alg.reward_correct
+    batch.truncated = torch.tensor([f == "length" for f in out.finish_reason])
+    if alg.overlong_buffer > 0:
         scores = torch.as_tensor(apply_overlong_penalty(
-            scores, batch["lengths"], max_length=cfg.rollout.max_response_length,
-            buffer=cfg.algorithm.overlong_buffer, penalty_factor=cfg.algorithm.overlong_penalty),
-            dtype=torch.float32)
-    batch["scores"] = scores
-    batch["reward_stats"] = reward_stats
-    batch["first_error_tokens"] = error_spans  # a list, not a tensor: never sent to the engines
+            scores, batch.lengths, max_length=scoring.max_response_length, buffer=alg.overlong_buffer,
+            penalty_factor=alg.overlong_penalty), dtype=torch.float32)
+    batch.scores, batch.reward_stats = scores, reward_stats
+    batch.first_error_tokens = error_spans  # a list, not a tensor: never sent to the engines
     return batch
 
 
-def minibatch_counts(mb: dict) -> dict[str, torch.Tensor]:
+def minibatch_counts(mb: RLBatch) -> dict[str, torch.Tensor]:
     """Global normalisers of one optimizer step. Every rank holds the whole mini-batch, so these are global
     without communication (each engine computes only its DP slice with them)."""
-    mask = mb["resp_mask"]
+    mask = mb.resp_mask
     return {"tokens": count_tokens(mask).double(), "seqs": count_seqs(mask).double(),
-            "correct_tokens": count_correct_tokens(mask, mb["is_correct"]).double()}
+            "correct_tokens": count_correct_tokens(mask, mb.is_correct).double()}
 
 
-def logprob_diff(batch: dict) -> float:
+def logprob_diff(batch: RLBatch) -> float:
     """Mean |log p_megatron - log p_vllm| over the batch's response tokens (rollout_logprob_diff)."""
-    return masked_mean((batch["old_logprobs"] - batch["rollout_logprobs"]).abs(), batch["resp_mask"]).item()
+    return masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), batch.resp_mask).item()
 
 
-def batch_metrics(batch: dict) -> dict[str, float]:
-    mask, lengths = batch["resp_mask"], batch["lengths"].float()
-    out = {"reward_mean": batch["scores"].mean().item(), "accuracy": batch["is_correct"].float().mean().item(),
+def batch_metrics(batch: RLBatch) -> dict[str, float]:
+    """The step's batch-level metrics. `lam_policy_mean` only when the advantages come from GAE (GRPO has no
+    lam_policy); the critic's numbers only when there is a critic."""
+    mask, lengths = batch.resp_mask, batch.lengths.float()
+    out = {"reward_mean": batch.scores.mean().item(), "accuracy": batch.is_correct.float().mean().item(),
            "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
-           "response_clip_ratio": batch["truncated"].float().mean().item(),
-           "rollout_logprob_diff": logprob_diff(batch),
-           "lam_policy_mean": batch["lam_policy"].float().mean().item(), **batch["reward_stats"]}
-    if "old_values" in batch:
+           "response_clip_ratio": batch.truncated.float().mean().item(),
+           "rollout_logprob_diff": logprob_diff(batch)}
+    if batch.has("lam_policy"):
+        out["lam_policy_mean"] = batch.lam_policy.float().mean().item()
+    out.update(batch.reward_stats)
+    if batch.has("old_values"):
         # against the variant's own critic targets (bootstrapped when lam_critic < 1): not comparable across variants
-        out["explained_variance"] = explained_variance(batch["returns"], batch["old_values"], mask).item()
+        out["explained_variance"] = explained_variance(batch.returns, batch.old_values, mask).item()
         # against the Monte-Carlo return (final reward, gamma 1): the same target for every variant
-        out["ev_mc"] = explained_variance_mc(batch["old_values"], batch["scores"], mask).item()
-        out["value_mean"] = masked_mean(batch["old_values"], mask).item()
+        out["ev_mc"] = explained_variance_mc(batch.old_values, batch.scores, mask).item()
+        out["value_mean"] = masked_mean(batch.old_values, mask).item()
     return {**out, **credit_metrics(batch)}
 
 
@@ -205,17 +229,18 @@ def value_pretrain_stop(step: int, cap: int, ev_mc: float | None, threshold: flo
     return "step_cap" if step >= cap else None
 
 
-def validation_accuracy(trainer) -> float:
+def validation_accuracy(rollout_engine: Any, val_prompts: Sequence[Any], scoring: Scoring, eval_cfg: EvalConfig,
+                        seed: int) -> float:
     """avg@k accuracy on the held-out prompts (the paper's avg@32 at top_p 0.7, temperature 1.0)."""
     from vapo_megatron.rollout.sampler import SamplingConfig, generate_distributed
 
-    e = trainer.cfg.eval
-    prompts = list(trainer.val)[: e.max_prompts] if e.max_prompts else list(trainer.val)
+    e = eval_cfg
+    prompts = list(val_prompts)[: e.max_prompts] if e.max_prompts else list(val_prompts)
     params = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
-                            max_tokens=trainer.cfg.rollout.max_response_length, seed=trainer.cfg.train.seed + 99991)
-    out = generate_distributed(trainer.rollout_engine, [p.input_ids for p in prompts], params)
-    scores, _, _ = _score(trainer, prompts, out)
-    return (scores >= trainer.cfg.algorithm.reward_correct).float().mean().item()
+                            max_tokens=scoring.max_response_length, seed=seed + 99991)
+    out = generate_distributed(rollout_engine, [p.input_ids for p in prompts], params)
+    scores, _, _ = _score(scoring.tokenizer, scoring.rewards, scoring.reward.max_failed_fraction, prompts, out)
+    return (scores >= scoring.algorithm.reward_correct).float().mean().item()
 
 
 def read_metrics_rows(path: Path) -> list[dict]:

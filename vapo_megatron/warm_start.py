@@ -20,6 +20,11 @@ from typing import Any
 import torch
 
 from vapo_megatron.algorithms import explained_variance_mc, masked_mean, monte_carlo_returns
+from vapo_megatron.data.rl_batch import RLBatch, resp_pos_of
+
+Batch = RLBatch | dict[str, Any]
+"""An RL batch, or a dict with the fields read (`input_ids`, `seq_lens`, `resp_pos`, `resp_mask`, `scores`,
+`prompt_index`)."""
 
 WEIGHTS_FILE = "model.safetensors"
 REPORT_FILE = "warm_start.json"
@@ -65,13 +70,13 @@ class HFValueModel(torch.nn.Module):
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.score(hidden).squeeze(-1).float()
 
-    def response_values(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+    def response_values(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
         """V(s_t) [len(rows), R] of the response tokens of ``rows`` of an RL batch."""
         values = self(batch["input_ids"][rows], batch["seq_lens"][rows])
-        return values.gather(1, batch["resp_pos"][rows].clamp(max=values.shape[1] - 1))
+        return values.gather(1, resp_pos_of(batch, rows, values.shape[1]))
 
 
-def sample_scored_batch(cfg: Any, settings: WarmStartSettings) -> dict:
+def sample_scored_batch(cfg: Any, settings: WarmStartSettings) -> RLBatch:
     """Responses of the initial policy (cfg.model.hf_dir) for the first training prompts, scored by the
     configured reward (with DAPO's overlong penalty when configured, as in training): an RL batch with
     ``scores`` and ``prompt_index``. Single process."""
@@ -104,14 +109,14 @@ def sample_scored_batch(cfg: Any, settings: WarmStartSettings) -> dict:
     batch = build_rl_batch([p.input_ids for p in prompts], out.prompt_index, out.response_ids,
                            out.rollout_logprobs, pad_to_multiple=8, pad_id=tokenizer.pad_token_id or 0)
     if alg.overlong_buffer > 0:
-        scores = torch.as_tensor(apply_overlong_penalty(scores, batch["lengths"], max_length=r.max_response_length,
+        scores = torch.as_tensor(apply_overlong_penalty(scores, batch.lengths, max_length=r.max_response_length,
                                                         buffer=alg.overlong_buffer,
                                                         penalty_factor=alg.overlong_penalty), dtype=torch.float32)
-    batch["scores"] = scores
+    batch.scores = scores
     return batch
 
 
-def split_rows(batch: dict, held_out_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_rows(batch: Batch, held_out_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices (fit, held out), split by prompt: all responses of a held-out prompt stay out of the fit."""
     prompts = batch["prompt_index"].unique()
     order = prompts[torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))]
@@ -121,7 +126,7 @@ def split_rows(batch: dict, held_out_fraction: float, seed: int) -> tuple[torch.
 
 
 @torch.no_grad()
-def ev_mc_of(model: HFValueModel, batch: dict, rows: torch.Tensor, chunk: int = 64) -> tuple[float, torch.Tensor]:
+def ev_mc_of(model: HFValueModel, batch: Batch, rows: torch.Tensor, chunk: int = 64) -> tuple[float, torch.Tensor]:
     """ev_mc of the model on ``rows`` and the values it gives them ([len(rows), R])."""
     if len(rows) == 0:
         return float("nan"), torch.zeros(0, batch["resp_mask"].shape[1])
@@ -130,7 +135,7 @@ def ev_mc_of(model: HFValueModel, batch: dict, rows: torch.Tensor, chunk: int = 
     return ev, values
 
 
-def fit_critic(model: HFValueModel, batch: dict, rows: torch.Tensor, settings: WarmStartSettings) -> list[float]:
+def fit_critic(model: HFValueModel, batch: Batch, rows: torch.Tensor, settings: WarmStartSettings) -> list[float]:
     """Adam on 0.5 (V - G)^2 (token mean) over random mini-batches of ``rows``; returns the loss of every step."""
     gen = torch.Generator().manual_seed(settings.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
@@ -172,7 +177,7 @@ class WarmStartResult:
 
     report: dict
     model: HFValueModel
-    batch: dict
+    batch: Batch
 
 
 def warm_start_critic(cfg: Any, settings: WarmStartSettings, out_dir: str | Path) -> WarmStartResult:

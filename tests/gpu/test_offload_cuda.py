@@ -32,7 +32,7 @@ def _body(hf_dir: str) -> dict:
     alg, hist, drops, moved = AlgorithmConfig(), [[], []], [], []
     dev = platform.device()
     for step in range(2):
-        batch = {k: v.to(dev) for k, v in synthetic_rl_batch(8, VOCAB, seed=step).items()}
+        batch = synthetic_rl_batch(8, VOCAB, seed=step).to(dev)
         counts = minibatch_counts(batch)
         for i, e in enumerate(engines):
             c = e["critic"].train_step(batch, critic_loss_fn(alg, counts))

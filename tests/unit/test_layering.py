@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "vapo_megatron"
 
 # Bottom to top. A module of layer i may import modules of layers 0..i. Keep docs/architecture.md in step.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"__init__", "errors", "process_guard", "platform"}),
+    ("base", {"__init__", "errors", "process_guard", "platform", "timing"}),
     ("pure", {"algorithms", "data"}),
     ("parallel", {"parallel"}),
     ("config", {"config"}),

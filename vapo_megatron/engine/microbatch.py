@@ -12,18 +12,26 @@ meet only in the gradient reduction after all their micro-batches, so their coun
 Pipeline stages receive each micro-batch's shape with it (megatron's `variable_seq_lengths`)."""
 from __future__ import annotations
 
-import torch
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
 
-SEQ_KEYS = ("input_ids", "targets")
-"""Batch fields with the token dimension S second; trimmed to the micro-batch's width."""
+from vapo_megatron.data.rl_batch import MicroBatch, RLBatch
+
+Batch = RLBatch | Mapping[str, Any]
+"""What the engines take: the typed RL batch, or a dict of per-row tensors (tests and tools that bring their own
+fields; each micro-batch then carries every tensor of the dict)."""
 
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def row_slice(batch: dict, start: int, stop: int) -> dict:
-    return {k: (v[start:stop] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+def row_slice(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows [start, stop) of every per-row field (views, no copy)."""
+    if isinstance(batch, RLBatch):
+        return batch.rows(slice(start, stop))
+    return {k: (v[start:stop] if hasattr(v, "shape") else v) for k, v in batch.items()}
 
 
 def token_budget_groups(seq_lens: list[int], budget: int, pad_multiple: int) -> list[list[int]]:
@@ -41,42 +49,30 @@ def token_budget_groups(seq_lens: list[int], budget: int, pad_multiple: int) -> 
     return groups
 
 
-def take_rows(batch: dict, rows: list[int], width: int) -> dict:
-    """The micro-batch of `rows`, its token dimension cut to `width`; `resp_pos` of padded response slots (which
-    may point past `width`) is clamped into it: those slots are masked out of every loss and metric."""
-    idx = torch.tensor(rows, dtype=torch.long)
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v[idx.to(v.device)]
-            if k in SEQ_KEYS:
-                v = v[:, :width]
-            elif k == "resp_pos":
-                v = v.clamp(max=width - 1)
-        out[k] = v
-    return out
-
-
-def split_micro_batches(local: dict, *, micro_batch_size: int, micro_batch_tokens: int, pad_multiple: int
-                        ) -> tuple[list[dict], list[list[int]]]:
+def split_micro_batches(local: Batch, *, micro_batch_size: int, micro_batch_tokens: int, pad_multiple: int
+                        ) -> tuple[list[MicroBatch], list[list[int]]]:
     """This rank's micro-batches and, for each, the local row indices it holds (to put outputs back in order).
-    Fixed mode keeps row order and the full width; token mode needs `seq_lens` (prompt + response tokens)."""
+    Fixed mode keeps row order and the full width; token mode needs `seq_lens` (prompt + response tokens) and cuts
+    each micro-batch to its longest row (`resp_pos` of padded response slots, which may point past that width, is
+    clamped into it: those slots are masked out of every loss and metric). An `RLBatch` derives `targets` and
+    `resp_pos` here, for each micro-batch's rows only."""
     n, width = local["input_ids"].shape
+    take = local.micro_batch if isinstance(local, RLBatch) else partial(MicroBatch.from_rows, local)
     if micro_batch_tokens <= 0:
         m = min(micro_batch_size, n)
         rows = [list(range(i, min(i + m, n))) for i in range(0, n, m)]
-        return [row_slice(local, r[0], r[-1] + 1) for r in rows], rows
+        return [take(slice(r[0], r[-1] + 1)) for r in rows], rows
     if "seq_lens" not in local:
         raise KeyError("train.micro_batch_tokens > 0 needs the batch field 'seq_lens' (prompt + response tokens "
                        "per row, written by data.rl_batch.build_rl_batch)")
     lens = local["seq_lens"].tolist()
     rows = token_budget_groups(lens, micro_batch_tokens, pad_multiple)
-    return [take_rows(local, r, min(width, round_up(max(lens[i] for i in r), pad_multiple))) for r in rows], rows
+    return [take(r, min(width, round_up(max(lens[i] for i in r), pad_multiple))) for r in rows], rows
 
 
-def padded_and_real_tokens(micro_batches: list[dict]) -> tuple[int, int]:
+def padded_and_real_tokens(micro_batches: list[MicroBatch]) -> tuple[int, int]:
     """Token slots the model computes (rows x width, summed) and how many of them hold prompt or response."""
-    padded = sum(mb["input_ids"].numel() for mb in micro_batches)
-    real = sum(int(mb["seq_lens"].sum()) for mb in micro_batches) if micro_batches and "seq_lens" in \
-        micro_batches[0] else padded
+    padded = sum(mb.input_ids.numel() for mb in micro_batches)
+    real = sum(int(mb.seq_lens.sum()) for mb in micro_batches) if micro_batches and \
+        micro_batches[0].seq_lens is not None else padded
     return padded, real

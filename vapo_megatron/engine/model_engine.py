@@ -1,7 +1,8 @@
 """One Megatron model role (policy or critic) as an engine: forward over a batch, optimizer steps over
 mini-batches, HF-named weight export. Every method is collective over all ranks, runs inside the role's
-parallel layout, and takes/returns *whole-batch* tensors identical on every rank: each DP rank computes its
-slice and the slices are assembled back, so the policy and critic may use different TP/PP/DP layouts."""
+parallel layout, and takes the whole batch (an `RLBatch`, the same on every rank) and returns whole-batch results:
+each DP rank computes its slice, as micro-batches that derive their own `targets` and `resp_pos`, and the slices
+are assembled back, so the policy and critic may use different TP/PP/DP layouts."""
 from __future__ import annotations
 
 import math
@@ -11,15 +12,17 @@ import torch
 import torch.distributed as dist
 
 from vapo_megatron import platform
+from vapo_megatron.data.rl_batch import MicroBatch
 from vapo_megatron.engine.build import HFGetter, build_model
 from vapo_megatron.engine.export import iter_hf_tensors
-from vapo_megatron.engine.microbatch import padded_and_real_tokens, row_slice, split_micro_batches
+from vapo_megatron.engine.microbatch import Batch, padded_and_real_tokens, row_slice, split_micro_batches
 from vapo_megatron.engine.optim import build_optimizer
 from vapo_megatron.engine.schedule import forward_backward
 from vapo_megatron.models.hf_config import ModelArch
 from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
 
-MicroLoss = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+MicroLoss = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+MicroOutput = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
 
 
 class ModelEngine:
@@ -56,15 +59,14 @@ class ModelEngine:
         per = n // dp
         return rank * per, (rank + 1) * per
 
-    def _micro_batches(self, batch: dict) -> tuple[list[dict], list[list[int]], int, int]:
+    def _micro_batches(self, batch: Batch) -> tuple[list[MicroBatch], list[list[int]], int, int]:
         """This DP rank's micro-batches, the local rows each holds, and the rank's [start, stop) of the batch."""
         start, stop = self._dp_bounds(batch["input_ids"].shape[0])
         micro, rows = split_micro_batches(row_slice(batch, start, stop), micro_batch_size=self.micro_batch_size,
                                           micro_batch_tokens=self.micro_batch_tokens,
                                           pad_multiple=self.pad_multiple)
         dev = platform.device()
-        micro = [{k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-                 for mb in micro]
+        micro = [mb.to(dev, non_blocking=True) for mb in micro]
         return micro, rows, start, stop
 
     def _is_reporter(self) -> bool:
@@ -73,15 +75,15 @@ class ModelEngine:
         return g.is_last_stage and g.tp_rank == 0 and g.cp_rank == 0
 
     # ---- forward ----------------------------------------------------------------------------------------
-    def forward(self, batch: dict, output_fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Batch, output_fn: MicroOutput) -> torch.Tensor:
         """`output_fn(model_output, micro_batch) -> [m, R]` per micro-batch: one value per response slot (R =
-        `batch["resp_pos"].shape[1]`, as `response_logprobs` / `response_values` give). Returns the whole-batch
+        `batch.resp_mask.shape[1]`, as `response_logprobs` / `response_values` give). Returns the whole-batch
         result [n, R] (float32) on every rank.
 
         The shape comes from the batch, so no collective asks for it. The one collective is the assembly: each
         DP rank's reporting rank (last stage, TP rank 0, CP rank 0) writes its rows into a zero [n, R] tensor and
         one all-reduce over all ranks sums them (adding zeros is exact)."""
-        n, width = batch["resp_pos"].shape
+        n, width = batch["resp_mask"].shape
         full = torch.zeros((n, width), dtype=torch.float32, device=platform.device())
         with self.groups.rng(), torch.no_grad():
             micro, rows, start, stop = self._micro_batches(batch)
@@ -94,7 +96,7 @@ class ModelEngine:
         return full.to(batch["input_ids"].device)
 
     # ---- training -----------------------------------------------------------------------------------------
-    def train_step(self, batch: dict, loss_fn: MicroLoss) -> dict[str, float]:
+    def train_step(self, batch: Batch, loss_fn: MicroLoss) -> dict[str, float]:
         """One optimizer step over `batch` (a whole mini-batch; losses must be normalised by its global counts).
         Returns the summed metrics plus grad_norm, lr, `skipped` (1 when the loss or gradient norm was not
         finite and no update was applied) and `padding_waste` (fraction of computed token slots that are padding,

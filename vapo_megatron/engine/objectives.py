@@ -1,6 +1,7 @@
 """Micro-batch losses of the actor and critic: model outputs -> response-token tensors -> the pure VAPO math.
 
-A micro-batch dict carries, for m sequences of padded length S and responses padded to R:
+A micro-batch (`data.rl_batch.MicroBatch`, made by the engine for each micro-batch's rows) carries, for m sequences
+of padded length S and responses padded to R:
 `input_ids [m, S]`, `targets [m, S]` (input_ids shifted left), `resp_pos [m, R]` (position in S whose output
 scores response token j, i.e. prompt_len - 1 + j), `resp_mask [m, R]`, and the per-token tensors of the step
 (`old_logprobs`, `advantages`, `returns`, `old_values`) plus `is_correct [m]`.
@@ -8,37 +9,44 @@ Every token mean uses the global counts of the whole mini-batch, passed in `coun
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vapo_megatron.algorithms import entropy_loss, policy_loss, positive_lm_loss, value_loss
+from vapo_megatron.config import AlgorithmConfig
+from vapo_megatron.data.rl_batch import MicroBatch
 from vapo_megatron.parallel.context import gather_sequence_of
 from vapo_megatron.parallel.vocab_parallel import megatron_vocab_logprobs_entropy
 
+LossOut = tuple[torch.Tensor, dict[str, torch.Tensor]]
+MicroLoss = Callable[[torch.Tensor, MicroBatch], LossOut]
 
-def response_logprobs(logits: torch.Tensor, mb: dict, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def response_logprobs(logits: torch.Tensor, mb: MicroBatch, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies [m, R] of the response tokens from vocab-parallel logits [m, S, V/tp]."""
-    lp, ent = megatron_vocab_logprobs_entropy(logits, mb["targets"], vocab_size, tp_group=mb.get("tp_group"))
+    lp, ent = megatron_vocab_logprobs_entropy(logits, mb.targets, vocab_size, tp_group=mb.tp_group)
     lp, ent = gather_sequence_of(lp, mb), gather_sequence_of(ent, mb)  # whole sequences under CP
-    return lp.gather(1, mb["resp_pos"]), ent.gather(1, mb["resp_pos"])
+    return lp.gather(1, mb.resp_pos), ent.gather(1, mb.resp_pos)
 
 
-def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
+def response_values(values: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     """Critic values [m, R]: V(s_t) read at the position before response token t."""
-    return gather_sequence_of(values, mb).gather(1, mb["resp_pos"])
+    return gather_sequence_of(values, mb).gather(1, mb.resp_pos)
 
 
-def actor_loss_fn(alg, counts: dict[str, torch.Tensor], vocab_size: int):
+def actor_loss_fn(alg: AlgorithmConfig, counts: dict[str, torch.Tensor], vocab_size: int) -> MicroLoss:
     """Token-level clip-higher PPO + mu * positive-example NLL (+ optional entropy bonus)."""
 
-    def loss_fn(logits: torch.Tensor, mb: dict):
+    def loss_fn(logits: torch.Tensor, mb: MicroBatch) -> LossOut:
         lp, ent = response_logprobs(logits, mb, vocab_size)
-        mask = mb["resp_mask"]
-        loss, metrics = policy_loss(lp, mb["old_logprobs"], mb["advantages"], mask, eps_low=alg.eps_low,
+        mask = mb.resp_mask
+        loss, metrics = policy_loss(lp, mb.old_logprobs, mb.advantages, mask, eps_low=alg.eps_low,
                                     eps_high=alg.eps_high, dual_clip=alg.dual_clip, agg=alg.loss_agg,
                                     global_tokens=counts["tokens"], global_seqs=counts["seqs"])
         metrics = {"policy_loss": metrics.pop("pg_loss"), **metrics}
         if alg.positive_lm_coef > 0:
-            nll, nll_metrics = positive_lm_loss(lp, mask, mb["is_correct"],
+            nll, nll_metrics = positive_lm_loss(lp, mask, mb.is_correct,
                                                 global_correct_tokens=counts["correct_tokens"])
             loss = loss + alg.positive_lm_coef * nll
             metrics.update(nll_metrics)
@@ -51,12 +59,12 @@ def actor_loss_fn(alg, counts: dict[str, torch.Tensor], vocab_size: int):
     return loss_fn
 
 
-def critic_loss_fn(alg, counts: dict[str, torch.Tensor]):
+def critic_loss_fn(alg: AlgorithmConfig, counts: dict[str, torch.Tensor]) -> MicroLoss:
     """0.5 * (V - G)^2 over all response tokens of the mini-batch (token mean, global count)."""
 
-    def loss_fn(values: torch.Tensor, mb: dict):
+    def loss_fn(values: torch.Tensor, mb: MicroBatch) -> LossOut:
         v = response_values(values, mb)
-        return value_loss(v, mb["old_values"], mb["returns"], mb["resp_mask"], clip=alg.value_clip,
+        return value_loss(v, mb.old_values, mb.returns, mb.resp_mask, clip=alg.value_clip,
                           agg="token-mean", global_tokens=counts["tokens"])
 
     return loss_fn

@@ -8,7 +8,7 @@ num_microbatches); `finalize_grads_unscaled` drops the per-token rescale that wo
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
+from vapo_megatron.data.rl_batch import MicroBatch
 from vapo_megatron.parallel.context import context_parallel_view, split_for_context_parallel
 from vapo_megatron.parallel.layout import RoleGroups, current_groups
 
@@ -54,14 +55,15 @@ def _model_config(model: torch.nn.Module):
     return get_model_config(model)
 
 
-LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_batches: Sequence[dict],
-                     loss_fn: LossFn | None, *, forward_only: bool = False,
-                     output_fn: Callable[[torch.Tensor, dict], Any] | None = None,
+def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
+                     micro_batches: Sequence[MicroBatch | Mapping[str, Any]], loss_fn: LossFn | None, *,
+                     forward_only: bool = False, output_fn: Callable[[torch.Tensor, MicroBatch], Any] | None = None,
                      groups: RoleGroups | None = None) -> list[Any]:
-    """Run all micro-batches (dicts with `input_ids` [b, S]) through the schedule. Their shapes may differ only
+    """Run all micro-batches (`MicroBatch`es, or dicts that become one: `input_ids` [b, S] at least) through the
+    schedule. Their shapes may differ only
     when the model config has `variable_seq_lengths` (pipeline stages then exchange each activation's shape).
 
     `loss_fn(output, micro_batch) -> (loss, metrics)`: output is the model's last-stage output (logits shard
@@ -78,15 +80,16 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
     values when forward_only with output_fn); other stages get an empty list.
     """
     models = list(model) if isinstance(model, Sequence) else [model]
+    micro_batches = [mb if isinstance(mb, MicroBatch) else MicroBatch.of(mb) for mb in micro_batches]
     groups = groups or current_groups()
-    b, seq = micro_batches[0]["input_ids"].shape
+    b, seq = micro_batches[0].input_ids.shape
     results: list[Any] = []
     cp = groups.pg.cp.size()
     cp_rank = groups.cp_rank if cp > 1 else 0
 
     def step(data_iter, chunk):
         mb = next(data_iter)
-        ids = mb["input_ids"]
+        ids = mb.input_ids
         pos = position_ids(*ids.shape, ids.device)
         if cp == 1:
             mask = causal_mask(ids.shape[1], ids.device)
@@ -94,7 +97,7 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module], micro_b
             ids, pos = (split_for_context_parallel(t, cp, cp_rank) for t in (ids, pos))
             mask = None
             mb = context_parallel_view(mb, cp, cp_rank, groups.pg.cp)
-        mb = {**mb, "tp_group": groups.pg.tp}
+        mb = mb.replace(tp_group=groups.pg.tp)
         out = chunk(ids, pos, mask)
 
         def reduce(output):

@@ -16,7 +16,11 @@ tests/distributed/test_context_parallel.py; the split and merge alone in tests/u
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from vapo_megatron.data.rl_batch import MicroBatch
 
 
 def cp_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -69,16 +73,17 @@ def cp_causal_mask(local_len: int, cp: int, rank: int, device=None) -> torch.Ten
     return (k[None, :] > q[:, None])[None, None]
 
 
-def context_parallel_view(mb: dict, cp: int, rank: int, group) -> dict:
+def context_parallel_view(mb: MicroBatch, cp: int, rank: int, group: Any) -> MicroBatch:
     """The micro-batch as the loss of CP rank `rank` sees it: `targets` split like the model's input, and
     `cp_group` = (cp, group) for `gather_sequence_of`. Everything else (response positions, masks, per-token
     inputs of the losses) stays whole-sequence."""
-    return {**mb, "targets": split_for_context_parallel(mb["targets"], cp, rank), "cp_group": (cp, group)}
+    targets = None if mb.targets is None else split_for_context_parallel(mb.targets, cp, rank)
+    return mb.replace(targets=targets, cp_group=(cp, group))
 
 
-def gather_sequence_of(t: torch.Tensor, mb: dict, dim: int = 1) -> torch.Tensor:
+def gather_sequence_of(t: torch.Tensor, mb: MicroBatch, dim: int = 1) -> torch.Tensor:
     """`t` over the whole sequence for a micro-batch from `context_parallel_view` (unchanged without CP)."""
-    return gather_sequence(t, *mb["cp_group"], dim=dim) if "cp_group" in mb else t
+    return gather_sequence(t, *mb.cp_group, dim=dim) if mb.cp_group is not None else t
 
 
 def gather_sequence(t: torch.Tensor, cp: int, group, dim: int = 1) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from vapo_megatron.data.rl_batch import RLBatch
+
 
 def build_engine(hf_dir: str, role: str, layouts, **engine_kwargs):
     """A ModelEngine for `role` with the weights of the HF model in `hf_dir` (critic: trunk + a fixed
@@ -30,7 +32,7 @@ def build_engine(hf_dir: str, role: str, layouts, **engine_kwargs):
 
 def synthetic_rl_batch(n: int, vocab: int, *, seed: int, prompt_len: tuple[int, int] = (3, 12),
                        resp_len: tuple[int, int] = (1, 20), pad_to_multiple: int = 8,
-                       lengths: list[int] | None = None) -> dict[str, torch.Tensor]:
+                       lengths: list[int] | None = None) -> RLBatch:
     """`n` prompt+response rows of random lengths, built by the trainer's `build_rl_batch`, with the per-token
     fields of a PPO step (old log-probs near the policy's, advantages, returns, old values, is_correct).
     `lengths` fixes the response lengths (and so the row order of long and short rows)."""
@@ -43,10 +45,10 @@ def synthetic_rl_batch(n: int, vocab: int, *, seed: int, prompt_len: tuple[int, 
     responses = [torch.randint(3, vocab, (r,), generator=g).tolist() for r in rlens]
     logprobs = [(-torch.rand(r, generator=g) * 5).tolist() for r in rlens]
     batch = build_rl_batch(prompts, torch.arange(n), responses, logprobs, pad_to_multiple=pad_to_multiple)
-    r = batch["resp_mask"].shape[1]
-    batch["old_logprobs"] = batch["rollout_logprobs"] - 0.05 * torch.rand(n, r, generator=g)
-    batch["advantages"] = torch.randn(n, r, generator=g) * batch["resp_mask"]
-    batch["returns"] = torch.randn(n, r, generator=g) * batch["resp_mask"]
-    batch["old_values"] = torch.randn(n, r, generator=g) * batch["resp_mask"]
-    batch["is_correct"] = torch.rand(n, generator=g) > 0.5
+    r = batch.resp_mask.shape[1]
+    batch.old_logprobs = batch.rollout_logprobs - 0.05 * torch.rand(n, r, generator=g)
+    batch.advantages = torch.randn(n, r, generator=g) * batch.resp_mask
+    batch.returns = torch.randn(n, r, generator=g) * batch.resp_mask
+    batch.old_values = torch.randn(n, r, generator=g) * batch.resp_mask
+    batch.is_correct = torch.rand(n, generator=g) > 0.5
     return batch
