@@ -178,10 +178,10 @@ class RLBatch(_MappingRead):
         seq = self.input_ids.shape[1]
         width = width or seq
         ids = self.input_ids[idx]
-        extra = {name: getattr(self, name)[idx] for name in MICRO_FIELDS if self.has(name)}
+        loss_inputs = {name: getattr(self, name)[idx] for name in MICRO_FIELDS if self.has(name)}
         return MicroBatch(input_ids=ids[:, :width], targets=torch.roll(ids, -1, dims=1)[:, :width],
                           resp_pos=self.response_positions(idx, width), resp_mask=self.resp_mask[idx],
-                          seq_lens=self.seq_lens[idx], **extra)
+                          seq_lens=self.seq_lens[idx], **loss_inputs)
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RLBatch))
