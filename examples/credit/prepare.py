@@ -23,10 +23,10 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=1000)
     ap.add_argument("--sft-batch", type=int, default=32)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
-    ap.add_argument("--slip-rate", type=float, default=0.08,
+    ap.add_argument("--slip-rate", type=float, default=0.1,
                     help="probability that a demonstration leaves the range at a forced step")
     ap.add_argument("--min-steps", type=int, default=6)
-    ap.add_argument("--max-steps", type=int, default=28)
+    ap.add_argument("--max-steps", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)

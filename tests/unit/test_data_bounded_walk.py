@@ -9,34 +9,41 @@ import pytest
 from vapo_megatron.data import bounded_walk as bw
 from vapo_megatron.rewards.registry import get_reward
 
+TABLE = (3, 1, 5, 2, 3, 1, 3, 5, 2, 4)
+
 
 def _response(problem: bw.WalkProblem, ops: str) -> str:
     total, lines = problem.start, []
-    for i, (op, n) in enumerate(zip(ops, problem.numbers)):
+    for i, op in enumerate(ops):
+        n = problem.number(total)
         new = total + n if op == "+" else total - n
-        lines.append(f"{bw.KEYS[i]}{n} {total}{op}{n}={new}")
+        lines.append(f"{bw.KEYS[i]} {total}:{n} {total}{op}{n}={new}")
         total = new
     return "\n".join(lines + [f"#### {total}"])
 
 
 def test_prompt_round_trip_and_bad_prompts():
-    problem = bw.WalkProblem(start=4, numbers=(3, 1, 5, 2))
-    assert problem.prompt() == "0..9 from 4: a3 b1 c5 d2"
+    problem = bw.WalkProblem(start=4, steps=4, table=TABLE)
+    assert problem.prompt() == "0..9 from 4 to d: 0:3 1:1 2:5 3:2 4:3 5:1 6:3 7:5 8:2 9:4"
     assert bw.parse_prompt(problem.prompt()) == problem
-    for bad in ("0..9 from 4:", "from 4: a3", "0..9 from 4: b3", "0..9 from 4: a3 c1"):
+    for bad in ("0..9 from 4 to d:", "0..9 from 4: 0:3 1:1 2:5 3:2 4:3 5:1 6:3 7:5 8:2 9:4",
+                "0..9 from 4 to d: 1:3 0:1 2:5 3:2 4:3 5:1 6:3 7:5 8:2 9:4"):
         with pytest.raises(ValueError):
             bw.parse_prompt(bad)
 
 
 def test_verifier_equals_brute_force_over_all_move_sequences():
     """Every +/- sequence of small problems: right iff every running total stays in 0..9 (the rule, checked
-    directly), and otherwise the first wrong line is the first step that leaves the range."""
+    directly on the totals), and otherwise the first wrong line is the first step that leaves the range."""
     rng = random.Random(1)
     for _ in range(40):
         problem = bw.sample_problem(rng, 1, 6)
-        for ops in itertools.product("+-", repeat=len(problem.numbers)):
-            totals = list(itertools.accumulate(
-                (n if op == "+" else -n for op, n in zip(ops, problem.numbers)), initial=problem.start))[1:]
+        for ops in itertools.product("+-", repeat=problem.steps):
+            totals, total = [], problem.start
+            for op in ops:
+                n = problem.table[abs(total) % 10]
+                total = total + n if op == "+" else total - n
+                totals.append(total)
             first_out = next((i for i, t in enumerate(totals) if not 0 <= t <= 9), None)
             response = _response(problem, "".join(ops))
             assert bw.first_error_line(response, problem) == first_out
@@ -55,19 +62,20 @@ def test_no_dead_ends_and_forced_steps():
 
 
 def test_broken_lines_and_answer():
-    problem = bw.WalkProblem(start=4, numbers=(3, 1))
-    good = "a3 4+3=7\nb1 7-1=6\n#### 6"
+    problem = bw.WalkProblem(start=4, steps=2, table=TABLE)        # 4 -> table 3; 7 -> table 5
+    good = "a 4:3 4+3=7\nb 7:5 7-5=2\n#### 2"
     assert bw.first_error_line(good, problem) is None
-    assert bw.first_error_line("a3 4+3=8\nb1 8-1=7\n#### 7", problem) == 0     # arithmetic
-    assert bw.first_error_line("a3 4+3=7\nb1 6-1=5\n#### 5", problem) == 1     # not the previous total
-    assert bw.first_error_line("a3 4+3=7\nb2 7-2=5\n#### 5", problem) == 1     # wrong item copied
-    assert bw.first_error_line("a3 4+3=7\nb1 7-2=5\n#### 5", problem) == 1     # wrong number used
-    assert bw.first_error_line("a3 4+3=7\nc1 7-1=6\n#### 6", problem) == 1     # wrong key
-    assert bw.first_error_line("a3 4+3=7\nb1 7-1=6\n#### 5", problem) == 2     # wrong final answer
-    assert bw.first_error_line("a3 4+3=7\nb1 7-1=6", problem) == 2             # missing answer line
-    assert bw.first_error_line("a3 4+3=7", problem) == 1                       # missing step
-    assert bw.first_error_line(good + "\nmore", problem) == 3                   # text after the answer
-    assert bw.score("a3 4+3=7", problem.prompt())[1] == (7, 8)                 # missing line: the last character
+    assert bw.first_error_line("a 4:3 4+3=8\nb 8:2 8-2=6\n#### 6", problem) == 0     # arithmetic
+    assert bw.first_error_line("a 4:2 4+2=6\nb 6:3 6-3=3\n#### 3", problem) == 0     # wrong table entry
+    assert bw.first_error_line("a 4:3 4+3=7\nb 6:3 6-3=3\n#### 3", problem) == 1     # not the previous total
+    assert bw.first_error_line("a 4:3 4+3=7\nb 7:5 7-4=3\n#### 3", problem) == 1     # number not the entry
+    assert bw.first_error_line("a 4:3 4+3=7\nc 7:5 7-5=2\n#### 2", problem) == 1     # wrong key
+    assert bw.first_error_line("a 4:3 4+3=7\nb 7:5 7+5=12\n#### 12", problem) == 1   # leaves the range
+    assert bw.first_error_line("a 4:3 4+3=7\nb 7:5 7-5=2\n#### 5", problem) == 2     # wrong final answer
+    assert bw.first_error_line("a 4:3 4+3=7\nb 7:5 7-5=2", problem) == 2             # missing answer line
+    assert bw.first_error_line("a 4:3 4+3=7", problem) == 1                          # missing step
+    assert bw.first_error_line(good + "\nmore", problem) == 3                          # text after the answer
+    assert bw.score("a 4:3 4+3=7", problem.prompt())[1] == (10, 11)                  # missing line: last char
 
 
 def test_demonstrations_slip_at_forced_steps_only(tmp_path):
@@ -83,9 +91,8 @@ def test_demonstrations_slip_at_forced_steps_only(tmp_path):
         line = bw.first_error_line(row["response"], problem)
         if line is not None:
             wrong += 1
-            step = row["response"].split("\n")[line]
-            prev = int(step.split(" ")[1][0])     # the first wrong line starts from an in-range total
-            assert len(bw.valid_moves(prev, problem.numbers[line])) == 1      # the slip is at a forced step
+            prev = int(row["response"].split("\n")[line].split(" ")[1].split(":")[0])
+            assert len(bw.valid_moves(prev, problem.number(prev))) == 1      # the slip is at a forced step
     assert 0.3 < wrong / len(sft) < 0.95
     clean = bw.write_task(tmp_path / "clean", num_train=1, num_val=1, num_demonstrations=100, slip_rate=0.0)
     assert all(bw.score(json.loads(r)["response"], json.loads(r)["prompt"])[0]
@@ -94,6 +101,7 @@ def test_demonstrations_slip_at_forced_steps_only(tmp_path):
 
 def test_registered_reward_returns_score_and_span():
     fn = get_reward("bounded_walk")
-    assert fn("a3 4+3=7\n#### 7", "0..9 from 4: a3") == {"score": 1.0, "first_error_span": None}
-    out = fn("a3 4+3=7\nb5 7+5=12\n#### 12", "0..9 from 4: a3 b5", incorrect_score=-1.0)
-    assert out == {"score": -1.0, "first_error_span": [9, 19]}
+    prompt = bw.WalkProblem(start=4, steps=2, table=TABLE).prompt()
+    assert fn("a 4:3 4+3=7\nb 7:5 7-5=2\n#### 2", prompt) == {"score": 1.0, "first_error_span": None}
+    out = fn("a 4:3 4+3=7\nb 7:5 7+5=12\n#### 12", prompt, incorrect_score=-1.0)
+    assert out == {"score": -1.0, "first_error_span": [12, 25]}

@@ -1,47 +1,46 @@
 """The bounded-walk task: long step-by-step responses, a sparse verifier reward, and decisive local mistakes
-that are visible in the text (the miniature of the credit-assignment study: README "Using it", examples/credit/).
+that are visible in the text (the miniature of the credit-assignment study).
 
 The paper's setting (docs/VAPO.md) has three properties that value-free methods handle badly: long responses,
 a binary reward only at the end, and single local mistakes that decide the outcome. The arithmetic-chain task
 (:mod:`vapo_megatron.data.synthetic`) has the last two, but a slip there ("c=12*2=25") can only be seen by
 redoing the arithmetic, which a critic of a few hundred thousand parameters does not learn (explained variance
-~0). Here a mistake leaves the text visibly broken, so a small critic can learn that the response is lost the
-moment it happens, and credit can be assigned token by token.
+~0). Here a mistake leaves the text visibly broken (a total below 0 or above 9), so a small critic can learn that
+the response is lost the moment it happens, and credit can be assigned token by token.
 
 Format (every character is one token of the char tokenizer)
 ------------------------------------------------------------
-Prompt: the start value and one keyed number per step (keys ``a..z`` then ``A..Z``)::
+Prompt: the start total, the key of the last step (steps are keyed ``a, b, c, ...``), and a table that gives,
+for each total 0..9, the number to move by::
 
-    0..9 from 4: a3 b1 c5 d2
+    0..9 from 4 to d: 0:3 1:1 2:5 3:2 4:3 5:1 6:3 7:5 8:2 9:4
 
-Rule: walk through the numbers in order, adding or subtracting each; the running total must stay within
-``0..9``. Response: one line per step, ``<key><number> <total><op><number>=<new total>``, then
-``#### <final total>``::
+Rule: at each step look up the number of the current total, then add it or subtract it; the running total must
+stay within ``0..9``. Response: one line per step, ``<key> <total>:<number> <total><op><number>=<new total>``,
+then ``#### <final total>``::
 
-    a3 4+3=7
-    b1 7-1=6
-    c5 6-5=1
-    d2 1+2=3
-    #### 3
+    a 4:3 4+3=7
+    b 7:5 7-5=2
+    c 2:5 2+5=7
+    d 7:5 7-5=2
+    #### 2
 
-Each line starts by copying its keyed item from the prompt (a lookup a small transformer learns: the key, then
-the digit after the same key in the prompt), so the model's errors are about the walk, not about finding the
-number.
+The lookup is an exact copy of the prompt's ``<total>:<number>`` pair (what a small transformer's induction
+heads learn), keyed by content rather than by position, so the model's mistakes are about the walk, not about
+finding the number. Numbers are 1..5, so from every total in 0..9 at least one move stays in range: there are no
+dead ends and no lookahead. A step is *forced* when only one move stays in range (7 and 5: ``7+5=12`` leaves the
+range) and *free* when both do (either is right).
 
-Numbers are 1..5, so from every total in 0..9 at least one of the two moves stays in range: there are no dead
-ends and no lookahead. A step is *forced* when only one move stays in range (e.g. 7 and 3: ``7+3=10`` leaves
-the range) and *free* when both do (either is right). About 60% of the steps are forced.
-
-Reward (binary, at the end): ``correct_score`` iff every step line is present, repeats the previous total,
-uses its number, is arithmetically right and stays in range, and the final line repeats the last total. Any
-valid walk is right (there is no single reference answer); ``ground_truth`` is the problem itself.
+Reward (binary, at the end): ``correct_score`` iff every step line is present, keyed in order, copies the table
+entry of the previous total, is arithmetically right and stays in range, and the final line repeats the last
+total. Any valid walk is right (there is no single reference answer); ``ground_truth`` is the problem itself.
 :func:`first_error_span` gives the character span of the first line that breaks the rule (the decisive
 mistake), which the trainer turns into the first-wrong-step credit metric.
 
 Imperfect demonstrations (for the warm start): valid walks, except that at each forced step the move that
-leaves the range is taken with probability ``slip_rate``; after such a slip the walk goes on (back into range
-where possible), so the response is long and wrong. A model imitating them slips at forced steps at about that
-rate, so its accuracy falls with the number of steps.
+leaves the range is taken with probability ``slip_rate``; after a slip the walk goes on (the table entry of the
+total's last digit; back into range where possible), so the response is long and wrong. A model imitating them
+slips at forced steps at about that rate, so its accuracy falls with the number of steps.
 """
 from __future__ import annotations
 
@@ -57,31 +56,37 @@ DATA_SOURCE = "bounded_walk"
 KEYS = string.ascii_lowercase + string.ascii_uppercase
 LOW, HIGH, MAX_NUMBER = 0, 9, 5
 ANSWER_PREFIX = "####"
-_PROMPT_RE = re.compile(r"^0\.\.9 from (\d): ((?:[a-zA-Z][1-9] ?)+)$")
-_LINE_RE = re.compile(r"^([a-zA-Z])(\d) (-?\d+)([+-])(\d+)=(-?\d+)$")
+_PROMPT_RE = re.compile(r"^0\.\.9 from (\d) to ([a-zA-Z]): ((?:\d:\d ?){10})$")
+_LINE_RE = re.compile(r"^([a-zA-Z]) (-?\d+):(\d) (-?\d+)([+-])(\d+)=(-?\d+)$")
 _ANSWER_RE = re.compile(r"^#### (-?\d+)$")
 
 
 @dataclass(frozen=True)
 class WalkProblem:
     start: int
-    numbers: tuple[int, ...]
+    steps: int
+    table: tuple[int, ...]
+    """The number to move by from each total 0..9."""
 
     def prompt(self) -> str:
-        items = " ".join(f"{KEYS[i]}{n}" for i, n in enumerate(self.numbers))
-        return f"0..9 from {self.start}: {items}"
+        entries = " ".join(f"{total}:{n}" for total, n in enumerate(self.table))
+        return f"0..9 from {self.start} to {KEYS[self.steps - 1]}: {entries}"
+
+    def number(self, total: int) -> int:
+        """The table entry of ``total`` (of its last digit once a walk has left 0..9)."""
+        return self.table[abs(total) % 10]
 
 
 def parse_prompt(prompt: str) -> WalkProblem:
     """Inverse of :meth:`WalkProblem.prompt`; ``ValueError`` quoting the prompt when it does not fit."""
     m = _PROMPT_RE.match(prompt.strip())
     if m is None:
-        raise ValueError(f"not a bounded-walk prompt (want '0..9 from S: a3 b1 ...'): {prompt!r}")
-    items = m.group(2).split()
-    for i, item in enumerate(items):
-        if item[0] != KEYS[i]:
-            raise ValueError(f"item {i} of {prompt!r} has key {item[0]!r}, want {KEYS[i]!r}")
-    return WalkProblem(start=int(m.group(1)), numbers=tuple(int(item[1:]) for item in items))
+        raise ValueError(f"not a bounded-walk prompt (want '0..9 from S to K: 0:n 1:n ... 9:n'): {prompt!r}")
+    entries = [e.split(":") for e in m.group(3).split()]
+    if [int(total) for total, _ in entries] != list(range(10)):
+        raise ValueError(f"the table of {prompt!r} must list the totals 0..9 in order")
+    return WalkProblem(start=int(m.group(1)), steps=KEYS.index(m.group(2)) + 1,
+                       table=tuple(int(n) for _, n in entries))
 
 
 def valid_moves(total: int, number: int) -> list[str]:
@@ -90,23 +95,23 @@ def valid_moves(total: int, number: int) -> list[str]:
 
 
 def sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> WalkProblem:
-    steps = rng.randint(min_steps, max_steps)
-    return WalkProblem(start=rng.randint(LOW, HIGH),
-                       numbers=tuple(rng.randint(1, MAX_NUMBER) for _ in range(steps)))
+    return WalkProblem(start=rng.randint(LOW, HIGH), steps=rng.randint(min_steps, max_steps),
+                       table=tuple(rng.randint(1, MAX_NUMBER) for _ in range(10)))
 
 
 def walk(problem: WalkProblem, rng: random.Random, slip_rate: float = 0.0) -> str:
     """A response: a random valid move at each step, except that at a forced step the out-of-range move is
     taken with probability ``slip_rate``; out of range, the walk takes a move back into range when there is one."""
     total, lines = problem.start, []
-    for i, number in enumerate(problem.numbers):
+    for i in range(problem.steps):
+        number = problem.number(total)
         valid = valid_moves(total, number)
         if len(valid) == 1 and LOW <= total <= HIGH and rng.random() < slip_rate:
             op = "-" if valid[0] == "+" else "+"
         else:
             op = rng.choice(valid) if valid else rng.choice("+-")
         new = total + number if op == "+" else total - number
-        lines.append(f"{KEYS[i]}{number} {total}{op}{number}={new}")
+        lines.append(f"{KEYS[i]} {total}:{number} {total}{op}{number}={new}")
         total = new
     lines.append(f"{ANSWER_PREFIX} {total}")
     return "\n".join(lines)
@@ -117,18 +122,18 @@ def first_error_line(response: str, problem: WalkProblem) -> int | None:
     the answer line at the line after it), or None when the response is right."""
     lines = response.strip("\n").split("\n")
     total = problem.start
-    for i, number in enumerate(problem.numbers):
+    for i in range(problem.steps):
         m = _LINE_RE.match(lines[i]) if i < len(lines) else None
         if m is None:
             return i
-        key, item, prev, op = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-        num, new = int(m.group(5)), int(m.group(6))
+        key, looked_up, entry, prev, op = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5)
+        num, new = int(m.group(6)), int(m.group(7))
         want = prev + num if op == "+" else prev - num
-        if (key != KEYS[i] or item != number or prev != total or num != number or new != want
-                or not LOW <= new <= HIGH):
+        if (key != KEYS[i] or looked_up != total or entry != problem.number(total) or prev != total
+                or num != entry or new != want or not LOW <= new <= HIGH):
             return i
         total = new
-    k = len(problem.numbers)
+    k = problem.steps
     m = _ANSWER_RE.match(lines[k]) if k < len(lines) else None
     if m is None or int(m.group(1)) != total:
         return k
@@ -166,14 +171,14 @@ def _rows(count: int, rng: random.Random, min_steps: int, max_steps: int, exclud
         if slip_rate is None:
             seen.add(prompt)
             rows.append({"prompt": prompt, "ground_truth": prompt, "data_source": DATA_SOURCE,
-                         "extra_info": {"steps": len(problem.numbers)}})
+                         "extra_info": {"steps": problem.steps}})
         else:
             rows.append({"prompt": prompt, "response": walk(problem, rng, slip_rate)})
     return rows
 
 
 def write_task(out_dir: str | Path, *, num_train: int = 4096, num_val: int = 128, num_demonstrations: int = 8192,
-               min_steps: int = 6, max_steps: int = 28, slip_rate: float = 0.08, seed: int = 0) -> dict[str, Path]:
+               min_steps: int = 6, max_steps: int = 20, slip_rate: float = 0.1, seed: int = 0) -> dict[str, Path]:
     """``train.jsonl`` and ``val.jsonl`` (distinct prompts, none shared) and ``sft.jsonl`` (imperfect
     demonstrations, never on a validation prompt) under ``out_dir``."""
     if not 1 <= min_steps <= max_steps <= len(KEYS):
@@ -190,4 +195,3 @@ def write_task(out_dir: str | Path, *, num_train: int = 4096, num_val: int = 128
         paths[name] = out / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
-
