@@ -6,13 +6,12 @@ its finished seeds with a min-max band; and the first-wrong-step credit numbers 
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from vapo_megatron.ablation.runner import DONE
+from vapo_megatron.ablation.report import finished_rows
 
 PANELS = (("reward_mean", "training reward"), ("entropy", "policy entropy"),
           ("response_length_mean", "response length (tokens)"), ("ev_mc", "critic ev_mc"))
@@ -21,10 +20,8 @@ CREDIT_KEYS = ("credit_first_error_adv", "credit_rest_wrong_adv", "credit_first_
 
 def ppo_rows(run_dir: Path) -> list[dict] | None:
     """The PPO-phase rows of a finished run's metrics.jsonl (None when the run has no DONE file)."""
-    if not (run_dir / DONE).is_file():
-        return None
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("phase") == "ppo"]
+    rows = finished_rows(run_dir)
+    return None if rows is None else [r for r in rows if r.get("phase") == "ppo"]
 
 
 def _finite(value) -> bool:

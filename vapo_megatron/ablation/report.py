@@ -51,11 +51,18 @@ class RunResult:
         return next((s for s, v in self.curve if v >= threshold), None)
 
 
-def read_run(run_dir: Path) -> RunResult | None:
-    """The numbers of a finished run (DONE written), None otherwise."""
+def finished_rows(run_dir: Path) -> list[dict] | None:
+    """Every row of a finished run's metrics.jsonl (DONE written), None otherwise."""
     if not (run_dir / DONE).is_file():
         return None
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def read_run(run_dir: Path) -> RunResult | None:
+    """The numbers of a finished run (DONE written), None otherwise."""
+    rows = finished_rows(run_dir)
+    if rows is None:
+        return None
     pretrain = sum(r["phase"] == "value_pretrain" for r in rows)  # may stop early at the EV threshold
     initial = next((r["val_accuracy"] for r in rows if r["phase"] == "init" and "val_accuracy" in r), None)
     curve = tuple((r["step"] - pretrain, r["val_accuracy"]) for r in rows
