@@ -115,11 +115,12 @@ def build_engines(cfg: VapoConfig) -> Parts:
     return Parts(engine, actor, critic, arch, tokenizer, loader, val_set, rewards, layouts)
 
 
-def _score(tokenizer: Any, rewards: Any, max_failed_fraction: float, prompts: Sequence[Any], out: Any
-           ) -> tuple[torch.Tensor, dict[str, int], list | None]:
+def _score(tokenizer: Any, rewards: Any, max_failed_fraction: float, prompts: Sequence[Any], out: Any, *,
+           with_spans: bool = True) -> tuple[torch.Tensor, dict[str, int], list | None]:
     """Rewards on rank 0 (its reward workers, `rewards`; None elsewhere), broadcast to every rank, with each
-    response's first-wrong-step token span (None where the reward gives none); every rank raises
-    RewardFailureError when more than `max_failed_fraction` of the rewards failed."""
+    response's first-wrong-step token span when `with_spans` (None where the reward gives none; validation skips
+    the mapping); every rank raises RewardFailureError when more than `max_failed_fraction` of the rewards
+    failed."""
     from vapo_megatron.credit import error_token_spans
     from vapo_megatron.errors import RewardFailureError
     from vapo_megatron.rewards import RewardItem, systematic_failure
@@ -133,7 +134,8 @@ def _score(tokenizer: Any, rewards: Any, max_failed_fraction: float, prompts: Se
                  for txt, p in zip(texts, out.prompt_index)]
         res = rewards.score(items)
         fatal = systematic_failure(res.stats, max_failed_fraction)
-        spans = None if fatal else error_token_spans(tokenizer, out.response_ids, texts, res.extras)
+        spans = error_token_spans(tokenizer, out.response_ids, texts, res.extras) if with_spans and not fatal \
+            else None
         payload = [(res.scores, res.stats.num_errors, res.stats.num_timeouts, fatal, spans)]
     dist.broadcast_object_list(payload, src=0)
     scores, errors, timeouts, fatal, spans = payload[0]
@@ -239,7 +241,8 @@ def validation_accuracy(rollout_engine: Any, val_prompts: Sequence[Any], scoring
     params = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
                             max_tokens=scoring.max_response_length, seed=seed + 99991)
     out = generate_distributed(rollout_engine, [p.input_ids for p in prompts], params)
-    scores, _, _ = _score(scoring.tokenizer, scoring.rewards, scoring.reward.max_failed_fraction, prompts, out)
+    scores, _, _ = _score(scoring.tokenizer, scoring.rewards, scoring.reward.max_failed_fraction, prompts, out,
+                          with_spans=False)
     return (scores >= scoring.algorithm.reward_correct).float().mean().item()
 
 
