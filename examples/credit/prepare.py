@@ -25,6 +25,11 @@ def main() -> None:
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--slip-rate", type=float, default=0.1,
                     help="probability that a demonstration leaves the range at a forced step")
+    ap.add_argument("--table", choices=("random", "constant"), default="random",
+                    help="random: a number per total (lookups can go wrong invisibly); constant: one number for "
+                         "every total (every mistake is a visible out-of-range move)")
+    ap.add_argument("--num-train", type=int, default=None,
+                    help="training prompts (default 4096; 600 for a constant table, which has 750 in all)")
     ap.add_argument("--min-steps", type=int, default=6)
     ap.add_argument("--max-steps", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=128)
@@ -36,8 +41,9 @@ def main() -> None:
         print(f"[prepare] {out} is ready (delete it to rebuild)")
         return
     torch.manual_seed(args.seed)
+    num_train = args.num_train or (600 if args.table == "constant" else 4096)
     write_task(out / "data", slip_rate=args.slip_rate, min_steps=args.min_steps, max_steps=args.max_steps,
-               seed=args.seed)
+               seed=args.seed, table=args.table, num_train=num_train)
     model_dir = out / "model"
     save_tiny_hf_model(model_dir, "qwen2", seed=args.seed, hidden_size=args.hidden, num_layers=args.layers,
                        num_heads=args.hidden // 32, num_kv_heads=max(1, args.hidden // 64),

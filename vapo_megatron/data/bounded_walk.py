@@ -94,9 +94,18 @@ def valid_moves(total: int, number: int) -> list[str]:
     return [op for op, new in (("+", total + number), ("-", total - number)) if LOW <= new <= HIGH]
 
 
-def sample_problem(rng: random.Random, min_steps: int, max_steps: int) -> WalkProblem:
-    return WalkProblem(start=rng.randint(LOW, HIGH), steps=rng.randint(min_steps, max_steps),
-                       table=tuple(rng.randint(1, MAX_NUMBER) for _ in range(10)))
+TABLES = ("random", "constant")
+
+
+def sample_problem(rng: random.Random, min_steps: int, max_steps: int, table: str = "random") -> WalkProblem:
+    """A problem with a ``random`` table (a number 1..5 drawn for each total) or a ``constant`` one (one number
+    1..5 for every total: the lookup cannot go wrong, so every mistake is a move that leaves the range)."""
+    start, steps = rng.randint(LOW, HIGH), rng.randint(min_steps, max_steps)
+    if table == "random":
+        return WalkProblem(start=start, steps=steps, table=tuple(rng.randint(1, MAX_NUMBER) for _ in range(10)))
+    if table == "constant":
+        return WalkProblem(start=start, steps=steps, table=(rng.randint(1, MAX_NUMBER),) * 10)
+    raise ValueError(f"table must be one of {TABLES}, got {table!r}")
 
 
 def walk(problem: WalkProblem, rng: random.Random, slip_rate: float = 0.0) -> str:
@@ -161,10 +170,10 @@ def score(response: str, ground_truth: str) -> tuple[bool, tuple[int, int] | Non
 
 
 def _rows(count: int, rng: random.Random, min_steps: int, max_steps: int, exclude: set[str],
-          slip_rate: float | None) -> list[dict[str, Any]]:
+          slip_rate: float | None, table: str) -> list[dict[str, Any]]:
     rows, seen = [], set(exclude)
     while len(rows) < count:
-        problem = sample_problem(rng, min_steps, max_steps)
+        problem = sample_problem(rng, min_steps, max_steps, table)
         prompt = problem.prompt()
         if prompt in seen:
             continue
@@ -178,18 +187,24 @@ def _rows(count: int, rng: random.Random, min_steps: int, max_steps: int, exclud
 
 
 def write_task(out_dir: str | Path, *, num_train: int = 4096, num_val: int = 128, num_demonstrations: int = 8192,
-               min_steps: int = 6, max_steps: int = 20, slip_rate: float = 0.1, seed: int = 0) -> dict[str, Path]:
+               min_steps: int = 6, max_steps: int = 20, slip_rate: float = 0.1, seed: int = 0,
+               table: str = "random") -> dict[str, Path]:
     """``train.jsonl`` and ``val.jsonl`` (distinct prompts, none shared) and ``sft.jsonl`` (imperfect
-    demonstrations, never on a validation prompt) under ``out_dir``."""
+    demonstrations, never on a validation prompt) under ``out_dir``; ``table`` as in :func:`sample_problem`."""
     if not 1 <= min_steps <= max_steps <= len(KEYS):
         raise ValueError(f"need 1 <= min_steps ({min_steps}) <= max_steps ({max_steps}) <= {len(KEYS)}")
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {TABLES}, got {table!r}")
+    if table == "constant" and num_train + num_val > 5 * 10 * (max_steps - min_steps + 1):
+        raise ValueError(f"a constant table allows only {5 * 10 * (max_steps - min_steps + 1)} distinct prompts "
+                         f"for {min_steps}-{max_steps} steps; asked for {num_train} train + {num_val} val")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"bounded_walk/{seed}")
-    val = _rows(num_val, rng, min_steps, max_steps, set(), None)
+    val = _rows(num_val, rng, min_steps, max_steps, set(), None, table)
     val_prompts = {r["prompt"] for r in val}
-    train = _rows(num_train, rng, min_steps, max_steps, val_prompts, None)
-    sft = _rows(num_demonstrations, rng, min_steps, max_steps, val_prompts, slip_rate)
+    train = _rows(num_train, rng, min_steps, max_steps, val_prompts, None, table)
+    sft = _rows(num_demonstrations, rng, min_steps, max_steps, val_prompts, slip_rate, table)
     paths = {}
     for name, rows in (("train", train), ("val", val), ("sft", sft)):
         paths[name] = out / f"{name}.jsonl"
