@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,13 +137,16 @@ def ev_mc_of(model: HFValueModel, batch: Batch, rows: torch.Tensor, chunk: int =
     return ev, values
 
 
-def fit_critic(model: HFValueModel, batch: Batch, rows: torch.Tensor, settings: WarmStartSettings) -> list[float]:
-    """Adam on 0.5 (V - G)^2 (token mean) over random mini-batches of ``rows``; returns the loss of every step."""
+def fit_critic(model: HFValueModel, batch: Batch, rows: torch.Tensor, settings: WarmStartSettings,
+               log: Callable[[str], None] = print) -> list[float]:
+    """Adam on 0.5 (V - G)^2 (token mean) over random mini-batches of ``rows``; returns the loss of every step
+    and logs the mean loss of every 50 steps."""
     gen = torch.Generator().manual_seed(settings.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     losses = []
     model.train()
-    for _ in range(settings.steps):
+    t0 = time.time()
+    for step in range(settings.steps):
         idx = rows[torch.randint(len(rows), (min(settings.batch_size, len(rows)),), generator=gen)]
         mask = batch["resp_mask"][idx]
         target = monte_carlo_returns(batch["scores"][idx], mask).float()
@@ -150,6 +155,10 @@ def fit_critic(model: HFValueModel, batch: Batch, rows: torch.Tensor, settings: 
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == settings.steps:
+            recent = losses[-50:]
+            log(f"[warm start critic] step {step + 1}/{settings.steps} loss {sum(recent) / len(recent):.4f} "
+                f"({time.time() - t0:.0f}s)")
     model.eval()
     return losses
 
@@ -186,10 +195,12 @@ def warm_start_critic(cfg: Any, settings: WarmStartSettings, out_dir: str | Path
     fit_rows, held_rows = split_rows(batch, settings.held_out_fraction, settings.seed)
     model = HFValueModel(cfg.model.hf_dir, seed=settings.seed)
     before = ev_mc_of(model, batch, held_rows)[0]
+    accuracy = (batch["scores"] >= cfg.algorithm.reward_correct).float().mean().item()
+    print(f"[warm start critic] {len(batch['scores'])} responses, accuracy {accuracy:.3f}; fitting on "
+          f"{len(fit_rows)}, held-out ev_mc before {before:.3f}", flush=True)
     losses = fit_critic(model, batch, fit_rows, settings)
     report = {"settings": settings.__dict__, "responses": len(batch["scores"]), "fit_responses": len(fit_rows),
-              "held_out_responses": len(held_rows), "accuracy": (batch["scores"] >= cfg.algorithm.reward_correct)
-              .float().mean().item(), "ev_mc_held_out_before": before,
+              "held_out_responses": len(held_rows), "accuracy": accuracy, "ev_mc_held_out_before": before,
               "ev_mc_fit": ev_mc_of(model, batch, fit_rows)[0], "ev_mc_held_out": ev_mc_of(model, batch, held_rows)[0],
               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
     save_hf_critic(model, cfg.model.hf_dir, out_dir, report)

@@ -105,3 +105,21 @@ def test_registered_reward_returns_score_and_span():
     assert fn("a 4:3 4+3=7\nb 7:5 7-5=2\n#### 2", prompt) == {"score": 1.0, "first_error_span": None}
     out = fn("a 4:3 4+3=7\nb 7:5 7+5=12\n#### 12", prompt, incorrect_score=-1.0)
     assert out == {"score": -1.0, "first_error_span": [12, 25]}
+
+
+def test_constant_tables_and_their_prompt_budget(tmp_path):
+    """table="constant": one number for every total, so the only way to go wrong in a step line is a move out
+    of range; there are 5 x 10 x (max - min + 1) such prompts, and asking for more is refused up front."""
+    paths = bw.write_task(tmp_path, num_train=100, num_val=20, num_demonstrations=200, slip_rate=0.2, seed=1,
+                          min_steps=6, max_steps=8, table="constant")
+    rows = [json.loads(line) for name in ("train", "val", "sft") for line in paths[name].read_text().splitlines()]
+    assert all(len(set(bw.parse_prompt(r["prompt"]).table)) == 1 for r in rows)
+    for row in rows[120:]:
+        problem = bw.parse_prompt(row["prompt"])
+        line = bw.first_error_line(row["response"], problem)
+        if line is not None:  # a slip: the written total is out of range
+            assert not 0 <= int(row["response"].split("\n")[line].split("=")[1]) <= 9
+    with pytest.raises(ValueError, match="150 distinct prompts"):
+        bw.write_task(tmp_path / "big", num_train=140, num_val=20, min_steps=6, max_steps=8, table="constant")
+    with pytest.raises(ValueError, match="table must be one of"):
+        bw.sample_problem(random.Random(0), 1, 2, table="diagonal")
