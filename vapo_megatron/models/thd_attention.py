@@ -1,0 +1,71 @@
+"""Packed-sequence (THD) core attention for megatron-core's local (plain torch) layer spec.
+
+megatron-core's local `DotProductAttention` refuses `packed_seq_params` (only TransformerEngine's attention takes
+the THD layout). Without TE (CPU, or a GPU without TE) this module honours the packing: the stream [T, heads, dim]
+is cut at `cu_seqlens_padded` and each sequence slot attends causally to itself only, through torch's
+`scaled_dot_product_attention`; so a packed micro-batch gives the same outputs as the same rows padded
+(tests/distributed/test_packing.py). Cost is sum_i L_i^2 instead of m x S^2 for m rows padded to S.
+
+Under context parallelism each sequence slot is split into 2 x cp chunks (parallel/context.py:
+`packed_cp_positions`); keys and values are all-gathered over the CP group as in models/cp_attention.py, and a
+query sees the keys of its own sequence at positions <= its own.
+
+Padding inside a slot (the slot is the sequence rounded up to 2 x cp) sits after the real tokens, so causal
+attention keeps it away from every real token; the stream's final padding segment is a slot of its own.
+Unpadded (BSHD) calls go to the parent classes unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+from vapo_megatron.models.cp_attention import AllGatherCPDotProductAttention, _mask
+
+
+class PackedDotProductAttention(AllGatherCPDotProductAttention):
+    """The local spec's core attention: padded batches as megatron's DotProductAttention (or the all-gather CP
+    attention), packed (THD) batches per sequence slot."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported with packed sequences")
+        cu = packed_seq_params.cu_seqlens_q_padded
+        slots = (cu if cu is not None else packed_seq_params.cu_seqlens_q).tolist()
+        # [t, ng, hn] -> [t, np, hn]: grouped-query attention repeats each key/value head for its queries
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
+        dropout = self.attention_dropout.p if self.training else 0.0
+        if self.cp_size == 1:
+            out = [self._attend(query[a:b], key[a:b], value[a:b], None, dropout)
+                   for a, b in zip(slots[:-1], slots[1:])]
+            return torch.cat(out).reshape(query.shape[0], -1)
+        return self._attend_cp(query, key, value, slots, dropout)
+
+    def _attend(self, q, k, v, keep, dropout: float) -> torch.Tensor:
+        """Attention of one sequence: q [Lq, np, hn] against k, v [Lk, np, hn]; causal when `keep` (True =
+        attend, [Lq, Lk]) is None."""
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=keep is None,
+                                             scale=self.softmax_scale)
+        return out.transpose(0, 1)
+
+    def _attend_cp(self, query, key, value, slots: list[int], dropout: float) -> torch.Tensor:
+        """Queries of this CP rank against the gathered keys of their own sequence. Each rank holds slot
+        [a, b)'s chunks at [a/cp, b/cp) of its local stream; the gather lays the ranks' streams end to end."""
+        cp, local = self.cp_size, query.shape[0]
+        key = gather_from_sequence_parallel_region(key.contiguous(), True, group=self.cp_group)
+        value = gather_from_sequence_parallel_region(value.contiguous(), True, group=self.cp_group)
+        out = []
+        for a, b in zip(slots[:-1], slots[1:]):
+            lo, hi = a // cp, b // cp
+            keys = torch.cat([key[r * local + lo:r * local + hi] for r in range(cp)])
+            values = torch.cat([value[r * local + lo:r * local + hi] for r in range(cp)])
+            keep = ~_mask(hi - lo, cp, self.cp_group.rank(), str(query.device))[0, 0]
+            out.append(self._attend(query[lo:hi], keys, values, keep, dropout))
+        return torch.cat(out).reshape(local, -1)
