@@ -142,12 +142,9 @@ class TrainConfig:
     micro_batch_size: int = 1
     """Samples per forward/backward on one data-parallel rank (when micro_batch_tokens is 0)."""
     micro_batch_tokens: int = 0
-    """Token budget of a micro-batch: packed, the sum of its rows' tokens (first-fit decreasing, the same number
-    of micro-batches on every data-parallel rank); padded, rows x its own longest row (length-sorted); 0 uses
-    micro_batch_size."""
+    """Token budget per micro-batch (packed: sum of its rows, first-fit decreasing; padded: rows x longest); 0: rows."""
     pack_sequences: bool = True
-    """Pack each micro-batch's rows into one stream with cumulative sequence lengths (THD, no padding) for the
-    actor's and critic's forwards and backwards; false pads rows to the micro-batch's longest."""
+    """Pack each micro-batch's rows into one stream with cu_seqlens (THD, no padding); false pads rows instead."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: "full" whole layers, "selective" core attention only, "none" keeps all."""
     recompute_num_layers: int = 1

@@ -23,6 +23,25 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from vapo_megatron.models.cp_attention import AllGatherCPDotProductAttention, _mask
 
 
+def attend(q, k, v, keep, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """Attention of one sequence: q [Lq, np, hn] against k, v [Lk, np, hn] -> [Lq, np, hn]; causal when `keep`
+    (True = attend, [Lq, Lk]) is None."""
+    q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=keep is None,
+                                         scale=scale)
+    return out.transpose(0, 1)
+
+
+def packed_causal_attention(query, key, value, cu_seqlens_padded: list[int], scale: float,
+                            dropout: float = 0.0) -> torch.Tensor:
+    """THD attention without context parallelism: query, key, value [T, np, hn] (key/value heads already
+    repeated for grouped-query attention), each slot [a, b) of `cu_seqlens_padded` causal within itself.
+    Returns [T, np * hn]. tests/gpu/test_thd_attention_cuda.py compares TransformerEngine's THD attention with it."""
+    out = [attend(query[a:b], key[a:b], value[a:b], None, scale, dropout)
+           for a, b in zip(cu_seqlens_padded[:-1], cu_seqlens_padded[1:])]
+    return torch.cat(out).reshape(query.shape[0], -1)
+
+
 class PackedDotProductAttention(AllGatherCPDotProductAttention):
     """The local spec's core attention: padded batches as megatron's DotProductAttention (or the all-gather CP
     attention), packed (THD) batches per sequence slot."""
@@ -42,18 +61,11 @@ class PackedDotProductAttention(AllGatherCPDotProductAttention):
             key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
         if self.cp_size == 1:
-            out = [self._attend(query[a:b], key[a:b], value[a:b], None, dropout)
-                   for a, b in zip(slots[:-1], slots[1:])]
-            return torch.cat(out).reshape(query.shape[0], -1)
+            return packed_causal_attention(query, key, value, slots, self.softmax_scale, dropout)
         return self._attend_cp(query, key, value, slots, dropout)
 
     def _attend(self, q, k, v, keep, dropout: float) -> torch.Tensor:
-        """Attention of one sequence: q [Lq, np, hn] against k, v [Lk, np, hn]; causal when `keep` (True =
-        attend, [Lq, Lk]) is None."""
-        q, k, v = (x.transpose(0, 1) for x in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=keep is None,
-                                             scale=self.softmax_scale)
-        return out.transpose(0, 1)
+        return attend(q, k, v, keep, self.softmax_scale, dropout)
 
     def _attend_cp(self, query, key, value, slots: list[int], dropout: float) -> torch.Tensor:
         """Queries of this CP rank against the gathered keys of their own sequence. Each rank holds slot
