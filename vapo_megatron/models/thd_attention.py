@@ -26,10 +26,12 @@ from vapo_megatron.models.cp_attention import AllGatherCPDotProductAttention, _m
 def attend(q, k, v, keep, scale: float, dropout: float = 0.0) -> torch.Tensor:
     """Attention of one sequence: q [Lq, np, hn] against k, v [Lk, np, hn] -> [Lq, np, hn]; causal when `keep`
     (True = attend, [Lq, Lk]) is None."""
-    q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+    # [1, np, L, hn]: torch's fused CPU (flash) kernel takes 4-d inputs only; 3-d falls back to the math kernel,
+    # which materialises the [np, Lq, Lk] scores (measured: 2x the step time and memory of the fused kernel)
+    q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=keep is None,
                                          scale=scale)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def packed_causal_attention(query, key, value, cu_seqlens_padded: list[int], scale: float,
@@ -37,8 +39,10 @@ def packed_causal_attention(query, key, value, cu_seqlens_padded: list[int], sca
     """THD attention without context parallelism: query, key, value [T, np, hn] (key/value heads already
     repeated for grouped-query attention), each slot [a, b) of `cu_seqlens_padded` causal within itself.
     Returns [T, np * hn]. tests/gpu/test_thd_attention_cuda.py compares TransformerEngine's THD attention with it."""
-    out = [attend(query[a:b], key[a:b], value[a:b], None, scale, dropout)
-           for a, b in zip(cu_seqlens_padded[:-1], cu_seqlens_padded[1:])]
+    # torch.split, not slicing: a slice's backward writes a zero tensor of the whole stream per sequence
+    lens = [b - a for a, b in zip(cu_seqlens_padded[:-1], cu_seqlens_padded[1:])]
+    out = [attend(q, k, v, None, scale, dropout)
+           for q, k, v in zip(*(x.split(lens) for x in (query, key, value)))]
     return torch.cat(out).reshape(query.shape[0], -1)
 
 
@@ -55,14 +59,17 @@ class PackedDotProductAttention(AllGatherCPDotProductAttention):
             raise NotImplementedError("attention_bias is not supported with packed sequences")
         cu = packed_seq_params.cu_seqlens_q_padded
         slots = (cu if cu is not None else packed_seq_params.cu_seqlens_q).tolist()
-        # [t, ng, hn] -> [t, np, hn]: grouped-query attention repeats each key/value head for its queries
-        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if groups > 1:
-            key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
         if self.cp_size == 1:
-            return packed_causal_attention(query, key, value, slots, self.softmax_scale, dropout)
+            return packed_causal_attention(query, *self._repeat_kv(key, value), slots, self.softmax_scale, dropout)
         return self._attend_cp(query, key, value, slots, dropout)
+
+    def _repeat_kv(self, key, value):
+        """[t, ng, hn] -> [t, np, hn]: grouped-query attention repeats each key/value head for its queries."""
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups == 1:
+            return key, value
+        return tuple(x.repeat_interleave(groups, dim=1) for x in (key, value))
 
     def _attend(self, q, k, v, keep, dropout: float) -> torch.Tensor:
         return attend(q, k, v, keep, self.softmax_scale, dropout)
@@ -73,11 +80,12 @@ class PackedDotProductAttention(AllGatherCPDotProductAttention):
         cp, local = self.cp_size, query.shape[0]
         key = gather_from_sequence_parallel_region(key.contiguous(), True, group=self.cp_group)
         value = gather_from_sequence_parallel_region(value.contiguous(), True, group=self.cp_group)
+        key, value = self._repeat_kv(key, value)
+        lens = [(b - a) // cp for a, b in zip(slots[:-1], slots[1:])]
+        # [cp * local, ...] -> per slot [cp, len, ...] (split, not slicing: see packed_causal_attention)
+        keys, values = (x.view(cp, local, *x.shape[1:]).split(lens, dim=1) for x in (key, value))
         out = []
-        for a, b in zip(slots[:-1], slots[1:]):
-            lo, hi = a // cp, b // cp
-            keys = torch.cat([key[r * local + lo:r * local + hi] for r in range(cp)])
-            values = torch.cat([value[r * local + lo:r * local + hi] for r in range(cp)])
-            keep = ~_mask(hi - lo, cp, self.cp_group.rank(), str(query.device))[0, 0]
-            out.append(self._attend(query[lo:hi], keys, values, keep, dropout))
+        for q, k, v in zip(query.split(lens), keys, values):
+            keep = ~_mask(q.shape[0], cp, self.cp_group.rank(), str(query.device))[0, 0]
+            out.append(self._attend(q, k.flatten(0, 1), v.flatten(0, 1), keep, dropout))
         return torch.cat(out).reshape(local, -1)
