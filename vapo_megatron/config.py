@@ -143,8 +143,8 @@ class TrainConfig:
     """Samples per forward/backward on one data-parallel rank (when micro_batch_tokens is 0)."""
     micro_batch_tokens: int = 0
     """Token budget per micro-batch (packed: sum of its rows, first-fit decreasing; padded: rows x longest); 0: rows."""
-    pack_sequences: bool = True
-    """Pack each micro-batch's rows into one stream with cu_seqlens (THD, no padding); false pads rows instead."""
+    pack_sequences: bool | None = None
+    """Pack micro-batch rows into one stream (THD, no padding): null where supported, true required, false pad."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: "full" whole layers, "selective" core attention only, "none" keeps all."""
     recompute_num_layers: int = 1

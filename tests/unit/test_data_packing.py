@@ -102,3 +102,22 @@ def test_packed_cp_split_takes_chunks_of_every_slot_and_merges_back():
     t = torch.arange(20.0)[None]
     shards = [split_for_context_parallel(t, 2, r, cu_seqlens_padded=cu_padded) for r in range(2)]
     assert torch.equal(merge_context_parallel_shards(shards, cu_seqlens_padded=cu_padded), t)
+
+
+def test_packing_is_on_where_supported_and_refused_where_not():
+    from vapo_megatron.engine.model_engine import packing_enabled
+
+    assert packing_enabled(None, torch.float32, te_attention=False)  # the local THD attention: any dtype
+    assert packing_enabled(None, torch.bfloat16, te_attention=True)
+    assert not packing_enabled(None, torch.float32, te_attention=True)  # default: padded where TE cannot pack
+    assert not packing_enabled(False, torch.bfloat16, te_attention=False)
+    with pytest.raises(ValueError, match="flash/fused backends, which need bfloat16"):
+        packing_enabled(True, torch.float32, te_attention=True)
+
+
+def test_a_dict_batch_without_seq_lens_packs_whole_rows():
+    ids = torch.arange(12).reshape(3, 4)
+    micro, _ = split_micro_batches({"input_ids": ids, "resp_pos": torch.tensor([[1, 2]] * 3)}, micro_batch_size=3,
+                                   micro_batch_tokens=0, pad_multiple=1, pack=True)
+    assert micro[0].input_ids.tolist() == [list(range(12))] and micro[0].cu_seqlens_padded.tolist() == [0, 4, 8, 12]
+    assert micro[0].resp_pos.tolist() == [[1, 2], [5, 6], [9, 10]]

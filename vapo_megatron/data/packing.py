@@ -111,13 +111,11 @@ def packed_position_ids(cu_padded: list[int], device=None) -> torch.Tensor:
 
 
 def pack_micro_batch(mb: MicroBatch, seq_multiple: int = 1, total_multiple: int = 1) -> MicroBatch:
-    """The packed form of a padded micro-batch (rows [m, S'] with `seq_lens`): `input_ids` and `targets` become
+    """The packed form of a padded micro-batch (rows [m, S'], `seq_lens` long): `input_ids` and `targets` become
     one stream [1, T], `resp_pos` is shifted by each row's slot offset (padded response slots, masked out of every
     loss, are clamped into the stream), `cu_seqlens` / `cu_seqlens_padded` are set. Per-row fields are kept."""
-    if mb.seq_lens is None:
-        raise KeyError("packing needs the batch field 'seq_lens' (prompt + response tokens per row, written by "
-                       "data.rl_batch.build_rl_batch); set train.pack_sequences=false for a batch without it")
-    lens = mb.seq_lens.tolist()
+    # a batch without `seq_lens` (tests' and tools' dict batches): every row is taken whole, padding included
+    lens = mb.seq_lens.tolist() if mb.seq_lens is not None else [mb.input_ids.shape[1]] * mb.input_ids.shape[0]
     cu_real, cu_padded = packed_offsets(lens, seq_multiple, total_multiple)
     changes = {"input_ids": pack_rows(mb.input_ids, lens, cu_padded),
                "cu_seqlens": torch.tensor(cu_real, dtype=torch.int32),

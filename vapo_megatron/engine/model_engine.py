@@ -20,22 +20,24 @@ from vapo_megatron.engine.microbatch import Batch, padded_and_real_tokens, row_s
 from vapo_megatron.engine.optim import build_optimizer
 from vapo_megatron.engine.schedule import forward_backward
 from vapo_megatron.models.hf_config import ModelArch
+from vapo_megatron.models.specs import transformer_engine_available
 from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
 
 MicroLoss = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 MicroOutput = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
 
 
-def check_packing_supported(params_dtype: torch.dtype) -> None:
-    """Refuse packed sequences where no attention runs them: TransformerEngine takes THD batches only in its
-    flash and fused backends (its unfused attention refuses "thd"), which need bf16 or fp16. The local attention
-    (models/thd_attention.py, used without TE) runs them in any dtype."""
-    from vapo_megatron.models.specs import transformer_engine_available
-
-    if transformer_engine_available() and params_dtype == torch.float32:
-        raise ValueError("train.pack_sequences=true with model.dtype float32: TransformerEngine's THD attention "
-                         "runs only in its flash/fused backends, which need bfloat16 or float16; set "
-                         "model.dtype=bfloat16 or train.pack_sequences=false")
+def packing_enabled(requested: bool | None, params_dtype: torch.dtype, te_attention: bool) -> bool:
+    """Whether the engine packs (train.pack_sequences: None = wherever supported, True = required, False = off).
+    Unsupported: TransformerEngine takes THD batches only in its flash and fused attention backends (its unfused
+    attention refuses "thd"), which need bf16 or fp16. The local attention (models/thd_attention.py, used
+    without TE) packs in any dtype."""
+    supported = not (te_attention and params_dtype == torch.float32)
+    if requested and not supported:
+        raise ValueError("train.pack_sequences=true with model.dtype float32 and TransformerEngine: TE's THD "
+                         "attention runs only in its flash/fused backends, which need bfloat16 or float16; set "
+                         "model.dtype=bfloat16, or train.pack_sequences=null (pack where supported) or false")
+    return supported if requested is None else requested
 
 
 class ModelEngine:
@@ -45,17 +47,16 @@ class ModelEngine:
                  warmup_steps: int = 0, micro_batch_size: int = 8,
                  params_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False,
                  recompute: str = "none", recompute_num_layers: int = 1, micro_batch_tokens: int = 0,
-                 pack_sequences: bool = True):
+                 pack_sequences: bool | None = None):
         self.role, self.arch, self.parallel, self.layouts = role, arch, parallel, layouts
         self.micro_batch_size, self.base_lr, self.warmup_steps = micro_batch_size, lr, warmup_steps
+        pack_sequences = packing_enabled(pack_sequences, params_dtype, transformer_engine_available())
         self.micro_batch_tokens, self.pack_sequences = micro_batch_tokens, pack_sequences
         # padded rows: multiples of seq_multiple(); a packed stream needs only what SP and CP split (tp x 2cp)
         self.pad_multiple = parallel.tp * (2 * parallel.cp if parallel.cp > 1 else 1) if pack_sequences else \
             parallel.seq_multiple()
         self.steps_taken = 0
         self.groups = layouts.groups[role]
-        if pack_sequences:
-            check_packing_supported(params_dtype)
         self.built = build_model(arch, parallel, role, hf_get=hf_get, params_dtype=params_dtype,
                                  use_distributed_optimizer=use_distributed_optimizer, recompute=recompute,
                                  recompute_num_layers=recompute_num_layers, groups=self.groups)
