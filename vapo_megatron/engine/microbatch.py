@@ -13,9 +13,7 @@ Pipeline stages receive each micro-batch's shape with it (megatron's `variable_s
 
 Packing (`train.pack_sequences`, data/packing.py) lays each micro-batch's rows end to end in one stream with
 cumulative sequence lengths, so the model computes (almost) no padding; the same argument holds (attention stays
-within each sequence).
-
-`round_up` is re-exported from data/packing.py."""
+within each sequence)."""
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -27,7 +27,7 @@ MicroLoss = Callable[[torch.Tensor, MicroBatch], LossOut]
 
 def at_response(t: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     """[m, R] the per-token values `t` ([m, S], or [1, T] of a packed stream) read at the response positions."""
-    return t.expand(mb.resp_pos.shape[0], -1).gather(1, mb.resp_pos) if mb.packed else t.gather(1, mb.resp_pos)
+    return t[0][mb.resp_pos] if mb.packed else t.gather(1, mb.resp_pos)
 
 
 def response_logprobs(logits: torch.Tensor, mb: MicroBatch, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
