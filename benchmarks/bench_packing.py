@@ -20,12 +20,12 @@ process on CPU (see `clock`), wall seconds on GPU.
 The last line is `packed/padded tokens per second: N.NNx` (real tokens per second, packed over padded, actor and
 critic steps together).
 
-What the ratio is made of, on CPU (measured on the 2-core machine, defaults): packed 3.55x padded, peak memory
+What the ratio is made of, on CPU (measured on the 2-core machine, defaults): packed 3.4-3.6x padded, peak memory
 about 270 MiB against 650-800 MiB. The padded path loses 17 % of its tokens to padding, but most of the gap is the
 attention kernel: the padded path runs megatron-core's local DotProductAttention (baddbmm, masked softmax, bmm:
 the [rows x heads, S, S] scores are materialised), the packed path torch's fused causal kernel per sequence
 (models/thd_attention.py). With the padded path's attention swapped for the same fused kernel (a diagnostic, not
-a code path of the package), packed is about 1.15x padded: what packing alone gains here. On GPU both paths run
+a code path of the package), packed is 1.14-1.15x padded: what packing alone gains here. On GPU both paths run
 TransformerEngine's fused attention, so expect the smaller number there (plus the saved padding).
 """
 from __future__ import annotations
