@@ -142,7 +142,9 @@ class TrainConfig:
     micro_batch_size: int = 1
     """Samples per forward/backward on one data-parallel rank (when micro_batch_tokens is 0)."""
     micro_batch_tokens: int = 0
-    """Token budget of a micro-batch (rows x its own padded longest row, length-sorted); 0 uses micro_batch_size."""
+    """Token budget per micro-batch (packed: sum of its rows, first-fit decreasing; padded: rows x longest); 0: rows."""
+    pack_sequences: bool | None = None
+    """Pack micro-batch rows into one stream (THD, no padding): null where supported, true required, false pad."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: "full" whole layers, "selective" core attention only, "none" keeps all."""
     recompute_num_layers: int = 1

@@ -71,7 +71,8 @@ def engine_kwargs(cfg: VapoConfig, optim: OptimConfig) -> dict[str, Any]:
                 use_distributed_optimizer=optim.use_distributed_optimizer,
                 params_dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
                 micro_batch_size=cfg.train.micro_batch_size, micro_batch_tokens=cfg.train.micro_batch_tokens,
-                recompute=cfg.train.recompute, recompute_num_layers=cfg.train.recompute_num_layers)
+                pack_sequences=cfg.train.pack_sequences, recompute=cfg.train.recompute,
+                recompute_num_layers=cfg.train.recompute_num_layers)
 
 
 def build_engines(cfg: VapoConfig) -> Parts:

@@ -1,4 +1,5 @@
-"""Token-budget micro-batches (train.micro_batch_tokens) change the work, not the numbers.
+"""Token-budget micro-batches (train.micro_batch_tokens) change the work, not the numbers (padded path:
+train.pack_sequences=false).
 
 One actor and one critic train step, and their forwards (old log-probs, values), with rows packed by a token
 budget and each micro-batch trimmed to its own longest row, equal the same step with fixed micro-batches of 2 rows
@@ -43,8 +44,9 @@ def _body(hf_dir: str, pp: int) -> dict:
 
     layouts = RoleLayouts(ParallelConfig(pp=pp), ParallelConfig(pp=pp))
     batch = synthetic_rl_batch(len(LENGTHS), VOCAB, seed=4, lengths=LENGTHS)
-    fixed = _run(hf_dir, layouts, batch, micro_batch_size=2)
-    tokens = _run(hf_dir, layouts, batch, micro_batch_tokens=BUDGET)
+    # the padded path (packing off): tests/distributed/test_packing.py compares packed with it
+    fixed = _run(hf_dir, layouts, batch, micro_batch_size=2, pack_sequences=False)
+    tokens = _run(hf_dir, layouts, batch, micro_batch_tokens=BUDGET, pack_sequences=False)
     mask = batch["resp_mask"]  # padded response slots read arbitrary positions in either split
     diffs = {k: ((fixed[k] - tokens[k]) * mask).abs().max().item() for k in ("logprobs", "values")}
     for role in ("actor", "critic"):

@@ -1,6 +1,7 @@
 """A short VAPO run (1 value-pretraining step + 2 PPO steps) on 4 gloo ranks with the policy at TP=2 x PP=2 +
 SP and the critic at TP=2 (DP=2): separate layouts, the whole loop (vLLM rollouts, rewards, critic values,
-old log-probs, GAE, updates, weight sync) and its metrics. A failure pinpoints the trainer's plumbing."""
+old log-probs, GAE, updates, weight sync) and its metrics, with packed token-budget micro-batches (the default
+packing; padding waste about 0). A failure pinpoints the trainer's plumbing."""
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def test_two_ppo_steps_policy_tp2_pp2_sp_critic_tp2(assets, tmp_path):
         "policy_parallel.tp=2", "policy_parallel.pp=2", "policy_parallel.sequence_parallel=true",
         "critic_parallel.tp=2", "rollout.num_prompts=4", "rollout.n=2", "rollout.max_prompt_length=64",
         "rollout.max_response_length=16", "rollout.cpu_kv_cache_bytes=134217728", "train.steps=2",
-        "train.mini_batch_size=8", "train.micro_batch_size=2", "algorithm.value_pretrain_steps=1",
+        "train.mini_batch_size=8", "train.micro_batch_tokens=96", "algorithm.value_pretrain_steps=1",
         "actor_optim.lr=1e-4", "critic_optim.lr=1e-4", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
         f"data.val_files=[{assets / 'data' / 'val.jsonl'}]", "eval.every=2", "eval.n=2", "reward.name=synthetic",
         f"checkpoint.run_dir={run_dir}", "logging.progress_bar=false",
@@ -62,6 +63,8 @@ def test_two_ppo_steps_policy_tp2_pp2_sp_critic_tp2(assets, tmp_path):
     assert "val_accuracy" in rows[-1] and "val_accuracy" in rows[0]
     assert rows[-1]["rollout_logprob_diff"] < 1e-4, "vLLM and the TP2xPP2 policy disagree: weight sync broken"
     assert rows[-1]["actor_skipped"] == 0 and rows[-1]["critic_skipped"] == 0
+    # packed by default (train.pack_sequences): only the stream's alignment to tp (<= 1 token per micro-batch)
+    assert rows[-1]["padding_waste_actor"] < 0.05 and rows[-1]["padding_waste_critic"] < 0.05, rows[-1]
     assert (run_dir / "curves.png").stat().st_size > 0 and (run_dir / "config.yaml").exists()
     from transformers import AutoModelForCausalLM  # the final policy exported at TP2xPP2 loads in transformers
 

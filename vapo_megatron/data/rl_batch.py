@@ -195,7 +195,11 @@ class MicroBatch(_MappingRead):
     """A few rows as the model and the losses see them. `input_ids` [m, S'] (S' the micro-batch's width),
     `targets` [m, S'], `resp_pos` [m, R], `resp_mask` [m, R], `seq_lens` [m]; the loss inputs of the step when
     the batch has them; `tp_group` / `cp_group` set by the schedule (engine/schedule.py); `extra`: a caller's own
-    per-row tensors (tests, tools), read by name like the fields."""
+    per-row tensors (tests, tools), read by name like the fields.
+
+    Packed (THD, data/packing.py): `input_ids` and `targets` are one stream [1, T], `cu_seqlens` / `cu_seqlens_padded`
+    ([m + 1], or [m + 2] with a final padding segment; int32) say where each row's tokens and slot are, and
+    `resp_pos` [m, R] points into the stream. Everything else stays per row."""
 
     input_ids: Tensor
     targets: Optional[Tensor] = None
@@ -207,9 +211,16 @@ class MicroBatch(_MappingRead):
     advantages: Optional[Tensor] = None
     returns: Optional[Tensor] = None
     is_correct: Optional[Tensor] = None
+    cu_seqlens: Optional[Tensor] = None
+    cu_seqlens_padded: Optional[Tensor] = None
     tp_group: Any = None
     cp_group: Optional[tuple[int, Any]] = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the rows are packed into one stream (THD)."""
+        return self.cu_seqlens_padded is not None
 
     def has(self, name: str) -> bool:
         if name in _MICRO_NAMES:
@@ -267,7 +278,8 @@ def resp_pos_of(batch: RLBatch | Mapping[str, Any], rows: Any, width: int | None
 
 
 _MICRO_NAMES = frozenset(f.name for f in dataclasses.fields(MicroBatch))
-_TENSOR_NAMES = ("input_ids", "targets", "resp_pos", "resp_mask", "seq_lens", *MICRO_FIELDS)
+_TENSOR_NAMES = ("input_ids", "targets", "resp_pos", "resp_mask", "seq_lens", "cu_seqlens", "cu_seqlens_padded",
+                 *MICRO_FIELDS)
 
 
 def build_rl_batch(prompt_ids: list[list[int]], prompt_index: torch.Tensor, response_ids: list[list[int]],

@@ -9,22 +9,23 @@ token under the causal mask; so only float rounding differs (tests/distributed/t
 Why no collective is needed to agree on the split: the ranks that exchange activations within one micro-batch (the
 TP, PP and CP peers) hold the same data-parallel slice and compute the same split from it; data-parallel peers
 meet only in the gradient reduction after all their micro-batches, so their counts and lengths may differ.
-Pipeline stages receive each micro-batch's shape with it (megatron's `variable_seq_lengths`)."""
+Pipeline stages receive each micro-batch's shape with it (megatron's `variable_seq_lengths`).
+
+Packing (`train.pack_sequences`, data/packing.py) lays each micro-batch's rows end to end in one stream with
+cumulative sequence lengths, so the model computes (almost) no padding; the same argument holds (attention stays
+within each sequence)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+from vapo_megatron.data.packing import first_fit_decreasing, pack_micro_batch, round_up
 from vapo_megatron.data.rl_batch import MicroBatch, RLBatch
 
 Batch = RLBatch | Mapping[str, Any]
 """What the engines take: the typed RL batch, or a dict of per-row tensors (tests and tools that bring their own
 fields; each micro-batch then carries every tensor of the dict)."""
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def row_slice(batch: Batch, start: int, stop: int) -> Batch:
@@ -49,25 +50,38 @@ def token_budget_groups(seq_lens: list[int], budget: int, pad_multiple: int) -> 
     return groups
 
 
-def split_micro_batches(local: Batch, *, micro_batch_size: int, micro_batch_tokens: int, pad_multiple: int
+def split_micro_batches(local: Batch, *, micro_batch_size: int, micro_batch_tokens: int, pad_multiple: int,
+                        pack: bool = False, cp: int = 1, rows: list[list[int]] | None = None
                         ) -> tuple[list[MicroBatch], list[list[int]]]:
     """This rank's micro-batches and, for each, the local row indices it holds (to put outputs back in order).
     Fixed mode keeps row order and the full width; token mode needs `seq_lens` (prompt + response tokens) and cuts
     each micro-batch to its longest row (`resp_pos` of padded response slots, which may point past that width, is
     clamped into it: those slots are masked out of every loss and metric). An `RLBatch` derives `targets` and
-    `resp_pos` here, for each micro-batch's rows only."""
+    `resp_pos` here, for each micro-batch's rows only.
+
+    `pack`: each micro-batch's rows are packed into one stream (data/packing.py: each row's slot padded to 2 x cp
+    under context parallelism, the stream to `pad_multiple`); with a token budget the rows of each micro-batch are
+    `rows` when given (the engine passes bins balanced over data-parallel ranks), else first-fit decreasing
+    bins of this slice."""
     n, width = local["input_ids"].shape
     take = local.micro_batch if isinstance(local, RLBatch) else partial(MicroBatch.from_rows, local)
+    if micro_batch_tokens > 0 and "seq_lens" not in local:
+        raise KeyError("train.micro_batch_tokens > 0 needs the batch field 'seq_lens' (prompt + response tokens "
+                       "per row, written by data.rl_batch.build_rl_batch)")
     if micro_batch_tokens <= 0:
         m = min(micro_batch_size, n)
         rows = [list(range(i, min(i + m, n))) for i in range(0, n, m)]
-        return [take(slice(r[0], r[-1] + 1)) for r in rows], rows
-    if "seq_lens" not in local:
-        raise KeyError("train.micro_batch_tokens > 0 needs the batch field 'seq_lens' (prompt + response tokens "
-                       "per row, written by data.rl_batch.build_rl_batch)")
-    lens = local["seq_lens"].tolist()
-    rows = token_budget_groups(lens, micro_batch_tokens, pad_multiple)
-    return [take(r, min(width, round_up(max(lens[i] for i in r), pad_multiple))) for r in rows], rows
+        micro = [take(slice(r[0], r[-1] + 1)) for r in rows]
+    elif pack:
+        rows = rows or first_fit_decreasing(local["seq_lens"].tolist(), micro_batch_tokens)
+        micro = [take(r) for r in rows]
+    else:
+        lens = local["seq_lens"].tolist()
+        rows = token_budget_groups(lens, micro_batch_tokens, pad_multiple)
+        micro = [take(r, min(width, round_up(max(lens[i] for i in r), pad_multiple))) for r in rows]
+    if pack:
+        micro = [pack_micro_batch(mb, 2 * cp if cp > 1 else 1, pad_multiple) for mb in micro]
+    return micro, rows
 
 
 def padded_and_real_tokens(micro_batches: list[MicroBatch]) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from vapo_megatron import platform
+from vapo_megatron.data.packing import balanced_token_bins
 from vapo_megatron.data.rl_batch import MicroBatch
 from vapo_megatron.engine.build import HFGetter, build_model
 from vapo_megatron.engine.export import iter_hf_tensors
@@ -19,10 +20,24 @@ from vapo_megatron.engine.microbatch import Batch, padded_and_real_tokens, row_s
 from vapo_megatron.engine.optim import build_optimizer
 from vapo_megatron.engine.schedule import forward_backward
 from vapo_megatron.models.hf_config import ModelArch
+from vapo_megatron.models.specs import transformer_engine_available
 from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
 
 MicroLoss = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 MicroOutput = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
+
+
+def packing_enabled(requested: bool | None, params_dtype: torch.dtype, te_attention: bool) -> bool:
+    """Whether the engine packs (train.pack_sequences: None = wherever supported, True = required, False = off).
+    Unsupported: TransformerEngine takes THD batches only in its flash and fused attention backends (its unfused
+    attention refuses "thd"), which need bf16 or fp16. The local attention (models/thd_attention.py, used
+    without TE) packs in any dtype."""
+    supported = not (te_attention and params_dtype == torch.float32)
+    if requested and not supported:
+        raise ValueError("train.pack_sequences=true with model.dtype float32 and TransformerEngine: TE's THD "
+                         "attention runs only in its flash/fused backends, which need bfloat16 or float16; set "
+                         "model.dtype=bfloat16, or train.pack_sequences=null (pack where supported) or false")
+    return supported if requested is None else requested
 
 
 class ModelEngine:
@@ -31,10 +46,15 @@ class ModelEngine:
                  clip_grad: float = 1.0, adam_beta1: float = 0.9, adam_beta2: float = 0.999,
                  warmup_steps: int = 0, micro_batch_size: int = 8,
                  params_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False,
-                 recompute: str = "none", recompute_num_layers: int = 1, micro_batch_tokens: int = 0):
+                 recompute: str = "none", recompute_num_layers: int = 1, micro_batch_tokens: int = 0,
+                 pack_sequences: bool | None = None):
         self.role, self.arch, self.parallel, self.layouts = role, arch, parallel, layouts
         self.micro_batch_size, self.base_lr, self.warmup_steps = micro_batch_size, lr, warmup_steps
-        self.micro_batch_tokens, self.pad_multiple = micro_batch_tokens, parallel.seq_multiple()
+        pack_sequences = packing_enabled(pack_sequences, params_dtype, transformer_engine_available())
+        self.micro_batch_tokens, self.pack_sequences = micro_batch_tokens, pack_sequences
+        # padded rows: multiples of seq_multiple(); a packed stream needs only what SP and CP split (tp x 2cp)
+        self.pad_multiple = parallel.tp * (2 * parallel.cp if parallel.cp > 1 else 1) if pack_sequences else \
+            parallel.seq_multiple()
         self.steps_taken = 0
         self.groups = layouts.groups[role]
         self.built = build_model(arch, parallel, role, hf_get=hf_get, params_dtype=params_dtype,
@@ -44,8 +64,8 @@ class ModelEngine:
                                          adam_beta1=adam_beta1, adam_beta2=adam_beta2,
                                          bf16=params_dtype == torch.bfloat16,
                                          use_distributed_optimizer=use_distributed_optimizer, groups=self.groups)
-        # token micro-batches differ in length: pipeline stages then send each activation's shape first
-        self.built.config.variable_seq_lengths = micro_batch_tokens > 0
+        # token or packed micro-batches differ in length: pipeline stages then send each activation's shape first
+        self.built.config.variable_seq_lengths = micro_batch_tokens > 0 or pack_sequences
 
     @property
     def model(self) -> torch.nn.Module:
@@ -62,9 +82,15 @@ class ModelEngine:
     def _micro_batches(self, batch: Batch) -> tuple[list[MicroBatch], list[list[int]], int, int]:
         """This DP rank's micro-batches, the local rows each holds, and the rank's [start, stop) of the batch."""
         start, stop = self._dp_bounds(batch["input_ids"].shape[0])
+        bins = None
+        if self.pack_sequences and self.micro_batch_tokens > 0 and "seq_lens" in batch:
+            # the same number of micro-batches on every DP rank; each rank computes every slice's bins itself
+            bins = balanced_token_bins(batch["seq_lens"].tolist(), self.micro_batch_tokens,
+                                       self.groups.dp_size)[self.groups.dp_rank]
         micro, rows = split_micro_batches(row_slice(batch, start, stop), micro_batch_size=self.micro_batch_size,
                                           micro_batch_tokens=self.micro_batch_tokens,
-                                          pad_multiple=self.pad_multiple)
+                                          pad_multiple=self.pad_multiple, pack=self.pack_sequences,
+                                          cp=self.parallel.cp, rows=bins)
         dev = platform.device()
         micro = [mb.to(dev, non_blocking=True) for mb in micro]
         return micro, rows, start, stop

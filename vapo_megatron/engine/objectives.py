@@ -5,7 +5,9 @@ of padded length S and responses padded to R:
 `input_ids [m, S]`, `targets [m, S]` (input_ids shifted left), `resp_pos [m, R]` (position in S whose output
 scores response token j, i.e. prompt_len - 1 + j), `resp_mask [m, R]`, and the per-token tensors of the step
 (`old_logprobs`, `advantages`, `returns`, `old_values`) plus `is_correct [m]`.
-Every token mean uses the global counts of the whole mini-batch, passed in `counts`.
+Every token mean uses the global counts of the whole mini-batch, passed in `counts`. A packed micro-batch
+(data/packing.py) has `input_ids` / `targets` [1, T] and `resp_pos` pointing into that stream; the per-row tensors
+are the same, so the losses do not change.
 """
 from __future__ import annotations
 
@@ -23,16 +25,21 @@ LossOut = tuple[torch.Tensor, dict[str, torch.Tensor]]
 MicroLoss = Callable[[torch.Tensor, MicroBatch], LossOut]
 
 
+def at_response(t: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """[m, R] the per-token values `t` ([m, S], or [1, T] of a packed stream) read at the response positions."""
+    return t[0][mb.resp_pos] if mb.packed else t.gather(1, mb.resp_pos)
+
+
 def response_logprobs(logits: torch.Tensor, mb: MicroBatch, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies [m, R] of the response tokens from vocab-parallel logits [m, S, V/tp]."""
     lp, ent = megatron_vocab_logprobs_entropy(logits, mb.targets, vocab_size, tp_group=mb.tp_group)
     lp, ent = gather_sequence_of(lp, mb), gather_sequence_of(ent, mb)  # whole sequences under CP
-    return lp.gather(1, mb.resp_pos), ent.gather(1, mb.resp_pos)
+    return at_response(lp, mb), at_response(ent, mb)
 
 
 def response_values(values: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     """Critic values [m, R]: V(s_t) read at the position before response token t."""
-    return gather_sequence_of(values, mb).gather(1, mb.resp_pos)
+    return at_response(gather_sequence_of(values, mb), mb)
 
 
 def actor_loss_fn(alg: AlgorithmConfig, counts: dict[str, torch.Tensor], vocab_size: int) -> MicroLoss:

@@ -16,6 +16,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
+from vapo_megatron.data.packing import packed_position_ids
 from vapo_megatron.data.rl_batch import MicroBatch
 from vapo_megatron.parallel.context import context_parallel_view, split_for_context_parallel
 from vapo_megatron.parallel.layout import RoleGroups, current_groups
@@ -34,6 +35,19 @@ def causal_mask(seq_len: int, device=None) -> torch.Tensor:
 
 def position_ids(batch: int, seq_len: int, device=None) -> torch.Tensor:
     return torch.arange(seq_len, device=device)[None].expand(batch, seq_len)
+
+
+def packed_seq_params(mb: MicroBatch, cp_group=None):
+    """megatron-core's PackedSeqParams (THD) of a packed micro-batch: real and padded cumulative lengths (int32,
+    on the batch's device), the longest slot (RoPE builds its table that long) and the role's CP group (RoPE and
+    TE's attention split each slot over it)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu, cu_padded = (t.to(device=mb.input_ids.device, dtype=torch.int32) for t in (mb.cu_seqlens, mb.cu_seqlens_padded))
+    longest = int((cu_padded[1:] - cu_padded[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest,
+                           cp_group=cp_group)
 
 
 def finalize_grads_unscaled(model, num_tokens=None, *args, **kwargs):
@@ -67,7 +81,8 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
     when the model config has `variable_seq_lengths` (pipeline stages then exchange each activation's shape).
 
     `loss_fn(output, micro_batch) -> (loss, metrics)`: output is the model's last-stage output (logits shard
-    [b, S, V/tp] for a policy, values [b, S] for a critic). With context parallelism (cp > 1) the model sees
+    [b, S, V/tp] for a policy, values [b, S] for a critic; [1, T] of the stream for a packed micro-batch, which
+    runs with megatron's `PackedSeqParams` and no mask). With context parallelism (cp > 1) the model sees
     this CP rank's share of each sequence, the output covers those positions only, and the micro-batch passed to
     `loss_fn` / `output_fn` is `context_parallel_view(mb)`: gather per-token results with
     `parallel.context.gather_sequence_of` (engine/objectives.py does) before reading response positions.
@@ -90,15 +105,17 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
     def step(data_iter, chunk):
         mb = next(data_iter)
         ids = mb.input_ids
-        pos = position_ids(*ids.shape, ids.device)
-        if cp == 1:
-            mask = causal_mask(ids.shape[1], ids.device)
-        else:  # this CP rank's chunks; the CP attention builds its own mask (parallel/context.py)
-            ids, pos = (split_for_context_parallel(t, cp, cp_rank) for t in (ids, pos))
-            mask = None
+        packed = packed_seq_params(mb, groups.pg.cp) if mb.packed else None
+        pos = packed_position_ids(mb.cu_seqlens_padded.tolist(), ids.device) if mb.packed else \
+            position_ids(*ids.shape, ids.device)
+        # packed: attention reads cu_seqlens (no mask); cp > 1: the CP attention builds its own mask
+        mask = causal_mask(ids.shape[1], ids.device) if cp == 1 and not mb.packed else None
+        if cp > 1:  # this CP rank's chunks (of every sequence slot when packed, parallel/context.py)
+            ids, pos = (split_for_context_parallel(t, cp, cp_rank, cu_seqlens_padded=mb.cu_seqlens_padded)
+                        for t in (ids, pos))
             mb = context_parallel_view(mb, cp, cp_rank, groups.pg.cp)
         mb = mb.replace(tp_group=groups.pg.tp)
-        out = chunk(ids, pos, mask)
+        out = chunk(ids, pos, mask) if packed is None else chunk(ids, pos, mask, packed_seq_params=packed)
 
         def reduce(output):
             if output_fn is not None:

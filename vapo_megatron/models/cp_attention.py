@@ -33,7 +33,8 @@ class AllGatherCPDotProductAttention(DotProductAttention):
 
     The `attention_mask` argument is ignored: the causal mask over whole-sequence positions is built here from the
     CP layout (a query at position i sees keys at positions <= i), which with right padding is also the padding
-    mask. Packed (THD) sequences are not supported, as in megatron's DotProductAttention."""
+    mask. Packed (THD) batches are handled by its subclass in models/thd_attention.py, the local spec's core
+    attention."""
 
     def __init__(self, config, *args, pg_collection=None, **kwargs):
         self.cp_size = config.context_parallel_size

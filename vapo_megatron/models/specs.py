@@ -35,9 +35,11 @@ def transformer_engine_available() -> bool:
 
 
 def gpt_layer_spec(*, use_te: bool | None = None, qk_layernorm: bool = False, context_parallel: bool = False):
-    """The GPT layer spec. `use_te=None` picks TransformerEngine when it can run. `context_parallel` (cp > 1)
-    keeps TE's attention (ring attention) with TE, and swaps the local spec's attention for the all-gather CP
-    attention of models/cp_attention.py without it."""
+    """The GPT layer spec. `use_te=None` picks TransformerEngine when it can run (its attention takes packed THD
+    batches and, for cp > 1, does ring attention). Without TE the local spec's core attention is swapped for
+    models/thd_attention.py's, which takes packed batches and, for cp > 1, all-gathers keys and values
+    (models/cp_attention.py). `context_parallel` is kept for callers; the local attention reads cp from the
+    config."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
@@ -45,9 +47,9 @@ def gpt_layer_spec(*, use_te: bool | None = None, qk_layernorm: bool = False, co
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
-    if context_parallel:
-        from vapo_megatron.models.cp_attention import AllGatherCPDotProductAttention
+    # the local core attention that also takes packed (THD) batches, and cp > 1 (all-gather CP attention)
+    from vapo_megatron.models.thd_attention import PackedDotProductAttention
 
-        spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = AllGatherCPDotProductAttention
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
