@@ -20,12 +20,12 @@ from vapo_megatron.models.tiny import save_tiny_hf_model, warm_start
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/credit/assets")
-    ap.add_argument("--sft-steps", type=int, default=1000)
+    ap.add_argument("--sft-steps", type=int, default=800)
     ap.add_argument("--sft-batch", type=int, default=32)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
-    ap.add_argument("--slip-rate", type=float, default=0.1,
+    ap.add_argument("--slip-rate", type=float, default=0.2,
                     help="probability that a demonstration leaves the range at a forced step")
-    ap.add_argument("--table", choices=("random", "constant"), default="random",
+    ap.add_argument("--table", choices=("random", "constant"), default="constant",
                     help="random: a number per total (lookups can go wrong invisibly); constant: one number for "
                          "every total (every mistake is a visible out-of-range move)")
     ap.add_argument("--num-train", type=int, default=None,
