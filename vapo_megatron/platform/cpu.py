@@ -5,7 +5,9 @@ applied once per process by :func:`install`, and only when CUDA is absent: on a 
 
 Two of them are *silent-wrong-answer* traps rather than crashes, so they are tested by equivalence against
 TP=1 (tests/distributed/test_models_parallel.py): the sequence-parallel tag on the torch norms (S6) and the
-explicit attention mask (megatron's default causal mask is built on "cuda").
+explicit attention mask (megatron's default causal mask is built on "cuda"). S6 also builds those norms in
+params_dtype: megatron's fp32 torch norms in a bf16 model break both optimizers' checkpoint saves
+(tests/distributed/test_bf16_distributed_optimizer.py).
 """
 from __future__ import annotations
 
@@ -150,7 +152,14 @@ def _patch_torch_norm_for_sp() -> None:
     """S6: transformer/torch_norm.py (WrappedTorchNorm, used by the local spec when neither apex nor TE is
     importable) asserts `not config.sequence_parallel`. The same norm without the assert is correct only if
     its parameters are tagged `sequence_parallel`, so that finalize_model_grads all-reduces their gradients
-    over TP as it does for apex/TE norms. Without the tag the run goes on with silently wrong gradients."""
+    over TP as it does for apex/TE norms. Without the tag the run goes on with silently wrong gradients.
+
+    The norm is built in `config.params_dtype`, as TE's norms are: megatron's own WrappedTorchNorm builds it in
+    fp32 and relies on Float16Module (not used here) to cast the model to bf16. fp32 norms in a bf16 model break
+    both optimizers' checkpoints: megatron-core indexes a param group's parameters as if they had one dtype
+    (Float16Optimizer.sharded_state_dict maps state ids over bf16 params only; DistributedOptimizer puts fp32
+    shards first in the group but numbers parameters in buffer order), so a save fails on a shape mismatch
+    (tests/distributed/test_bf16_distributed_optimizer.py)."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     def norm_new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False,
@@ -158,7 +167,7 @@ def _patch_torch_norm_for_sp() -> None:
         kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
         if config.normalization not in kinds:
             raise ValueError(f"normalization {config.normalization!r} not supported on CPU; use {sorted(kinds)}")
-        module = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        module = kinds[config.normalization](normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
         for p in module.parameters():
             p.sequence_parallel = config.sequence_parallel
         return module
