@@ -123,3 +123,44 @@ def test_constant_tables_and_their_prompt_budget(tmp_path):
         bw.write_task(tmp_path / "big", num_train=140, num_val=20, min_steps=6, max_steps=8, table="constant")
     with pytest.raises(ValueError, match="table must be one of"):
         bw.sample_problem(random.Random(0), 1, 2, table="diagonal")
+
+
+def _total_first_response(problem: bw.WalkProblem, ops: str) -> str:
+    """The total-first layout written out by hand: two-character totals, the new total before the arithmetic."""
+    def two(t: int) -> str:
+        return str(t) if t < 0 else str(t).rjust(2, "0")
+
+    total, n, lines = problem.start, problem.table[0], []
+    for i, op in enumerate(ops):
+        new = total + n if op == "+" else total - n
+        lines.append(f"{bw.KEYS[i]} {two(total)}:{n} {two(new)}={two(total)}{op}{n}")
+        total = new
+    return "\n".join(lines + [f"#### {two(total)}"])
+
+
+def test_total_first_layout_verifier_and_decisive_character():
+    """layout="total_first": the prompt round-trips, the verifier equals brute force over every move sequence,
+    and the first character of each new total says whether the move left the range ('0' in range, '1' or '-'
+    out), so the decisive token is the symptom. Disguised mistakes (a wrong in-range total, a one-character
+    total) are wrong lines too."""
+    problem = bw.WalkProblem(start=4, steps=3, table=(3,) * 10, layout="total_first")
+    assert problem.prompt() == "00..09 from 04 by 3 to c"
+    assert bw.parse_prompt(problem.prompt()) == problem
+    rng = random.Random(2)
+    for _ in range(30):
+        problem = bw.sample_problem(rng, 1, 6, table="constant", layout="total_first")
+        for ops in itertools.product("+-", repeat=problem.steps):
+            response = _total_first_response(problem, "".join(ops))
+            totals = [int(line.split(" ")[2].split("=")[0]) for line in response.split("\n")[:-1]]
+            first_out = next((i for i, t in enumerate(totals) if not 0 <= t <= 9), None)
+            assert bw.first_error_line(response, problem) == first_out
+            for line, t in zip(response.split("\n"), totals):
+                assert (line.split(" ")[2][0] == "0") == (0 <= t <= 9)
+    p = bw.WalkProblem(start=7, steps=1, table=(3,) * 10, layout="total_first")
+    assert bw.score("a 07:3 04=07-3\n#### 04", p.prompt()) == (True, None)
+    assert bw.first_error_line("a 07:3 10=07+3\n#### 10", p) == 0     # out of range
+    assert bw.first_error_line("a 07:3 08=07+3\n#### 08", p) == 0     # a wrong total that looks valid
+    assert bw.first_error_line("a 07:3 4=07-3\n#### 04", p) == 0      # a total not in its two-character form
+    assert bw.first_error_line("a 07:3 04=07-3\n#### 4", p) == 1      # the answer too
+    with pytest.raises(ValueError, match="layout"):
+        bw.sample_problem(rng, 1, 2, table="random", layout="total_first")

@@ -58,7 +58,15 @@ LOW, HIGH, MAX_NUMBER = 0, 9, 5
 ANSWER_PREFIX = "####"
 _PROMPT_RE = re.compile(r"^0\.\.9 from (\d) to ([a-zA-Z]): ((?:\d:\d ?){10})$")
 _LINE_RE = re.compile(r"^([a-zA-Z]) (-?\d+):(\d) (-?\d+)([+-])(\d+)=(-?\d+)$")
-_ANSWER_RE = re.compile(r"^#### (-?\d+)$")
+_FIRST_PROMPT_RE = re.compile(r"^00\.\.09 from (\d\d) by (\d) to ([a-zA-Z])$")
+_FIRST_LINE_RE = re.compile(r"^([a-zA-Z]) (-?\d+):(\d) (-?\d+)=(-?\d+)([+-])(\d+)$")
+LAYOUTS = ("table", "total_first")
+
+
+def _two(total: int) -> str:
+    """A total in the total-first layout: two characters for -9..99 (``07``, ``12``, ``-3``), so that the first
+    character already says whether a new total is in range (``0``) or not (``1`` or ``-``)."""
+    return f"{total:02d}" if total >= 0 else str(total)
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,24 @@ class WalkProblem:
     steps: int
     table: tuple[int, ...]
     """The number to move by from each total 0..9."""
+    layout: str = "table"
+    """``table``: the prompt lists the table, a line is ``a 4:3 4+3=7``. ``total_first`` (constant tables only):
+    the prompt states the number once, and a line writes the new total before the arithmetic, with two-character
+    totals, ``a 04:3 07=04+3``: the first character of the new total is the move's decisive token."""
 
     def prompt(self) -> str:
+        if self.layout == "total_first":
+            return f"00..09 from {_two(self.start)} by {self.table[0]} to {KEYS[self.steps - 1]}"
         entries = " ".join(f"{total}:{n}" for total, n in enumerate(self.table))
         return f"0..9 from {self.start} to {KEYS[self.steps - 1]}: {entries}"
+
+    def line(self, key: str, total: int, number: int, op: str, new: int) -> str:
+        if self.layout == "total_first":
+            return f"{key} {_two(total)}:{number} {_two(new)}={_two(total)}{op}{number}"
+        return f"{key} {total}:{number} {total}{op}{number}={new}"
+
+    def answer(self, total: int) -> str:
+        return f"{ANSWER_PREFIX} {_two(total) if self.layout == 'total_first' else total}"
 
     def number(self, total: int) -> int:
         """The table entry of ``total`` (of its last digit once a walk has left 0..9)."""
@@ -79,6 +101,10 @@ class WalkProblem:
 
 def parse_prompt(prompt: str) -> WalkProblem:
     """Inverse of :meth:`WalkProblem.prompt`; ``ValueError`` quoting the prompt when it does not fit."""
+    m = _FIRST_PROMPT_RE.match(prompt.strip())
+    if m is not None:
+        return WalkProblem(start=int(m.group(1)), steps=KEYS.index(m.group(3)) + 1, table=(int(m.group(2)),) * 10,
+                           layout="total_first")
     m = _PROMPT_RE.match(prompt.strip())
     if m is None:
         raise ValueError(f"not a bounded-walk prompt (want '0..9 from S to K: 0:n 1:n ... 9:n'): {prompt!r}")
@@ -97,14 +123,19 @@ def valid_moves(total: int, number: int) -> list[str]:
 TABLES = ("random", "constant")
 
 
-def sample_problem(rng: random.Random, min_steps: int, max_steps: int, table: str = "random") -> WalkProblem:
+def sample_problem(rng: random.Random, min_steps: int, max_steps: int, table: str = "random",
+                   layout: str = "table") -> WalkProblem:
     """A problem with a ``random`` table (a number 1..5 drawn for each total) or a ``constant`` one (one number
-    1..5 for every total: the lookup cannot go wrong, so every mistake is a move that leaves the range)."""
+    1..5 for every total: the lookup cannot go wrong, so every mistake is a move that leaves the range), in one
+    of the ``LAYOUTS`` (``total_first`` needs a constant table)."""
+    if layout not in LAYOUTS or (layout == "total_first" and table != "constant"):
+        raise ValueError(f"layout must be one of {LAYOUTS} (total_first with table='constant'), got {layout!r} "
+                         f"with table {table!r}")
     start, steps = rng.randint(LOW, HIGH), rng.randint(min_steps, max_steps)
     if table == "random":
         return WalkProblem(start=start, steps=steps, table=tuple(rng.randint(1, MAX_NUMBER) for _ in range(10)))
     if table == "constant":
-        return WalkProblem(start=start, steps=steps, table=(rng.randint(1, MAX_NUMBER),) * 10)
+        return WalkProblem(start=start, steps=steps, table=(rng.randint(1, MAX_NUMBER),) * 10, layout=layout)
     raise ValueError(f"table must be one of {TABLES}, got {table!r}")
 
 
@@ -120,10 +151,26 @@ def walk(problem: WalkProblem, rng: random.Random, slip_rate: float = 0.0) -> st
         else:
             op = rng.choice(valid) if valid else rng.choice("+-")
         new = total + number if op == "+" else total - number
-        lines.append(f"{KEYS[i]} {total}:{number} {total}{op}{number}={new}")
+        lines.append(problem.line(KEYS[i], total, number, op, new))
         total = new
-    lines.append(f"{ANSWER_PREFIX} {total}")
+    lines.append(problem.answer(total))
     return "\n".join(lines)
+
+
+def _parse_line(line: str, layout: str) -> tuple[str, int, int, int, str, int, int] | None:
+    """``(key, looked-up total, entry, previous total, op, number, new total)`` of a step line, or None. In the
+    total-first layout every total must be written in its two-character form."""
+    if layout == "total_first":
+        m = _FIRST_LINE_RE.match(line)
+        if m is None or any(_two(int(t)) != t for t in (m.group(2), m.group(4), m.group(5))):
+            return None
+        return (m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(5)), m.group(6), int(m.group(7)),
+                int(m.group(4)))
+    m = _LINE_RE.match(line)
+    if m is None:
+        return None
+    return (m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5), int(m.group(6)),
+            int(m.group(7)))
 
 
 def first_error_line(response: str, problem: WalkProblem) -> int | None:
@@ -132,19 +179,17 @@ def first_error_line(response: str, problem: WalkProblem) -> int | None:
     lines = response.strip("\n").split("\n")
     total = problem.start
     for i in range(problem.steps):
-        m = _LINE_RE.match(lines[i]) if i < len(lines) else None
-        if m is None:
+        parsed = _parse_line(lines[i], problem.layout) if i < len(lines) else None
+        if parsed is None:
             return i
-        key, looked_up, entry, prev, op = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5)
-        num, new = int(m.group(6)), int(m.group(7))
+        key, looked_up, entry, prev, op, num, new = parsed
         want = prev + num if op == "+" else prev - num
         if (key != KEYS[i] or looked_up != total or entry != problem.number(total) or prev != total
                 or num != entry or new != want or not LOW <= new <= HIGH):
             return i
         total = new
     k = problem.steps
-    m = _ANSWER_RE.match(lines[k]) if k < len(lines) else None
-    if m is None or int(m.group(1)) != total:
+    if k >= len(lines) or lines[k] != problem.answer(total):
         return k
     return None if len(lines) == k + 1 else k + 1
 
@@ -170,10 +215,10 @@ def score(response: str, ground_truth: str) -> tuple[bool, tuple[int, int] | Non
 
 
 def _rows(count: int, rng: random.Random, min_steps: int, max_steps: int, exclude: set[str],
-          slip_rate: float | None, table: str) -> list[dict[str, Any]]:
+          slip_rate: float | None, table: str, layout: str) -> list[dict[str, Any]]:
     rows, seen = [], set(exclude)
     while len(rows) < count:
-        problem = sample_problem(rng, min_steps, max_steps, table)
+        problem = sample_problem(rng, min_steps, max_steps, table, layout)
         prompt = problem.prompt()
         if prompt in seen:
             continue
@@ -188,23 +233,25 @@ def _rows(count: int, rng: random.Random, min_steps: int, max_steps: int, exclud
 
 def write_task(out_dir: str | Path, *, num_train: int = 4096, num_val: int = 128, num_demonstrations: int = 8192,
                min_steps: int = 6, max_steps: int = 20, slip_rate: float = 0.1, seed: int = 0,
-               table: str = "random") -> dict[str, Path]:
+               table: str = "random", layout: str = "table") -> dict[str, Path]:
     """``train.jsonl`` and ``val.jsonl`` (distinct prompts, none shared) and ``sft.jsonl`` (imperfect
-    demonstrations, never on a validation prompt) under ``out_dir``; ``table`` as in :func:`sample_problem`."""
+    demonstrations, never on a validation prompt) under ``out_dir``; ``table`` and ``layout`` as in
+    :func:`sample_problem`."""
     if not 1 <= min_steps <= max_steps <= len(KEYS):
         raise ValueError(f"need 1 <= min_steps ({min_steps}) <= max_steps ({max_steps}) <= {len(KEYS)}")
     if table not in TABLES:
         raise ValueError(f"table must be one of {TABLES}, got {table!r}")
+    sample_problem(random.Random(0), min_steps, max_steps, table, layout)  # refuses a bad layout up front
     if table == "constant" and num_train + num_val > 5 * 10 * (max_steps - min_steps + 1):
         raise ValueError(f"a constant table allows only {5 * 10 * (max_steps - min_steps + 1)} distinct prompts "
                          f"for {min_steps}-{max_steps} steps; asked for {num_train} train + {num_val} val")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"bounded_walk/{seed}")
-    val = _rows(num_val, rng, min_steps, max_steps, set(), None, table)
+    val = _rows(num_val, rng, min_steps, max_steps, set(), None, table, layout)
     val_prompts = {r["prompt"] for r in val}
-    train = _rows(num_train, rng, min_steps, max_steps, val_prompts, None, table)
-    sft = _rows(num_demonstrations, rng, min_steps, max_steps, val_prompts, slip_rate, table)
+    train = _rows(num_train, rng, min_steps, max_steps, val_prompts, None, table, layout)
+    sft = _rows(num_demonstrations, rng, min_steps, max_steps, val_prompts, slip_rate, table, layout)
     paths = {}
     for name, rows in (("train", train), ("val", val), ("sft", sft)):
         paths[name] = out / f"{name}.jsonl"
