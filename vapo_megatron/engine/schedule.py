@@ -17,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from vapo_megatron.data.rl_batch import MicroBatch
+from vapo_megatron.models.moe import aux_loss_scale
 from vapo_megatron.parallel.context import context_parallel_view, split_for_context_parallel
 from vapo_megatron.parallel.layout import RoleGroups, current_groups
 
@@ -110,11 +111,15 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
 
         return out, reduce
 
+    config = _model_config(models[0])
+    if config.num_moe_experts:  # the routers' load-balancing loss: mean over micro-batches and DP (models/moe.py)
+        scale = aux_loss_scale(len(micro_batches), groups.dp_size)
+        config.moe_grad_scale_func = lambda: torch.tensor(scale)
     schedule = get_forward_backward_func(pp_size=groups.pg.pp.size(), vp_size=None)
     stored = schedule(
         forward_step_func=step, data_iterator=iter(micro_batches), model=models,
         num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=b, forward_only=forward_only,
-        p2p_communicator=P2PCommunicator(pp_group=groups.pg.pp, config=_model_config(models[0])),
+        p2p_communicator=P2PCommunicator(pp_group=groups.pg.pp, config=config),
         pg_collection=groups.pg)
     if not groups.is_last_stage:
         return []
