@@ -52,7 +52,7 @@ class ModelEngine:
             stage_layers = range(self.groups.pp_rank * arch.num_layers // parallel.pp,
                                  (self.groups.pp_rank + 1) * arch.num_layers // parallel.pp)
             self.routing = RoutingCounter(self.model, [i for i in stage_layers if arch.is_moe_layer(i)],
-                                          arch.num_experts, arch.moe_topk)
+                                          arch.num_experts, platform.device())
 
     @property
     def model(self) -> torch.nn.Module:
@@ -144,11 +144,11 @@ class ModelEngine:
         layer's max / mean; and the load-balancing loss before its coefficient, averaged over micro-batches,
         ranks and layers (computed on each rank's tokens: models/moe.py RoutingCounter)."""
         r, arch = self.routing, self.arch
-        counts = torch.zeros(len(arch.moe_layers), arch.num_experts, dtype=torch.float64)
+        counts = torch.zeros(len(arch.moe_layers), arch.num_experts, dtype=torch.float64, device=r.counts.device)
         for local, layer in enumerate(r.layer_ids):
             counts[arch.moe_layers.index(layer)] = r.counts[local]
-        aux = torch.tensor([r.aux_sum.item(), float(r.aux_n)], dtype=torch.float64)
-        packed = torch.cat([counts.flatten(), aux]).to(platform.device())
+        aux = torch.stack([r.aux_sum, torch.tensor(float(r.aux_n), dtype=torch.float64, device=r.counts.device)])
+        packed = torch.cat([counts.flatten(), aux])
         dist.all_reduce(packed)
         counts, (aux_sum, aux_n) = packed[:-2].view_as(counts).cpu(), packed[-2:].tolist()
         per_layer_max, per_layer_mean = counts.max(1).values, counts.mean(1)

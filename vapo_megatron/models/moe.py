@@ -38,16 +38,17 @@ class RoutingCounter:
     on this rank's tokens), while `active`. A forward hook on each router: it reads the router's outputs and
     recomputes the softmax of its logits without gradient, changing nothing the model computes."""
 
-    def __init__(self, model: torch.nn.Module, layer_ids: list[int], num_experts: int, topk: int):
+    def __init__(self, model: torch.nn.Module, layer_ids: list[int], num_experts: int, device="cpu"):
         self.layer_ids = layer_ids  # global layer index of each local router
-        self.num_experts, self.topk = num_experts, topk
+        self.num_experts, self.device = num_experts, device
         self.active = False
         self.reset()
         self._hooks = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(routers(model))]
 
     def reset(self) -> None:
-        self.counts = torch.zeros(len(self.layer_ids), self.num_experts, dtype=torch.float64)
-        self.aux_sum = torch.zeros((), dtype=torch.float64)
+        """Zero the counts; they stay on the device (no host sync per micro-batch)."""
+        self.counts = torch.zeros(len(self.layer_ids), self.num_experts, dtype=torch.float64, device=self.device)
+        self.aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.aux_n = 0
 
     def _hook(self, i: int):
@@ -56,11 +57,11 @@ class RoutingCounter:
                 return
             _, routing_map = outputs
             with torch.no_grad():
-                counts = routing_map.sum(0).to(torch.float64).cpu()
+                counts = routing_map.sum(0).to(self.counts)
                 self.counts[i] += counts
                 logits = torch.nn.functional.linear(inputs[0].reshape(-1, router.weight.shape[1]).float(),
                                                     router.weight.float())
-                mean_prob = torch.softmax(logits, -1).mean(0).to(torch.float64).cpu()
+                mean_prob = torch.softmax(logits, -1).mean(0).to(self.counts)
                 frac = counts / counts.sum().clamp_min(1)
                 self.aux_sum += self.num_experts * (frac * mean_prob).sum()  # = E/k sum f_e P_e with f per slot
                 self.aux_n += 1

@@ -180,12 +180,16 @@ def _patch_torch_norm_for_sp() -> None:
     WrappedTorchNorm.__new__ = norm_new
 
 
-def _patch_moe_split_sizes() -> None:
-    """S8: the MoE all-to-all token dispatcher (transformer/moe/token_dispatcher.py) moves its split sizes
-    "to the host as numpy" with moe_utils.maybe_move_tensor_to_cpu, which converts only CUDA tensors; on CPU they
-    stay tensors and gloo's `all_to_all_single` rejects tensor split sizes (TypeError). Convert host tensors too
-    when numpy is asked for, exactly what the CUDA path returns. Tested by the EP=2 logits against EP=1 and HF
-    (tests/distributed/test_qwen3_models.py)."""
+def _patch_moe_dispatcher() -> None:
+    """S8: megatron's MoE all-to-all token dispatcher (transformer/moe/token_dispatcher.py) on CPU.
+    (a) It moves its split sizes "to the host as numpy" with moe_utils.maybe_move_tensor_to_cpu, which converts
+    only CUDA tensors; on CPU they stay tensors and gloo's `all_to_all_single` rejects tensor split sizes
+    (TypeError). Host tensors are converted too when numpy is asked for, exactly what the CUDA path returns.
+    (b) It synchronises on an event recorded by its class-level device-to-host stream. The S4 stream stub would
+    do, but vLLM's CPU worker (v1/worker/cpu/shm.py) replaces `torch.cuda.Stream` on import with a placeholder
+    whose `record_event` returns None (AttributeError at the first MoE forward after vLLM started), so the
+    dispatcher gets its own stub stream here. Tested by the EP=2 logits against EP=1 and HF
+    (tests/distributed/test_qwen3_models.py) and the MoE trainer run (tests/distributed/test_trainer_moe.py)."""
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     original = moe_utils.maybe_move_tensor_to_cpu
@@ -197,6 +201,7 @@ def _patch_moe_split_sizes() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = move
     token_dispatcher.maybe_move_tensor_to_cpu = move
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _SyncStream()
 
 
 def install() -> None:
@@ -209,7 +214,7 @@ def install() -> None:
     _install_rng_tracker()
     _patch_checkpoint_rng()
     _patch_torch_norm_for_sp()
-    _patch_moe_split_sizes()
+    _patch_moe_dispatcher()
     _INSTALLED = True
 
 
