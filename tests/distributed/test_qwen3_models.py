@@ -6,7 +6,7 @@ renormalisation, decoder_sparse_step 2) bit-identically. One spawned run of 2 gl
 converted MoE checkpoint loads at EP2 and TP2 x EP2 with HF's logits, and, from the same HF weights streamed per
 rank:
 * the policy's logits equal `transformers`' logits (fp32) for Qwen3 at TP2, PP2, TP2+SP and for Qwen3-MoE at EP2,
-  TP2 x EP2 (+SP, which megatron requires for MoE with TP) and PP2; the critic's values equal the HF trunk's
+  TP2 x EP2 (+SP, which megatron requires for MoE with TP), PP2 and expert-TP2; the critic's values equal the HF trunk's
   final hidden states times the score head;
 * the gradients of a scalar loss on logits / values (each DP rank taking its share of the micro-batches) equal
   those of TP=PP=EP=1 (DP=2), so the all-to-all dispatch, the expert shards and their gradient reduction, the
@@ -33,8 +33,9 @@ from vapo_megatron.testing.dist import run_distributed
 pytestmark = pytest.mark.distributed
 B, S, MICRO = 2, 16, 2
 ATOL = 1e-5
-DENSE_LAYOUTS = [(1, 1, False, 1), (2, 1, False, 1), (1, 2, False, 1), (2, 1, True, 1)]  # (tp, pp, sp, ep)
-MOE_LAYOUTS = [(1, 1, False, 1), (1, 1, False, 2), (2, 1, True, 2), (1, 2, False, 1)]
+DENSE_LAYOUTS = [(1, 1, False, 1, 1), (2, 1, False, 1, 1), (1, 2, False, 1, 1), (2, 1, True, 1, 1)]  # tp pp sp ep etp
+MOE_LAYOUTS = [(1, 1, False, 1, 1), (1, 1, False, 2, 1), (2, 1, True, 2, 1), (1, 2, False, 1, 1),
+               (1, 1, False, 1, 2)]
 PROMPTS = [[1, 20, 21, 22, 23], [1, 40, 41]]
 ROOT = Path(__file__).resolve().parents[2]
 # Round-trip models: shapes not used above (head_dim 64 with 3 heads of hidden 96, tied; 6 experts, top-3 without
@@ -163,10 +164,11 @@ def _body(dense_dir: str, moe_dir: str, moe_ckpt: str) -> dict:
         initialize(parallel)
         results["ckpt", tp, ep] = _load_checkpoint(moe_ckpt, parallel)
     for name, hf_dir, layouts in (("qwen3", dense_dir, DENSE_LAYOUTS), ("qwen3_moe", moe_dir, MOE_LAYOUTS)):
-        for tp, pp, sp, ep in layouts:
-            parallel = ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, ep=ep)
+        for tp, pp, sp, ep, etp in layouts:
+            parallel = ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, ep=ep, etp=etp)
             initialize(parallel)
-            results[name, tp, pp, sp, ep] = {role: _run_role(hf_dir, role, parallel) for role in ("policy", "critic")}
+            results[name, tp, pp, sp, ep, etp] = {role: _run_role(hf_dir, role, parallel)
+                                                   for role in ("policy", "critic")}
     results["sync"] = _sync_report(moe_dir, ParallelConfig(ep=2))
     return results
 
@@ -260,7 +262,7 @@ def test_qwen3_and_moe_match_hf_and_tp1_at_every_layout(hf_models, cli_round_tri
         hf = _hf_reference(hf_dir)
         ref = results[0][(name, *layouts[0])]
         for layout in layouts:
-            what = f"{name} tp={layout[0]} pp={layout[1]} sp={layout[2]} ep={layout[3]}"
+            what = f"{name} tp={layout[0]} pp={layout[1]} sp={layout[2]} ep={layout[3]} etp={layout[4]}"
             for role in ("policy", "critic"):
                 outs = [(i, out) for r in results for i, out in r[(name, *layout)][role]["outputs"].items()]
                 assert {i for i, _ in outs} == set(range(MICRO)), f"{what} {role}: micro-batches missing"

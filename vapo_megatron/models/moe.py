@@ -66,3 +66,35 @@ class RoutingCounter:
                 self.aux_sum += self.num_experts * (frac * mean_prob).sum()  # = E/k sum f_e P_e with f per slot
                 self.aux_n += 1
         return hook
+
+
+class RoutingReplay:
+    """Makes this rank's routers use given expert choices instead of their own top-k: megatron-core's
+    `RouterReplay` (built when the config has `moe_enable_routing_replay`), driven per router instance rather
+    than through its process-wide list, which would mix the policy's and the critic's routers.
+
+    `set(routed, seq_slice)` before a micro-batch's forward: `routed` [b, S, num_moe_layers, k] holds, for each
+    token of the micro-batch and each MoE layer of the model (in `arch.moe_layers` order), the global ids of the
+    experts to use; `seq_slice` the positions this rank's routers see (its sequence-parallel shard). The router
+    then takes the softmax scores of exactly those experts (megatron's `REPLAY_FORWARD`); the load-balancing loss
+    still uses the router's own top-k. `set(None, ...)` routes normally."""
+
+    def __init__(self, model: torch.nn.Module, layer_ids: list[int], moe_layers: tuple[int, ...]):
+        self.routers = routers(model)
+        if any(r.router_replay is None for r in self.routers):
+            raise ValueError("routing replay needs the model built with moe_enable_routing_replay=True")
+        self.columns = [moe_layers.index(layer) for layer in layer_ids]
+
+    def set(self, routed: torch.Tensor | None, seq_slice: slice = slice(None)) -> None:
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        for router, column in zip(self.routers, self.columns):
+            replay = router.router_replay
+            replay.clear_indices()
+            if routed is None:
+                replay.clear_router_replay_action()
+                continue
+            # megatron's token order is [S, b] flattened (sequence-major)
+            chosen = routed[:, seq_slice, column, :].transpose(0, 1).reshape(-1, routed.shape[-1])
+            replay.set_target_indices(chosen.long())
+            replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
