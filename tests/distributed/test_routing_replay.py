@@ -6,8 +6,8 @@ routers' routing map holds exactly the given experts. With the switch ignored (n
 model's own routing instead and differ from the reference. A failure pinpoints the token order of the replayed
 indices ([S, b] in megatron, the sequence-parallel shard), the layer columns, or a replay that was dropped.
 
-Not covered here (not built yet): recording the experts vLLM routed each token to, and the trainer's switch that
-replays them in the old-log-prob and update forwards."""
+Recording (rollout/routing.py): the experts recorded from vLLM for every token are HF's own top-k for it. Not built
+yet: the trainer's switch that replays the recorded experts in the old-log-prob and update forwards."""
 from __future__ import annotations
 
 import pytest
@@ -112,3 +112,36 @@ def test_replayed_routing_equals_hf_forced_to_the_same_experts(hf_dir):
             torch.testing.assert_close(on["logits"], reference, atol=1e-5, rtol=0, msg=f"{what}: replay != HF")
             assert torch.equal(on["counts"], expected_counts), f"{what}: routers did not use the replayed experts"
             assert (off["logits"] - reference).abs().max() > 1e-3, f"{what}: own routing equals the forced one"
+
+
+def _record_body(hf_dir: str, sequences: list[list[int]]) -> list[torch.Tensor]:
+    from vapo_megatron.rollout.routing import record_routing
+    from vapo_megatron.rollout.vllm_engine import RolloutEngine
+
+    engine = RolloutEngine(hf_dir, tensor_parallel_size=1, seed=0, max_model_len=64)
+    try:
+        return record_routing(engine, sequences)
+    finally:
+        engine.shutdown()
+
+
+def test_vllm_routing_is_recorded_per_token(hf_dir):
+    """The experts recorded from vLLM for every position of two sequences are HF's own top-k for those tokens
+    (as sets: the order within the top k is not part of the routing)."""
+    from transformers import AutoModelForCausalLM
+
+    sequences = [_ids()[0, :11].tolist(), _ids()[1].tolist()]
+    recorded = run_distributed(_record_body, 1, hf_dir, sequences, timeout=600)[0]
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    for seq, rec in zip(sequences, recorded):
+        hf_choice = []
+        hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, out=hf_choice: out.append(o[2]))
+                 for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+        with torch.no_grad():
+            model(torch.tensor([seq]))
+        for h in hooks:
+            h.remove()
+        assert rec.shape == (len(seq), len(hf_choice), K)
+        for column, choice in enumerate(hf_choice):
+            assert torch.equal(rec[:, column].long().sort(-1).values, choice.sort(-1).values), \
+                f"layer column {column}: vLLM's recorded experts differ from HF's"
