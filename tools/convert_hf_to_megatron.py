@@ -1,5 +1,5 @@
-"""Convert a Hugging Face checkpoint (Qwen2/Qwen2.5, Llama, Mistral-without-sliding-window) into a
-megatron-core torch_dist checkpoint that training loads at any TP/PP layout.
+"""Convert a Hugging Face checkpoint (Qwen2/Qwen2.5, Qwen3, Qwen3-MoE, Llama, Mistral-without-sliding-window) into
+a megatron-core torch_dist checkpoint that training loads at any TP/PP/EP layout.
 
     python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B --out-dir ckpt/policy-init
     python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B-RM --out-dir ckpt/critic-init --role critic

@@ -225,8 +225,9 @@ class Trainer:
 
         with self.timer("critic_update"):
             m = self.critic.train_step(mb, critic_loss_fn(self.cfg.algorithm, minibatch_counts(mb)))
+        moe = {f"{k}_critic": v for k, v in m.items() if k.startswith("moe_")}  # router metrics of a MoE critic
         return dict(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"], critic_skipped=m["skipped"],
-                    padding_waste_critic=m["padding_waste"])
+                    padding_waste_critic=m["padding_waste"], **moe)
 
     def _actor_step(self, amb: RLBatch) -> dict[str, float]:
         from vapo_megatron.engine.objectives import actor_loss_fn
@@ -235,6 +236,7 @@ class Trainer:
             m = self.actor.train_step(amb, actor_loss_fn(self.cfg.algorithm, minibatch_counts(amb),
                                                          self.arch.vocab_size))
         out = {k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl", "entropy") if k in m}
+        out.update({k: v for k, v in m.items() if k.startswith("moe_")})  # router metrics of a MoE policy
         return dict(out, nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"], actor_skipped=m["skipped"],
                     padding_waste_actor=m["padding_waste"])
 

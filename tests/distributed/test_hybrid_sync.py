@@ -9,31 +9,11 @@ import torch
 
 from vapo_megatron.models.tiny import save_tiny_hf_model
 from vapo_megatron.testing.dist import run_distributed
+from vapo_megatron.testing.engines import megatron_response_logprobs
 
 pytestmark = pytest.mark.distributed
 PROMPTS = [[1, 20, 21, 22, 23], [1, 40, 41]]
 MAX_TOKENS, SEQ = 8, 16
-
-
-def _megatron_logprobs(model, arch, tokens, prompt_lens, resp_lens):
-    from vapo_megatron.engine.schedule import forward_backward
-    from vapo_megatron.parallel.vocab_parallel import megatron_vocab_logprobs_entropy
-
-    ids = torch.zeros(len(tokens), SEQ, dtype=torch.long)
-    for i, t in enumerate(tokens):
-        ids[i, : len(t)] = torch.tensor(t)
-    targets = torch.roll(ids, -1, dims=1)
-
-    def output_fn(logits, mb):
-        lp, _ = megatron_vocab_logprobs_entropy(logits, mb["targets"], arch.vocab_size)
-        return lp.detach()
-
-    out = forward_backward(model, [dict(input_ids=ids, targets=targets)], None, forward_only=True,
-                           output_fn=output_fn)
-    if not out:
-        return None
-    # logits at position t score token t+1: the response token j sits at prompt_len + j
-    return [out[0][i, p - 1: p - 1 + r] for i, (p, r) in enumerate(zip(prompt_lens, resp_lens))]
 
 
 def _body(hf_dir: str):
@@ -66,7 +46,7 @@ def _body(hf_dir: str):
         stats = engine.update_weights(iter_hf_tensors(built.model, arch), bucket_bytes=64 * 1024)
         out = engine.generate(PROMPTS, greedy)
         tokens = [p + r for p, r in zip(PROMPTS, out.response_ids)]
-        meg = _megatron_logprobs(built.model, arch, tokens, [len(p) for p in PROMPTS], out.lengths.tolist())
+        meg = megatron_response_logprobs(built.model, arch, tokens, [len(p) for p in PROMPTS], out.lengths.tolist())
         if meg is not None:
             diff = max((m - torch.tensor(v)).abs().max().item() for m, v in zip(meg, out.rollout_logprobs))
             change = None if old_lp is None else max((m - o).abs().max().item() for m, o in zip(meg, old_lp))

@@ -36,7 +36,7 @@ from vapo_megatron.convert.mapping import ParamMap, full_shape, full_to_hf, para
 from vapo_megatron.convert.summary import ConversionSummary
 from vapo_megatron.models.hf_config import ModelArch, load_arch
 
-_CLASS_PREFIX = {"qwen2": "Qwen2", "llama": "Llama"}
+_CLASS_PREFIX = {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe"}
 
 
 def _class_prefix(arch: ModelArch) -> str:
@@ -47,10 +47,16 @@ def _class_prefix(arch: ModelArch) -> str:
 
 def _config_from_arch(arch: ModelArch) -> dict:
     """A HF config dict for a checkpoint saved without its HF config (fields read back by `arch_from_hf`)."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
-    cls = Qwen2Config if arch.family == "qwen2" else LlamaConfig
+    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig}.get(arch.family, LlamaConfig)
     extra = {} if arch.family == "qwen2" else {"attention_bias": arch.qkv_bias, "head_dim": arch.head_dim}
+    if arch.is_moe:
+        layers = range(arch.num_layers)
+        extra.update(num_experts=arch.num_experts, num_experts_per_tok=arch.moe_topk,
+                     moe_intermediate_size=arch.moe_ffn_hidden_size, norm_topk_prob=arch.moe_norm_topk_prob,
+                     decoder_sparse_step=1, mlp_only_layers=[i for i in layers if not arch.is_moe_layer(i)],
+                     router_aux_loss_coef=arch.moe_aux_loss_coeff)
     cfg = cls(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.ffn_hidden_size,
               num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
               num_key_value_heads=arch.num_kv_heads, max_position_embeddings=arch.max_position_embeddings,

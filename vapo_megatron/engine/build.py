@@ -12,6 +12,7 @@ from vapo_megatron.convert.mapping import check_covers, copy_shard, load_local_s
 from vapo_megatron.engine.schedule import prepare_config
 from vapo_megatron.models.critic import build_critic
 from vapo_megatron.models.hf_config import ModelArch, transformer_config
+from vapo_megatron.models.moe import prepare_routers
 from vapo_megatron.models.policy import build_policy
 from vapo_megatron.parallel.layout import ParallelConfig, RoleGroups, current_groups
 
@@ -29,7 +30,8 @@ class BuiltModel:
 
 def _rank_layout(groups: RoleGroups | None) -> dict[str, int]:
     g = (groups or current_groups()).pg
-    return dict(tp=g.tp.size(), tp_rank=g.tp.rank(), pp=g.pp.size(), pp_rank=g.pp.rank())
+    return dict(tp=g.tp.size(), tp_rank=g.tp.rank(), pp=g.pp.size(), pp_rank=g.pp.rank(), ep=g.ep.size(),
+                ep_rank=g.ep.rank(), etp=g.expt_tp.size(), etp_rank=g.expt_tp.rank())
 
 
 def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], arch: ModelArch, role: str,
@@ -64,13 +66,16 @@ def build_model(arch: ModelArch, parallel: ParallelConfig, role: str, *, params_
     if hf_get is not None and full_state is not None:
         raise ValueError("build_model: pass hf_get or full_state, not both")
     parallel.validate(torch.distributed.get_world_size(), num_layers=arch.num_layers, num_heads=arch.num_heads,
-                      num_kv_heads=arch.num_kv_heads)
+                      num_kv_heads=arch.num_kv_heads, num_experts=arch.num_experts,
+                      moe_ffn_hidden_size=arch.moe_ffn_hidden_size)
     groups = groups or current_groups(role)
     config = transformer_config(arch, parallel, params_dtype=params_dtype, **config_overrides)
     prepare_config(config)
     kwargs = dict(pre_process=groups.is_first_stage, post_process=groups.is_last_stage, pg_collection=groups.pg)
     with groups.rng():  # TP-sharded layers draw their initial weights from the tracker
         model = build_policy(arch, config, **kwargs) if role == "policy" else build_critic(arch, config, **kwargs)
+    if arch.is_moe:
+        prepare_routers(model)
     if platform.has_cuda():
         model.cuda(torch.cuda.current_device())
     if hf_get is not None:

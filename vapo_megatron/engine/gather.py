@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from vapo_megatron.convert.mapping import ParamMap, full_shape, merge_tp, param_maps, stage_local_name, stages_of
+from vapo_megatron.convert.mapping import (
+    ParamMap,
+    ep_owner,
+    full_shape,
+    merge_tp,
+    param_maps,
+    stage_local_name,
+    stages_of,
+)
 from vapo_megatron.models.hf_config import ModelArch
 from vapo_megatron.parallel.layout import RoleGroups, current_groups
 
@@ -44,7 +52,8 @@ def iter_full_tensors(model: torch.nn.Module, arch: ModelArch, role: str = "poli
     """Yield (ParamMap, whole Megatron tensor) for every parameter, in order, on every rank.
 
     Collective: every rank of the model-parallel group must iterate in lockstep. TP shards are all-gathered
-    within the owning stage, then the result is broadcast over the pipeline group. `groups`: the role's process
+    within the owning stage (an expert's over the expert-TP group, on the EP rank that holds it, then broadcast
+    over the EP group), then the result is broadcast over the pipeline group. `groups`: the role's process
     groups (None: those `parallel.layout.initialize` set up), held by the generator, so that other work (vLLM)
     may run between its items."""
     groups = groups or current_groups(role)
@@ -54,11 +63,24 @@ def iter_full_tensors(model: torch.nn.Module, arch: ModelArch, role: str = "poli
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else None
     some = next(iter(local.values()))
     dtype = dtype or some.dtype
+    ep_group = groups.pg.ep
+    ep, ep_rank = ep_group.size(), ep_group.rank()
+    ep_ranks = dist.get_process_group_ranks(ep_group) if ep > 1 else None
     for pm in param_maps(arch, role):
         owner = stages_of(pm, arch, pp, role)[0]
         full = None
         if stage == owner:
-            full = _gather_tp(pm, local[stage_local_name(pm, arch, pp, stage)], arch, groups.pg.tp).to(dtype)
+            expert_owner = ep_owner(pm, arch, ep)
+            if expert_owner is None:
+                full = _gather_tp(pm, local[stage_local_name(pm, arch, pp, stage)], arch, groups.pg.tp).to(dtype)
+            else:
+                if ep_rank == expert_owner:
+                    local_name = stage_local_name(pm, arch, pp, stage, ep)
+                    full = _gather_tp(pm, local[local_name], arch, groups.pg.expt_tp).to(dtype)
+                if ep > 1:
+                    if full is None:
+                        full = torch.empty(full_shape(pm, arch), dtype=dtype, device=some.device)
+                    dist.broadcast(full, src=ep_ranks[expert_owner], group=ep_group)
         if pp > 1:
             if full is None:
                 full = torch.empty(full_shape(pm, arch), dtype=dtype, device=some.device)

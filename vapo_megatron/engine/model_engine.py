@@ -20,6 +20,7 @@ from vapo_megatron.engine.microbatch import Batch, padded_and_real_tokens, row_s
 from vapo_megatron.engine.optim import build_optimizer
 from vapo_megatron.engine.schedule import forward_backward
 from vapo_megatron.models.hf_config import ModelArch
+from vapo_megatron.models.moe import RoutingCounter
 from vapo_megatron.models.specs import transformer_engine_available
 from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
 
@@ -66,6 +67,12 @@ class ModelEngine:
                                          use_distributed_optimizer=use_distributed_optimizer, groups=self.groups)
         # token or packed micro-batches differ in length: pipeline stages then send each activation's shape first
         self.built.config.variable_seq_lengths = micro_batch_tokens > 0 or pack_sequences
+        self.routing = None
+        if arch.is_moe:
+            stage_layers = range(self.groups.pp_rank * arch.num_layers // parallel.pp,
+                                 (self.groups.pp_rank + 1) * arch.num_layers // parallel.pp)
+            self.routing = RoutingCounter(self.model, [i for i in stage_layers if arch.is_moe_layer(i)],
+                                          arch.num_experts, platform.device())
 
     @property
     def model(self) -> torch.nn.Module:
@@ -132,7 +139,12 @@ class ModelEngine:
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             micro, _, _, _ = self._micro_batches(batch)
+            if self.routing is not None:
+                self.routing.reset()
+                self.routing.active = True
             stats = forward_backward(self.model, micro, loss_fn, groups=self.groups)
+            if self.routing is not None:
+                self.routing.active = False
             padded, real = padded_and_real_tokens(micro)
             metrics = self._reduce_metrics(stats, {"padded_tokens": padded, "real_tokens": real})
             finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0],
@@ -147,7 +159,29 @@ class ModelEngine:
         padded, real = metrics.pop("padded_tokens"), metrics.pop("real_tokens")
         metrics.update(grad_norm=grad_norm, lr=self._lr(), skipped=1.0 - finite.item(),
                        padding_waste=1.0 - real / padded if padded else 0.0)
+        if self.routing is not None:
+            metrics.update(self._routing_metrics())
         return metrics
+
+    def _routing_metrics(self) -> dict[str, float]:
+        """Router metrics of the last train_step (MoE): tokens routed to each expert, summed over all ranks (with
+        MoE, TP implies sequence parallelism, so TP, CP and DP ranks see different tokens and each token is
+        counted once per layer), then the max and the mean over experts, averaged over MoE layers; the worst
+        layer's max / mean; and the load-balancing loss before its coefficient, averaged over micro-batches,
+        ranks and layers (computed on each rank's tokens: models/moe.py RoutingCounter)."""
+        r, arch = self.routing, self.arch
+        counts = torch.zeros(len(arch.moe_layers), arch.num_experts, dtype=torch.float64, device=r.counts.device)
+        for local, layer in enumerate(r.layer_ids):
+            counts[arch.moe_layers.index(layer)] = r.counts[local]
+        aux = torch.stack([r.aux_sum, torch.tensor(float(r.aux_n), dtype=torch.float64, device=r.counts.device)])
+        packed = torch.cat([counts.flatten(), aux])
+        dist.all_reduce(packed)
+        counts, (aux_sum, aux_n) = packed[:-2].view_as(counts).cpu(), packed[-2:].tolist()
+        per_layer_max, per_layer_mean = counts.max(1).values, counts.mean(1)
+        return {"moe_tokens_per_expert_max": per_layer_max.mean().item(),
+                "moe_tokens_per_expert_mean": per_layer_mean.mean().item(),
+                "moe_load_max_over_mean": (per_layer_max / per_layer_mean.clamp_min(1e-12)).max().item(),
+                "moe_aux_loss": aux_sum / max(aux_n, 1.0)}
 
     def _reduce_metrics(self, stats: list[dict], per_rank: dict[str, float]) -> dict[str, float]:
         """Sum per-micro-batch metrics (already globally normalised) over micro-batches and DP ranks, and the
@@ -180,12 +214,15 @@ class ModelEngine:
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
         with torch.no_grad():
-            sq = torch.zeros(1, dtype=torch.float64, device=platform.device())
+            sq = [torch.zeros(1, dtype=torch.float64, device=platform.device()) for _ in range(2)]  # dense, expert
             for p in self.model.parameters():
-                if param_is_not_tensor_parallel_duplicate(p, tp_group=self.groups.pg.tp):
-                    sq += p.detach().double().pow(2).sum()
-            dist.all_reduce(sq, group=self.groups.pg.mp)
-        return math.sqrt(sq.item())
+                expert = not getattr(p, "allreduce", True)  # megatron's tag of expert parameters
+                if expert or param_is_not_tensor_parallel_duplicate(p, tp_group=self.groups.pg.tp):
+                    sq[int(expert)] += p.detach().double().pow(2).sum()
+            dist.all_reduce(sq[0], group=self.groups.pg.mp)
+            if self.arch.is_moe:  # experts are spread over the expert-TP x EP x PP ranks, not over TP x PP
+                dist.all_reduce(sq[1], group=self.groups.pg.tp_ep_pp)
+        return math.sqrt(sq[0].item() + sq[1].item())
 
     # ---- weights ------------------------------------------------------------------------------------------
     def iter_hf_tensors(self):

@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from vapo_megatron.data.packing import packed_position_ids
 from vapo_megatron.data.rl_batch import MicroBatch
+from vapo_megatron.models.moe import RoutingReplay, aux_loss_scale
 from vapo_megatron.parallel.context import context_parallel_view, split_for_context_parallel
 from vapo_megatron.parallel.layout import RoleGroups, current_groups
 
@@ -50,6 +51,12 @@ def packed_seq_params(mb: MicroBatch, cp_group=None):
                            cp_group=cp_group)
 
 
+def _sequence_shard(seq: int, sequence_parallel: bool, groups: RoleGroups) -> slice:
+    """The positions this rank's MoE layers see: its sequence-parallel shard (the whole sequence without SP)."""
+    tp, rank = groups.pg.tp.size(), groups.tp_rank
+    return slice(rank * seq // tp, (rank + 1) * seq // tp) if sequence_parallel and tp > 1 else slice(None)
+
+
 def finalize_grads_unscaled(model, num_tokens=None, *args, **kwargs):
     """finalize_model_grads without the division by the token count (see the module docstring). The schedules
     pass it the role's `pg_collection` (forward_backward hands it to them)."""
@@ -75,7 +82,7 @@ LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torc
 def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
                      micro_batches: Sequence[MicroBatch | Mapping[str, Any]], loss_fn: LossFn | None, *,
                      forward_only: bool = False, output_fn: Callable[[torch.Tensor, MicroBatch], Any] | None = None,
-                     groups: RoleGroups | None = None) -> list[Any]:
+                     groups: RoleGroups | None = None, routing_replay: RoutingReplay | None = None) -> list[Any]:
     """Run all micro-batches (`MicroBatch`es, or dicts that become one: `input_ids` [b, S] at least) through the
     schedule. Their shapes may differ only
     when the model config has `variable_seq_lengths` (pipeline stages then exchange each activation's shape).
@@ -91,6 +98,11 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
     for the vocab-parallel log-probs). `groups`: the role's process groups, handed to megatron's schedule and
     through it to finalize_model_grads (None: those `parallel.layout.initialize` set up last).
 
+    `routing_replay` (MoE): before each micro-batch's forward, the routers are set to the experts its
+    `routed_experts` [b, S, num_moe_layers, k] names (models/moe.py RoutingReplay), or to their own routing when
+    it has none. Not with context parallelism, nor with full recomputation (the recomputed forward would replay
+    the last micro-batch's choices).
+
     Returns, on the last pipeline stage, the list of per-micro-batch metrics dicts (or `output_fn(output, mb)`
     values when forward_only with output_fn); other stages get an empty list.
     """
@@ -101,6 +113,7 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
     results: list[Any] = []
     cp = groups.pg.cp.size()
     cp_rank = groups.cp_rank if cp > 1 else 0
+    config = _model_config(models[0])
 
     def step(data_iter, chunk):
         mb = next(data_iter)
@@ -115,6 +128,11 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
                         for t in (ids, pos))
             mb = context_parallel_view(mb, cp, cp_rank, groups.pg.cp)
         mb = mb.replace(tp_group=groups.pg.tp)
+        if routing_replay is not None:
+            if packed is not None:
+                raise NotImplementedError("routing replay takes padded micro-batches; set train.pack_sequences=false")
+            routing_replay.set(mb.extra.get("routed_experts"),
+                               _sequence_shard(ids.shape[1], config.sequence_parallel, groups))
         out = chunk(ids, pos, mask) if packed is None else chunk(ids, pos, mask, packed_seq_params=packed)
 
         def reduce(output):
@@ -127,12 +145,17 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
 
         return out, reduce
 
+    if config.num_moe_experts:  # the routers' load-balancing loss: mean over micro-batches and DP (models/moe.py)
+        scale = aux_loss_scale(len(micro_batches), groups.dp_size)
+        config.moe_grad_scale_func = lambda: torch.tensor(scale)
     schedule = get_forward_backward_func(pp_size=groups.pg.pp.size(), vp_size=None)
     stored = schedule(
         forward_step_func=step, data_iterator=iter(micro_batches), model=models,
         num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=b, forward_only=forward_only,
-        p2p_communicator=P2PCommunicator(pp_group=groups.pg.pp, config=_model_config(models[0])),
+        p2p_communicator=P2PCommunicator(pp_group=groups.pg.pp, config=config),
         pg_collection=groups.pg)
+    if routing_replay is not None:
+        routing_replay.set(None)  # the routers route by themselves again after this call
     if not groups.is_last_stage:
         return []
     return results if output_fn is not None else list(stored)

@@ -8,7 +8,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import build_module
 
 from vapo_megatron.models.hf_config import ModelArch
-from vapo_megatron.models.specs import gpt_layer_spec, quiet_gpt_model_deprecation
+from vapo_megatron.models.policy import _pp_rank
+from vapo_megatron.models.specs import model_spec, quiet_gpt_model_deprecation
 
 
 class CriticModel(GPTModel):
@@ -19,7 +20,7 @@ class CriticModel(GPTModel):
                  use_te: bool | None = None):
         quiet_gpt_model_deprecation()
         super().__init__(
-            config, gpt_layer_spec(use_te=use_te, context_parallel=config.context_parallel_size > 1),
+            config, model_spec(config, pp_rank=_pp_rank(pg_collection), use_te=use_te),
             vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=arch.max_position_embeddings, pre_process=pre_process, post_process=False,
             share_embeddings_and_output_weights=False, position_embedding_type="rope",

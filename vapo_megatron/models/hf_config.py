@@ -20,7 +20,15 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForSequenceClassification": "llama",
     "LlamaForTokenClassification": "llama",
     "MistralForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3ForSequenceClassification": "qwen3",
+    "Qwen3ForTokenClassification": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen3MoeForSequenceClassification": "qwen3_moe",
+    "Qwen3MoeForTokenClassification": "qwen3_moe",
 }
+_FAMILY_OF_MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama", "mistral": "llama", "qwen3": "qwen3",
+                         "qwen3_moe": "qwen3_moe"}
 
 
 class UnsupportedModelError(ValueError):
@@ -29,7 +37,8 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelArch:
-    """The shape of a dense decoder-only transformer (Qwen2/Qwen2.5, Llama family)."""
+    """The shape of a decoder-only transformer: dense (Qwen2/Qwen2.5, Llama, Qwen3) or mixture-of-experts
+    (Qwen3-MoE). Fields after `init_std` have defaults so that checkpoints written before they existed load."""
 
     family: str
     vocab_size: int
@@ -46,6 +55,31 @@ class ModelArch:
     qkv_bias: bool
     architecture: str = ""
     init_std: float = 0.02
+    qk_norm: bool = False
+    """Per-head RMSNorm of queries and keys before RoPE (Qwen3), weights of size head_dim."""
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0: a dense model."""
+    moe_topk: int = 0
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int = 0
+    """Hidden size of one expert's SwiGLU MLP (HF `moe_intermediate_size`)."""
+    moe_norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to 1 (HF `norm_topk_prob`); False: the softmax over
+    all experts, taken at the top k."""
+    moe_layers: tuple[int, ...] = ()
+    """Indices of the layers whose MLP is a MoE block (the others are dense, `ffn_hidden_size`)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the router's load-balancing loss (HF `router_aux_loss_coef`)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))  # JSON gives a list
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary rounded up to a multiple of tp (megatron shards the vocabulary evenly). Padded rows are
@@ -74,8 +108,7 @@ def arch_from_hf(cfg: Any) -> ModelArch:
         cfg = AutoConfig.for_model(**cfg)
     archs = list(getattr(cfg, "architectures", None) or [])
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    family = SUPPORTED_ARCHITECTURES.get(arch) if arch else {"qwen2": "qwen2", "llama": "llama",
-                                                            "mistral": "llama"}.get(cfg.model_type)
+    family = SUPPORTED_ARCHITECTURES.get(arch) if arch else _FAMILY_OF_MODEL_TYPE.get(cfg.model_type)
     if family is None:
         raise UnsupportedModelError(
             f"unsupported architecture {archs or cfg.model_type!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
@@ -88,6 +121,7 @@ def arch_from_hf(cfg: Any) -> ModelArch:
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     qkv_bias = True if family == "qwen2" else bool(getattr(cfg, "attention_bias", False))
+    moe = _moe_fields(cfg) if family == "qwen3_moe" else {}
     return ModelArch(
         family=family, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_hidden_layers, num_heads=heads,
@@ -96,7 +130,24 @@ def arch_from_hf(cfg: Any) -> ModelArch:
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)), qkv_bias=qkv_bias,
         architecture=arch or "", init_std=float(getattr(cfg, "initializer_range", 0.02)),
+        qk_norm=family in ("qwen3", "qwen3_moe"), **moe,
     )
+
+
+def _moe_fields(cfg: Any) -> dict[str, Any]:
+    """The ModelArch MoE fields of a Qwen3-MoE config. A layer is MoE unless listed in `mlp_only_layers` or
+    off the `decoder_sparse_step` pattern (HF: `(i + 1) % decoder_sparse_step == 0`)."""
+    experts = int(cfg.num_experts)
+    if experts <= 0:
+        raise UnsupportedModelError(f"a qwen3_moe config with num_experts={experts}: use a Qwen3 (dense) model")
+    topk, step = int(cfg.num_experts_per_tok), int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    if not 1 <= topk <= experts:
+        raise UnsupportedModelError(f"num_experts_per_tok={topk} must be in [1, num_experts={experts}]")
+    dense_only = set(getattr(cfg, "mlp_only_layers", None) or [])
+    layers = tuple(i for i in range(cfg.num_hidden_layers) if i not in dense_only and (i + 1) % step == 0)
+    return dict(num_experts=experts, moe_topk=topk, moe_ffn_hidden_size=int(cfg.moe_intermediate_size),
+                moe_norm_topk_prob=bool(cfg.norm_topk_prob), moe_layers=layers,
+                moe_aux_loss_coeff=float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0))
 
 
 def load_arch(hf_dir: str | Path) -> ModelArch:
@@ -156,5 +207,36 @@ def transformer_config(arch: ModelArch, parallel, *, params_dtype: torch.dtype =
         deallocate_pipeline_outputs=on_gpu,
     )
     kwargs.update(recompute_fields(recompute, recompute_num_layers))
+    if arch.qk_norm:
+        kwargs["qk_layernorm"] = True
+    if arch.is_moe:
+        kwargs.update(moe_fields(arch, parallel))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def moe_fields(arch: ModelArch, parallel) -> dict[str, Any]:
+    """TransformerConfig fields of a MoE model (Qwen3-MoE), with experts split over `parallel.ep` ranks and each
+    expert's MLP over `parallel.etp` ranks.
+
+    Routing: HF takes the softmax over all experts, then the top k, renormalised when `norm_topk_prob`. Megatron's
+    top-k on the logits followed by a softmax over the k (`moe_router_pre_softmax=False`) is the renormalised
+    form; softmax first (`pre_softmax=True`) is the plain one. Experts are megatron's SequentialMLP (one
+    local-spec MLP per expert: no grouped GEMM, which needs TransformerEngine) behind the all-to-all token
+    dispatcher. No expert capacity: no token is dropped, as in HF and vLLM.
+
+    Load-balancing loss (deviation from HF, written here where it happens): megatron's `aux_loss` per MoE layer,
+    `coeff * E / k * sum_e f_e * P_e` (f_e: fraction of routed slots that went to expert e, P_e: mean router
+    probability), summed over the layers; HF's `load_balancing_loss_func` is the same sum without the 1/k,
+    computed once over all layers' tokens. Its gradient is added in backward by megatron
+    (`MoEAuxLossAutoScaler`), not through the policy loss."""
+    coeff = arch.moe_aux_loss_coeff
+    return dict(
+        num_moe_experts=arch.num_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_topk, moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_layer_freq=[1 if arch.is_moe_layer(i) else 0 for i in range(arch.num_layers)],
+        moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none", moe_aux_loss_coeff=coeff,
+        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+        expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.etp,
+    )

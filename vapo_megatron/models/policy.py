@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from vapo_megatron.models.hf_config import ModelArch
-from vapo_megatron.models.specs import gpt_layer_spec, quiet_gpt_model_deprecation
+from vapo_megatron.models.specs import model_spec, quiet_gpt_model_deprecation
 
 
 def build_policy(arch: ModelArch, config, *, pre_process: bool = True, post_process: bool = True,
@@ -11,7 +11,7 @@ def build_policy(arch: ModelArch, config, *, pre_process: bool = True, post_proc
     from megatron.core.models.gpt import GPTModel
 
     quiet_gpt_model_deprecation()
-    spec = gpt_layer_spec(use_te=use_te, context_parallel=config.context_parallel_size > 1)
+    spec = model_spec(config, pp_rank=_pp_rank(pg_collection), use_te=use_te)
     return GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings, pre_process=pre_process, post_process=post_process,
@@ -19,3 +19,12 @@ def build_policy(arch: ModelArch, config, *, pre_process: bool = True, post_proc
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
         pg_collection=pg_collection,
     )
+
+
+def _pp_rank(pg_collection) -> int:
+    """This stage's pipeline rank (from the role's groups; megatron's globals when none are passed)."""
+    if pg_collection is not None:
+        return pg_collection.pp.rank()
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_rank()

@@ -68,10 +68,15 @@ def tiny_hf_config(family: str = "qwen2", *, vocab_size: int = 128, hidden_size:
                    num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
                    intermediate_size: int = 256, max_position_embeddings: int = 1024,
                    tie_word_embeddings: bool | None = None, attention_bias: bool | None = None,
-                   rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6):
-    """A Hugging Face config of the given family with tiny sizes. head_dim = hidden/heads must be one of
-    vLLM CPU attention's sizes (32, 64, 80, 96, 112, 128, ...) for vLLM tests; 128/4 = 32 is."""
-    from transformers import LlamaConfig, Qwen2Config
+                   rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6, head_dim: int | None = None,
+                   num_experts: int = 4, num_experts_per_tok: int = 2, moe_intermediate_size: int = 64,
+                   norm_topk_prob: bool = True, mlp_only_layers: list[int] | None = None,
+                   decoder_sparse_step: int = 1, router_aux_loss_coef: float = 0.001):
+    """A Hugging Face config of the given family ("qwen2", "llama", "qwen3", "qwen3_moe") with tiny sizes.
+    head_dim (hidden/heads unless given: Qwen3 sets it independently) must be one of vLLM CPU attention's sizes
+    (32, 64, 80, 96, 112, 128, ...) for vLLM tests; 128/4 = 32 is. The MoE arguments are used by "qwen3_moe"
+    only."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
@@ -87,8 +92,19 @@ def tiny_hf_config(family: str = "qwen2", *, vocab_size: int = 128, hidden_size:
         cfg = LlamaConfig(tie_word_embeddings=True if tie_word_embeddings is None else tie_word_embeddings,
                           attention_bias=bool(attention_bias), mlp_bias=False, rope_theta=rope_theta,
                           **common)
+    elif family in ("qwen3", "qwen3_moe"):
+        qwen3 = dict(tie_word_embeddings=bool(tie_word_embeddings), attention_bias=bool(attention_bias),
+                     head_dim=head_dim or hidden_size // num_heads, **common)
+        if family == "qwen3":
+            cfg = Qwen3Config(architectures=["Qwen3ForCausalLM"], **qwen3)
+        else:
+            cfg = Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], num_experts=num_experts,
+                                 num_experts_per_tok=num_experts_per_tok, moe_intermediate_size=moe_intermediate_size,
+                                 norm_topk_prob=norm_topk_prob, mlp_only_layers=list(mlp_only_layers or []),
+                                 decoder_sparse_step=decoder_sparse_step, router_aux_loss_coef=router_aux_loss_coef,
+                                 **qwen3)
     else:
-        raise ValueError(f"unknown tiny family {family!r}; use 'qwen2' or 'llama'")
+        raise ValueError(f"unknown tiny family {family!r}; use 'qwen2', 'llama', 'qwen3' or 'qwen3_moe'")
     _set_rope_theta(cfg, rope_theta)
     return cfg
 

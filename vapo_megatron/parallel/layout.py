@@ -23,6 +23,12 @@ class ParallelConfig:
     (parallel/context.py, models/cp_attention.py)."""
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence over the TP ranks (needs tp > 1)."""
+    ep: int = 1
+    """Expert-parallel size (MoE models): each MoE layer's experts are split over this many ranks; tokens travel
+    to their experts by all-to-all. The expert layout is folded over the same ranks as the dense one:
+    etp x ep x expert-DP x pp = world size."""
+    etp: int = 1
+    """Expert tensor-parallel size: each expert's MLP is split over this many ranks (independent of tp)."""
 
     def seq_multiple(self) -> int:
         """What a padded sequence length must be a multiple of: 8, times tp (sequence parallelism splits the
@@ -32,11 +38,34 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
 
+    def expert_data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.etp * self.ep * self.pp)
+
+    def _expert_problems(self, world_size: int, num_experts: int | None, moe_ffn_hidden_size: int | None
+                         ) -> list[str]:
+        problems = []
+        expert_mp = self.etp * self.ep * self.pp
+        if world_size % expert_mp:
+            problems.append(f"world size {world_size} is not divisible by etp({self.etp}) x ep({self.ep}) x "
+                            f"pp({self.pp}) = {expert_mp}")
+        if (self.ep > 1 or self.etp > 1) and num_experts is not None:  # None: the model is not known here
+            if num_experts == 0:
+                problems.append(f"ep={self.ep} / etp={self.etp} need a mixture-of-experts model (this one is dense)")
+            elif num_experts % self.ep:
+                problems.append(f"num_experts {num_experts} is not divisible by ep {self.ep}")
+        if num_experts and self.cp > 1:
+            problems.append(f"context parallelism (cp={self.cp}) with a mixture-of-experts model is not supported "
+                            f"(its load-balancing loss scale is not checked across CP ranks)")
+        if num_experts and moe_ffn_hidden_size and moe_ffn_hidden_size % self.etp:
+            problems.append(f"moe_intermediate_size {moe_ffn_hidden_size} is not divisible by etp {self.etp}")
+        return problems
+
     def validate(self, world_size: int, *, num_layers: int | None = None, num_heads: int | None = None,
-                 num_kv_heads: int | None = None) -> None:
+                 num_kv_heads: int | None = None, num_experts: int | None = None,
+                 moe_ffn_hidden_size: int | None = None) -> None:
         """Raise ParallelConfigError naming every number involved when the layout is impossible."""
         problems = []
-        for name in ("tp", "pp", "cp"):
+        for name in ("tp", "pp", "cp", "ep", "etp"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if problems:
@@ -54,6 +83,10 @@ class ParallelConfig:
             problems.append(f"num_layers {num_layers} is not divisible by pp {self.pp}")
         if self.sequence_parallel and self.tp == 1:
             problems.append("sequence_parallel needs tp > 1 (tp=1)")
+        if num_experts and self.tp > 1 and not self.sequence_parallel:
+            problems.append(f"a mixture-of-experts model at tp={self.tp} needs sequence_parallel (megatron-core "
+                            f"refuses MoE with tensor parallelism without it)")
+        problems += self._expert_problems(world_size, num_experts, moe_ffn_hidden_size)
         if problems:
             raise ParallelConfigError("invalid parallel layout: " + "; ".join(problems))
 
@@ -79,7 +112,8 @@ def initialize(config: ParallelConfig, *, seed: int = 1234) -> None:
         parallel_state.destroy_global_memory_buffer()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=config.tp, pipeline_model_parallel_size=config.pp,
-        context_parallel_size=config.cp, create_gloo_process_groups=not platform.has_cuda())
+        context_parallel_size=config.cp, expert_model_parallel_size=config.ep,
+        expert_tensor_parallel_size=config.etp, create_gloo_process_groups=not platform.has_cuda())
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 
@@ -145,6 +179,15 @@ class RoleGroups:
     @property
     def dp_size(self) -> int:
         return self.pg.dp.size()
+
+    @property
+    def ep_rank(self) -> int:
+        """Rank in the expert-parallel group (0 for a dense model: the group has one rank)."""
+        return self.pg.ep.rank()
+
+    @property
+    def etp_rank(self) -> int:
+        return self.pg.expt_tp.rank()
 
     @property
     def is_first_stage(self) -> bool:
@@ -213,7 +256,9 @@ def current_groups(role: str = "current") -> RoleGroups:
 
     config = ParallelConfig(tp=parallel_state.get_tensor_model_parallel_world_size(),
                             pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                            cp=parallel_state.get_context_parallel_world_size())
+                            cp=parallel_state.get_context_parallel_world_size(),
+                            ep=parallel_state.get_expert_model_parallel_world_size(),
+                            etp=parallel_state.get_expert_tensor_parallel_world_size())
     return RoleGroups(role, config, ProcessGroupCollection.use_mpu_process_groups(), _mpu_snapshot(), None)
 
 

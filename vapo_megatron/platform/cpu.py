@@ -50,6 +50,20 @@ class CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _SyncEvent:
+    """S4: a CUDA event on CPU, already complete (the MoE all-to-all dispatcher synchronises on the event its
+    device-to-host copy stream records: token_dispatcher.py `_maybe_dtoh_and_synchronize`)."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _SyncStream:
     """S4: CUDA streams and events; on CPU every op is synchronous, so all of these are no-ops."""
 
@@ -66,7 +80,7 @@ class _SyncStream:
         pass
 
     def record_event(self, *args, **kwargs):
-        return None
+        return _SyncEvent()
 
 
 def _stub_paged_stash() -> None:
@@ -175,6 +189,30 @@ def _patch_torch_norm_for_sp() -> None:
     WrappedTorchNorm.__new__ = norm_new
 
 
+def _patch_moe_dispatcher() -> None:
+    """S8: megatron's MoE all-to-all token dispatcher (transformer/moe/token_dispatcher.py) on CPU.
+    (a) It moves its split sizes "to the host as numpy" with moe_utils.maybe_move_tensor_to_cpu, which converts
+    only CUDA tensors; on CPU they stay tensors and gloo's `all_to_all_single` rejects tensor split sizes
+    (TypeError). Host tensors are converted too when numpy is asked for, exactly what the CUDA path returns.
+    (b) It synchronises on an event recorded by its class-level device-to-host stream. The S4 stream stub would
+    do, but vLLM's CPU worker (v1/worker/cpu/shm.py) replaces `torch.cuda.Stream` on import with a placeholder
+    whose `record_event` returns None (AttributeError at the first MoE forward after vLLM started), so the
+    dispatcher gets its own stub stream here. Tested by the EP=2 logits against EP=1 and HF
+    (tests/distributed/test_qwen3_models.py) and the MoE trainer run (tests/distributed/test_trainer_moe.py)."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def move(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = move
+    token_dispatcher.maybe_move_tensor_to_cpu = move
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _SyncStream()
+
+
 def install() -> None:
     """Apply every shim (idempotent). Call before megatron.core is imported."""
     global _INSTALLED
@@ -185,6 +223,7 @@ def install() -> None:
     _install_rng_tracker()
     _patch_checkpoint_rng()
     _patch_torch_norm_for_sp()
+    _patch_moe_dispatcher()
     _INSTALLED = True
 
 
@@ -193,3 +232,42 @@ def activate_device_redirect() -> None:
     worker threads that call into megatron need their own `with CudaToCpu():`."""
     if not any(isinstance(m, CudaToCpu) for m in torch.overrides._get_current_function_mode_stack()):
         CudaToCpu().__enter__()
+
+
+VLLM_CPU_MOE_ALIGNMENT = 32
+"""vLLM 0.32's CPU MoE kernel (fused_moe/experts/cpu_moe.py) zero-pads each expert's intermediate size to a
+multiple of 32 when it loads weights; a later in-place weight reload (layerwise reload, what every weight sync
+uses) re-processes the checkpoint-shaped tensors and fails copying them into the padded kernel tensors
+("The size of tensor a (128) must match the size of tensor b (96)"). Real Qwen3-MoE sizes (768, 1536) are
+multiples of 32; tiny test models must be too."""
+
+
+def repack_vllm_cpu_moe(model: torch.nn.Module) -> int:
+    """V1: after an in-place weight reload, put vLLM's CPU MoE expert weights back into the kernel's packed layout.
+
+    vLLM 0.32 (fused_moe/unquantized_fused_moe_method.py `_setup_kernel`) runs the experts kernel's own
+    `process_weights_after_loading` only on the first load: for a weight update it copies the checkpoint-layout
+    weights into place and skips it, assuming the kernel reads them as they are. The CPU kernel
+    (fused_moe/experts/cpu_moe.py) prepacks them into its grouped-GEMM layout there, so after a reload it reads
+    raw weights as packed ones (measured: log-probs off by 0.015 after pushing the unchanged weights; the
+    expert tensors equal the raw HF layout). Re-running that step on each CPU experts layer restores the packed
+    layout. Runs inside the vLLM worker after the reload session; returns the number of layers repacked.
+    Tested by the MoE weight sync against Megatron's log-probs (tests/distributed/test_qwen3_models.py)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    repacked = 0
+    for layer in model.modules():
+        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(layer)
+            repacked += 1
+    return repacked
+
+
+def vllm_moe_sync_problem(moe_intermediate_size: int | None) -> str | None:
+    """Why vLLM on CPU cannot take weight pushes of a MoE model with this expert size (None: it can)."""
+    if moe_intermediate_size and moe_intermediate_size % VLLM_CPU_MOE_ALIGNMENT:
+        return (f"moe_intermediate_size {moe_intermediate_size} is not a multiple of {VLLM_CPU_MOE_ALIGNMENT}: "
+                f"vLLM's CPU MoE kernel pads it, and its weight reload (every weight sync) then fails")
+    return None

@@ -89,6 +89,23 @@ def _sleep_mode_available() -> bool:
     return current_platform.is_sleep_mode_available()
 
 
+def _check_cpu_moe(model_dir: str) -> None:
+    """Refuse, before vLLM starts, a MoE model whose weight pushes vLLM's CPU kernel cannot take
+    (platform/cpu.py: VLLM_CPU_MOE_ALIGNMENT)."""
+    import json
+
+    from vapo_megatron import platform
+
+    path = Path(model_dir) / "config.json"
+    if platform.has_cuda() or not path.is_file():
+        return
+    from vapo_megatron.platform.cpu import vllm_moe_sync_problem
+
+    problem = vllm_moe_sync_problem(json.loads(path.read_text()).get("moe_intermediate_size"))
+    if problem:
+        raise ValueError(f"{model_dir}: {problem}")
+
+
 def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
@@ -107,6 +124,7 @@ class RolloutEngine:
         `load_format="dummy"`, weights). `overrides` replace fields of `config`."""
         self.config = dataclasses.replace(config or RolloutEngineConfig(), **overrides)
         self.model_dir = str(model_dir)
+        _check_cpu_moe(self.model_dir)
         self.tensor_parallel_size = self.config.tensor_parallel_size
         self._sleep_notice_given = False
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -84,7 +84,13 @@ def finish_weight_update(worker) -> set[str]:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+    from vapo_megatron import platform
+
     model = worker.model_runner.get_model()
     with set_current_vllm_config(worker.vllm_config):
         finalize_layerwise_reload(model, worker.model_config)
+        if not platform.has_cuda():
+            from vapo_megatron.platform.cpu import repack_vllm_cpu_moe
+
+            repack_vllm_cpu_moe(model)
     return {name for name, _ in model.named_parameters()}

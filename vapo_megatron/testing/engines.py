@@ -52,3 +52,27 @@ def synthetic_rl_batch(n: int, vocab: int, *, seed: int, prompt_len: tuple[int, 
     batch.old_values = torch.randn(n, r, generator=g) * batch.resp_mask
     batch.is_correct = torch.rand(n, generator=g) > 0.5
     return batch
+
+
+def megatron_response_logprobs(model, arch, tokens: list[list[int]], prompt_lens: list[int], resp_lens: list[int],
+                               seq: int = 16):
+    """The policy's log-probs of each row's response tokens (rows `tokens` = prompt + response, right-padded to
+    `seq`), on the last pipeline stage (None elsewhere): what vLLM's rollout log-probs are compared with."""
+    from vapo_megatron.engine.schedule import forward_backward
+    from vapo_megatron.parallel.vocab_parallel import megatron_vocab_logprobs_entropy
+
+    ids = torch.zeros(len(tokens), seq, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        ids[i, : len(t)] = torch.tensor(t)
+    targets = torch.roll(ids, -1, dims=1)
+
+    def output_fn(logits, mb):
+        lp, _ = megatron_vocab_logprobs_entropy(logits, mb["targets"], arch.vocab_size)
+        return lp.detach()
+
+    out = forward_backward(model, [dict(input_ids=ids, targets=targets)], None, forward_only=True,
+                           output_fn=output_fn)
+    if not out:
+        return None
+    # logits at position t score token t+1: the response token j sits at prompt_len + j
+    return [out[0][i, p - 1: p - 1 + r] for i, (p, r) in enumerate(zip(prompt_lens, resp_lens))]

@@ -1,0 +1,100 @@
+"""Mixture-of-experts helpers on a built megatron model: its routers, the scale of their load-balancing loss,
+and the routing counts the trainer reports.
+
+The load-balancing loss. megatron's router attaches it to the routing probabilities (`MoEAuxLossAutoScaler`), so
+its gradient is added in backward whatever the main loss is, scaled by `config.moe_grad_scale_func()`. This
+project sums gradients over micro-batches and DP ranks (engine/schedule.py), and megatron's per-token-loss mode
+(which that convention uses) would multiply the aux loss by the micro-batch's token count, expecting a division
+by the global token count afterwards that this project does not do. So `prepare_routers` turns the router's
+token factor off and `aux_loss_scale(M, dp)` = 1 / (M * dp) makes the summed gradient that of the aux loss
+averaged over the M micro-batches and dp data-parallel ranks, megatron's own default (not per-token) scaling.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The TopKRouter of every MoE layer of this rank's model (through DDP wrappers), in layer order."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return [m for m in model.modules() if isinstance(m, TopKRouter)]
+
+
+def prepare_routers(model: torch.nn.Module) -> None:
+    """Drop the router's per-token factor on the aux loss (module docstring); call once after building."""
+    for router in routers(model):
+        router.calculate_per_token_loss = False
+
+
+def aux_loss_scale(num_micro_batches: int, dp_size: int) -> float:
+    """The backward scale of the aux loss for one forward_backward call (module docstring)."""
+    return 1.0 / (num_micro_batches * dp_size)
+
+
+class RoutingCounter:
+    """Counts, per MoE layer of this rank, the tokens routed to each expert (from the router's routing map), and
+    the load-balancing loss `E/k * sum_e f_e * P_e` of each routed micro-batch (before its coefficient; computed
+    on this rank's tokens), while `active`. A forward hook on each router: it reads the router's outputs and
+    recomputes the softmax of its logits without gradient, changing nothing the model computes."""
+
+    def __init__(self, model: torch.nn.Module, layer_ids: list[int], num_experts: int, device="cpu"):
+        self.layer_ids = layer_ids  # global layer index of each local router
+        self.num_experts, self.device = num_experts, device
+        self.active = False
+        self.reset()
+        self._hooks = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(routers(model))]
+
+    def reset(self) -> None:
+        """Zero the counts; they stay on the device (no host sync per micro-batch)."""
+        self.counts = torch.zeros(len(self.layer_ids), self.num_experts, dtype=torch.float64, device=self.device)
+        self.aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.aux_n = 0
+
+    def _hook(self, i: int):
+        def hook(router, inputs, outputs):
+            if not self.active:
+                return
+            _, routing_map = outputs
+            with torch.no_grad():
+                counts = routing_map.sum(0).to(self.counts)
+                self.counts[i] += counts
+                logits = torch.nn.functional.linear(inputs[0].reshape(-1, router.weight.shape[1]).float(),
+                                                    router.weight.float())
+                mean_prob = torch.softmax(logits, -1).mean(0).to(self.counts)
+                frac = counts / counts.sum().clamp_min(1)
+                self.aux_sum += self.num_experts * (frac * mean_prob).sum()  # = E/k sum f_e P_e with f per slot
+                self.aux_n += 1
+        return hook
+
+
+class RoutingReplay:
+    """Makes this rank's routers use given expert choices instead of their own top-k: megatron-core's
+    `RouterReplay` (built when the config has `moe_enable_routing_replay`), driven per router instance rather
+    than through its process-wide list, which would mix the policy's and the critic's routers.
+
+    `set(routed, seq_slice)` before a micro-batch's forward: `routed` [b, S, num_moe_layers, k] holds, for each
+    token of the micro-batch and each MoE layer of the model (in `arch.moe_layers` order), the global ids of the
+    experts to use; `seq_slice` the positions this rank's routers see (its sequence-parallel shard). The router
+    then takes the softmax scores of exactly those experts (megatron's `REPLAY_FORWARD`); the load-balancing loss
+    still uses the router's own top-k. `set(None, ...)` routes normally."""
+
+    def __init__(self, model: torch.nn.Module, layer_ids: list[int], moe_layers: tuple[int, ...]):
+        self.routers = routers(model)
+        if any(r.router_replay is None for r in self.routers):
+            raise ValueError("routing replay needs the model built with moe_enable_routing_replay=True")
+        self.columns = [moe_layers.index(layer) for layer in layer_ids]
+
+    def set(self, routed: torch.Tensor | None, seq_slice: slice = slice(None)) -> None:
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        for router, column in zip(self.routers, self.columns):
+            replay = router.router_replay
+            replay.clear_indices()
+            if routed is None:
+                replay.clear_router_replay_action()
+                continue
+            # megatron's token order is [S, b] flattened (sequence-major)
+            chosen = routed[:, seq_slice, column, :].transpose(0, 1).reshape(-1, routed.shape[-1])
+            replay.set_target_indices(chosen.long())
+            replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
