@@ -418,7 +418,9 @@ def _layout_problems(cfg: VapoConfig, world_size: int, arch: Any, critic_arch: A
         try:
             layout.validate(world_size, num_layers=getattr(shape, "num_layers", None),
                             num_heads=getattr(shape, "num_heads", None),
-                            num_kv_heads=getattr(shape, "num_kv_heads", None))
+                            num_kv_heads=getattr(shape, "num_kv_heads", None),
+                            num_experts=getattr(shape, "num_experts", None),
+                            moe_ffn_hidden_size=getattr(shape, "moe_ffn_hidden_size", None))
         except ParallelConfigError as e:
             problems.append(f"{role}_parallel: {e}")
             continue

@@ -29,7 +29,8 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelArch:
-    """The shape of a dense decoder-only transformer (Qwen2/Qwen2.5, Llama family)."""
+    """The shape of a decoder-only transformer: dense (Qwen2/Qwen2.5, Llama, Qwen3) or mixture-of-experts
+    (Qwen3-MoE). Fields after `init_std` have defaults so that checkpoints written before they existed load."""
 
     family: str
     vocab_size: int
@@ -46,6 +47,31 @@ class ModelArch:
     qkv_bias: bool
     architecture: str = ""
     init_std: float = 0.02
+    qk_norm: bool = False
+    """Per-head RMSNorm of queries and keys before RoPE (Qwen3), weights of size head_dim."""
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0: a dense model."""
+    moe_topk: int = 0
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int = 0
+    """Hidden size of one expert's SwiGLU MLP (HF `moe_intermediate_size`)."""
+    moe_norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to 1 (HF `norm_topk_prob`); False: the softmax over
+    all experts, taken at the top k."""
+    moe_layers: tuple[int, ...] = ()
+    """Indices of the layers whose MLP is a MoE block (the others are dense, `ffn_hidden_size`)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the router's load-balancing loss (HF `router_aux_loss_coef`)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))  # JSON gives a list
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary rounded up to a multiple of tp (megatron shards the vocabulary evenly). Padded rows are

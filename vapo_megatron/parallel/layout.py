@@ -23,6 +23,12 @@ class ParallelConfig:
     (parallel/context.py, models/cp_attention.py)."""
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence over the TP ranks (needs tp > 1)."""
+    ep: int = 1
+    """Expert-parallel size (MoE models): each MoE layer's experts are split over this many ranks; tokens travel
+    to their experts by all-to-all. The expert layout is folded over the same ranks as the dense one:
+    etp x ep x expert-DP x pp = world size."""
+    etp: int = 1
+    """Expert tensor-parallel size: each expert's MLP is split over this many ranks (independent of tp)."""
 
     def seq_multiple(self) -> int:
         """What a padded sequence length must be a multiple of: 8, times tp (sequence parallelism splits the
@@ -32,11 +38,31 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
 
+    def expert_data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.etp * self.ep * self.pp)
+
+    def _expert_problems(self, world_size: int, num_experts: int | None, moe_ffn_hidden_size: int | None
+                         ) -> list[str]:
+        problems = []
+        expert_mp = self.etp * self.ep * self.pp
+        if world_size % expert_mp:
+            problems.append(f"world size {world_size} is not divisible by etp({self.etp}) x ep({self.ep}) x "
+                            f"pp({self.pp}) = {expert_mp}")
+        if (self.ep > 1 or self.etp > 1) and num_experts is not None:  # None: the model is not known here
+            if num_experts == 0:
+                problems.append(f"ep={self.ep} / etp={self.etp} need a mixture-of-experts model (this one is dense)")
+            elif num_experts % self.ep:
+                problems.append(f"num_experts {num_experts} is not divisible by ep {self.ep}")
+        if num_experts and moe_ffn_hidden_size and moe_ffn_hidden_size % self.etp:
+            problems.append(f"moe_intermediate_size {moe_ffn_hidden_size} is not divisible by etp {self.etp}")
+        return problems
+
     def validate(self, world_size: int, *, num_layers: int | None = None, num_heads: int | None = None,
-                 num_kv_heads: int | None = None) -> None:
+                 num_kv_heads: int | None = None, num_experts: int | None = None,
+                 moe_ffn_hidden_size: int | None = None) -> None:
         """Raise ParallelConfigError naming every number involved when the layout is impossible."""
         problems = []
-        for name in ("tp", "pp", "cp"):
+        for name in ("tp", "pp", "cp", "ep", "etp"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if problems:
@@ -54,6 +80,10 @@ class ParallelConfig:
             problems.append(f"num_layers {num_layers} is not divisible by pp {self.pp}")
         if self.sequence_parallel and self.tp == 1:
             problems.append("sequence_parallel needs tp > 1 (tp=1)")
+        if num_experts and self.tp > 1 and not self.sequence_parallel:
+            problems.append(f"a mixture-of-experts model at tp={self.tp} needs sequence_parallel (megatron's MoE "
+                            f"layer takes the sequence split over the TP ranks)")
+        problems += self._expert_problems(world_size, num_experts, moe_ffn_hidden_size)
         if problems:
             raise ParallelConfigError("invalid parallel layout: " + "; ".join(problems))
 
