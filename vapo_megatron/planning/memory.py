@@ -183,17 +183,13 @@ class MemoryPlan:
         return out
 
 
-def _is_moe_layer(arch: ModelArch, layer: int) -> bool:
-    return arch.is_moe and arch.is_moe_layer(layer)
-
-
 def layer_activation_bytes(arch: ModelArch, s: RoleSettings, e: int, layer: int = 0) -> int:
     """Bytes layer `layer` keeps for backward, for one micro-batch on one rank, without full recompute."""
     h, a = arch.hidden_size, arch.num_heads
     q, g, f = a * arch.head_dim, arch.num_kv_heads * arch.head_dim, arch.ffn_hidden_size
     tokens = s.micro_batch_tokens / s.cp
     t_sp = s.tp if s.sequence_parallel else 1
-    if _is_moe_layer(arch, layer):
+    if arch.is_moe_layer(layer):
         k = arch.moe_topk
         mlp = (8 * arch.num_experts / e + k * (2 * s.etp * h + 3 * arch.moe_ffn_hidden_size)) / t_sp
     else:
@@ -230,7 +226,7 @@ def _stage_activations(arch: ModelArch, role: str, s: RoleSettings, stage: int, 
     logits = 0
     if role == "policy" and stage == s.pp - 1:
         logits = int(10 * s.micro_batch_tokens / s.cp * arch.padded_vocab_size(s.tp) / s.tp)
-    moe_here = any(_is_moe_layer(arch, i) for i in stage_layers)
+    moe_here = any(arch.is_moe_layer(i) for i in stage_layers)
     return acts, logits, dispatch_bytes(arch, s, e) if moe_here else 0
 
 

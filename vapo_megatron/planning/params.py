@@ -44,7 +44,7 @@ def layer_params(arch: ModelArch, tp: int = 1, *, layer: int = 0, ep: int = 1, e
     attention = qkv_out * h + (qkv_out if arch.qkv_bias else 0) + h * (q // tp)
     attention += 2 * arch.head_dim if arch.qk_norm else 0
     norms = 2 * h  # input and pre-MLP RMSNorm weights
-    if arch.is_moe and arch.is_moe_layer(layer):
+    if arch.is_moe_layer(layer):
         local_experts, width = arch.num_experts // ep, arch.moe_ffn_hidden_size // etp
         experts = local_experts * 3 * width * h  # SwiGLU: fc1 is [gate; up], then fc2
         return LayerParams(dense=attention + norms + arch.num_experts * h, experts=experts)
