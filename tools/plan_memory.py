@@ -4,8 +4,10 @@ change when it does not fit. The model and the formulas: vapo_megatron/planning/
     python tools/plan_memory.py 32B --nodes 8 --policy tp=8,pp=4,sp,distopt,recompute=full --vllm-tp 8
     python tools/plan_memory.py path/to/config.json --gpus-per-node 8 --policy tp=4,sp --critic none --json
     python tools/plan_memory.py 32B --config examples/qwen2.5-32b/vapo.yaml --nodes 8      # layouts from a run config
+    python tools/plan_memory.py Qwen3-30B-A3B --nodes 8 --policy tp=4,pp=2,ep=16,sp,distopt --vllm-tp 4   # MoE
 
-Layout specs are comma-separated: tp=N, pp=N, cp=N, sp (sequence parallel), distopt (distributed optimizer),
+Layout specs are comma-separated: tp=N, pp=N, cp=N, ep=N and etp=N (expert parallel and expert tensor parallel,
+mixture-of-experts models), sp (sequence parallel), distopt (distributed optimizer),
 recompute=none|selective|full, attention=flash|unfused, grad_bytes=4|2. `--critic` defaults to the policy's
 layout; `--critic none` plans value-free training. Exit status: 0 when every phase fits, 1 when one does not.
 """
@@ -23,10 +25,11 @@ from vapo_megatron.planning.memory import (
     RolloutSettings,
     plan_memory,
 )
-from vapo_megatron.planning.presets import preset_names, resolve_arch
+from vapo_megatron.planning.presets import preset_names, qwen3_preset_names, resolve_arch
 from vapo_megatron.planning.report import advice, format_plan
 
-_INT_KEYS, _FLAGS = ("tp", "pp", "cp", "grad_bytes"), {"sp": "sequence_parallel", "distopt": "distributed_optimizer"}
+_INT_KEYS = ("tp", "pp", "cp", "ep", "etp", "grad_bytes")
+_FLAGS = {"sp": "sequence_parallel", "distopt": "distributed_optimizer"}
 
 
 def parse_layout(spec: str, *, micro_batch_tokens: int, seq_len: int) -> RoleSettings:
@@ -43,14 +46,16 @@ def parse_layout(spec: str, *, micro_batch_tokens: int, seq_len: int) -> RoleSet
         elif key == "attention" and value in ("flash", "unfused"):
             values[key] = value
         else:
-            raise ValueError(f"layout item {item!r} is not one of tp=N, pp=N, cp=N, sp, distopt, "
+            raise ValueError(f"layout item {item!r} is not one of tp=N, pp=N, cp=N, ep=N, etp=N, sp, distopt, "
                              "recompute=none|selective|full, attention=flash|unfused, grad_bytes=N")
     return RoleSettings(**values)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help=f"Qwen2.5 size ({', '.join(preset_names())}), HF directory or config.json")
+    p.add_argument("model", help=f"a Qwen2.5 size ({', '.join(preset_names())}), a Qwen3 dense preset "
+                   f"({', '.join(qwen3_preset_names(moe=False))}), a Qwen3 mixture-of-experts preset "
+                   f"({', '.join(qwen3_preset_names(moe=True))}), an HF directory or a config.json")
     p.add_argument("--config", help="a vapo-train YAML: layouts, lengths, vLLM and optimizer settings from it")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -92,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         inp = _plan_input(args)
+        plan = plan_memory(inp)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plan = plan_memory(inp)
     if args.json:
         out = plan.to_dict()
         out["inputs"]["arch"] = dataclasses.asdict(inp.arch)

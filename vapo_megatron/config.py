@@ -87,6 +87,8 @@ class AlgorithmConfig:
     """Upper clip range of the ratio: 1 + eps_high, clip-higher (paper: 0.28)."""
     dual_clip: float | None = None
     """Dual-clip bound c > 1 on negative-advantage tokens; None disables it."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: PPO term of a token x min(p_trainer_old / p_vllm, tis_cap >= 1); None off."""
     whiten_advantages: bool = True
     """Normalise GAE advantages to zero mean, unit std over the batch's response tokens (verl's GAE default)."""
     loss_agg: str = "token-mean"
@@ -393,6 +395,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], str, Callable[[Any], bool]], ...] = (
     (("algorithm.eps_low",), "in (0, 1)", lambda v: 0 < v < 1),
     (tuple(f"{o}.{k}" for o in _OPTIMS for k in ("adam_beta1", "adam_beta2")), "in [0, 1)", lambda v: 0 <= v < 1),
     (("algorithm.dual_clip",), "> 1", lambda v: v > 1),
+    (("algorithm.tis_cap",), ">= 1", lambda v: v >= 1),
     (("algorithm.value_pretrain_ev_threshold",), "<= 1 (explained variance is at most 1)", lambda v: v <= 1),
 )
 """Range of every numeric field: (dotted keys, requirement, test). None (optional fields' default) passes."""

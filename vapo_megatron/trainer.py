@@ -11,7 +11,10 @@ Departures from the paper, each also noted where it happens:
   (the paper: "until value loss and explained variance stop improving"); PPO then runs `train.steps` steps;
 - `train.critic_epochs` critic passes per rollout batch, independent of the actor's `ppo_epochs` (the paper's
   critic learns faster through its larger lr only);
-- no KL penalty (the paper states none).
+- no KL penalty (the paper states none);
+- optional truncated importance sampling (`algorithm.tis_cap`, off by default): the PPO term of each token is
+  weighted by min(p_trainer_old / p_vllm, cap), for the mismatch between vLLM's and Megatron's numerics
+  (`engine/objectives.py: actor_loss_fn`).
 """
 from __future__ import annotations
 
@@ -235,7 +238,8 @@ class Trainer:
         with self.timer("actor_update"):
             m = self.actor.train_step(amb, actor_loss_fn(self.cfg.algorithm, minibatch_counts(amb),
                                                          self.arch.vocab_size))
-        out = {k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl", "entropy") if k in m}
+        out = {k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl", "entropy",
+                                 "tis_ratio_mean", "tis_capped_frac") if k in m}
         out.update({k: v for k, v in m.items() if k.startswith("moe_")})  # router metrics of a MoE policy
         return dict(out, nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"], actor_skipped=m["skipped"],
                     padding_waste_actor=m["padding_waste"])

@@ -8,6 +8,7 @@ set -euo pipefail
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80}   # what the dry run plans memory for (e.g. 141 for H200)
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-python}
@@ -19,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 if [ "$NODE_RANK" = 0 ]; then
     "$PYTHON" -m vapo_megatron.cli --config "$CONFIG" --dry-run --world-size "$WORLD_SIZE" \
-        --gpus-per-node "$GPUS_PER_NODE" "$@"
+        --gpus-per-node "$GPUS_PER_NODE" --gpu-memory-gib "$GPU_MEMORY_GIB" "$@"
 fi
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
     --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

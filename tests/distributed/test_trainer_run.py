@@ -112,7 +112,9 @@ def test_context_parallel_run(assets, tmp_path):
     """The whole loop at cp=2 (both roles, 2 ranks, DP=1): rollouts from the synced policy, values and old
     log-probs gathered over CP, updates, checkpoint. The numbers themselves are checked against cp=1 in
     tests/distributed/test_context_parallel.py; here the plumbing: the vLLM engine agrees with the CP policy
-    (weight sync and log-probs), both models update, the checkpoint records cp."""
+    (weight sync and log-probs), both models update, the checkpoint records cp. Truncated importance sampling
+    is on (its maths: tests/distributed/test_truncated_is_objective.py): its metrics reach metrics.jsonl, and in
+    fp32 vLLM's and the trainer's probabilities agree, so the ratio is 1 and nothing is capped."""
     run_dir = tmp_path / "run"
     overrides = [
         f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "policy_parallel.cp=2", "critic_parallel.cp=2",
@@ -121,13 +123,14 @@ def test_context_parallel_run(assets, tmp_path):
         "train.micro_batch_size=4", "algorithm.value_pretrain_steps=1", "actor_optim.lr=1e-4",
         "critic_optim.lr=1e-4", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]", "reward.name=synthetic",
         f"checkpoint.run_dir={run_dir}", "checkpoint.save_every=1", "logging.progress_bar=false",
-        "logging.tensorboard=false",
+        "logging.tensorboard=false", "algorithm.tis_cap=2.0",
     ]
     results = run_distributed(_train_body, 2, overrides, timeout=900)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["value_pretrain", "ppo"]
     last = rows[-1]
     assert last["rollout_logprob_diff"] < 1e-4, "vLLM and the CP policy disagree"
+    assert abs(last["tis_ratio_mean"] - 1) < 1e-3 and last["tis_capped_frac"] == 0
     assert last["actor_skipped"] == 0 and last["critic_skipped"] == 0
     assert math.isfinite(last["policy_loss"]) and last["grad_norm_actor"] > 0 and last["grad_norm_critic"] > 0
     meta = json.loads(next((run_dir / "checkpoints").glob("step_*/meta.json")).read_text())

@@ -21,6 +21,7 @@ from vapo_megatron.algorithms import (
     policy_loss,
     positive_lm_loss,
     register_loss_agg,
+    truncated_is_weights,
     value_loss,
 )
 from vapo_megatron.algorithms import losses as losses_module
@@ -143,6 +144,59 @@ def test_policy_loss_tolerates_garbage_padding_and_rejects_bad_dual_clip():
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     with pytest.raises(ValueError, match="dual_clip"):
         policy_loss(logprobs, old, adv, mask, dual_clip=1.0)
+
+
+# ----------------------------------------------------------------------------------------------- TIS
+@FAST
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 5),
+    length=st.integers(0, 12),
+    agg=st.sampled_from(AGGS),
+    cap=st.sampled_from([1.0, 1.5, 3.0]),
+)
+def test_truncated_is_weighted_policy_loss_matches_reference(seed, batch, length, agg, cap):
+    """Failure: the TIS weight min(p_old / p_rollout, cap) is computed, capped, applied (after clipping, as a
+    constant) or counted in its metrics differently from the per-token formula."""
+    logprobs, old, adv, mask, lengths = random_inputs(seed, batch, length)
+    gen = torch.Generator().manual_seed(seed + 1)
+    rollout = old + 0.5 * torch.randn(old.shape, generator=gen, dtype=torch.float64)  # some ratios above cap
+    weights, tis = truncated_is_weights(old, rollout, mask, cap=cap)
+    loss, metrics = policy_loss(logprobs, old, adv, mask, is_weights=weights, agg=agg, norm_len=NORM_LEN)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+
+    per_token, ratio_sum, capped = [], 0.0, 0
+    for b, n in enumerate(lengths):
+        row = []
+        for t in range(n):
+            is_ratio = math.exp(float(old[b, t]) - float(rollout[b, t]))
+            ratio_sum += is_ratio
+            capped += int(is_ratio > cap)
+            tok, _, _ = ref_policy_token(logprobs[b, t], old[b, t], adv[b, t], 0.2, 0.28, None)
+            row.append(tok * min(is_ratio, cap))
+        per_token.append(row)
+    ref_loss = ref_aggregate(per_token, agg, NORM_LEN)
+    n_tok = max(sum(lengths), 1)
+    assert_close(loss, ref_loss)
+    if ref_loss.requires_grad:
+        (ref_grad,) = torch.autograd.grad(ref_loss, logprobs)
+        assert_close(grad, ref_grad)
+    assert_close(tis["tis_ratio_mean"], torch.tensor(ratio_sum / n_tok))
+    assert_close(tis["tis_capped_frac"], torch.tensor(capped / n_tok))
+    assert not weights.requires_grad and (weights[~mask] == 1).all()
+
+
+def test_truncated_is_weights_are_constants_and_cap_is_checked():
+    """Failure: gradient flows into the weights through old/rollout log-probs, garbage padding makes them
+    non-finite, or a cap below 1 (which would down-weight on-policy tokens) is accepted."""
+    old = torch.tensor([[-1.0, -2.0, 5.0]], requires_grad=True)
+    rollout = torch.tensor([[-1.5, -1.0, -1e9]])
+    mask = torch.tensor([[1, 1, 0]])
+    weights, m = truncated_is_weights(old, rollout, mask, cap=1.2)
+    torch.testing.assert_close(weights, torch.tensor([[1.2, math.exp(-1.0), 1.0]]))
+    assert not weights.requires_grad and m["tis_capped_frac"].item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="TIS cap must be >= 1, got 0.5"):
+        truncated_is_weights(old, rollout, mask, cap=0.5)
 
 
 # ----------------------------------------------------------------------------------------------- value

@@ -11,18 +11,44 @@ from vapo_megatron.config import load_config
 from vapo_megatron.parallel.layout import ParallelConfig
 from vapo_megatron.planning.dry_run import plan_input_from_config, rank_groups
 from vapo_megatron.planning.memory import plan_memory
-from vapo_megatron.planning.presets import qwen25_arch
+from vapo_megatron.planning.presets import qwen25_arch, resolve_arch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-RECIPES = [("qwen2.5-7b", 8, "7B"), ("qwen2.5-32b", 64, "32B"), ("qwen2.5-72b", 128, "72B")]
+RECIPES = [("qwen2.5-7b", 8, "7B", 80), ("qwen2.5-32b", 64, "32B", 80), ("qwen2.5-72b", 128, "72B", 80),
+           ("qwen3-8b", 16, "Qwen3-8B", 80), ("qwen3-32b", 64, "Qwen3-32B", 80),
+           ("qwen3-30b-a3b", 64, "Qwen3-30B-A3B", 80), ("qwen3-235b-a22b", 256, "Qwen3-235B-A22B", 141)]
 
 
-@pytest.mark.parametrize("recipe,world,arch", RECIPES)
-def test_recipes_pass_dry_run(recipe, world, arch, capsys):
-    argv = ["--config", str(EXAMPLES / recipe / "vapo.yaml"), "--dry-run", "--world-size", str(world), "--arch", arch]
+@pytest.mark.parametrize("recipe,world,arch,gib", RECIPES)
+def test_recipes_pass_dry_run(recipe, world, arch, gib, capsys):
+    argv = ["--config", str(EXAMPLES / recipe / "vapo.yaml"), "--dry-run", "--world-size", str(world), "--arch", arch,
+            "--gpu-memory-gib", str(gib)]
     assert train_main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert f"config valid for world size {world}" in out and "tp groups" in out and "generation" in out
+    assert ("ep groups" in out) == arch.endswith(("A3B", "A22B"))  # the expert grid of the MoE recipes
+
+
+@pytest.mark.parametrize("recipe,world,arch,gib", RECIPES[3:])
+def test_qwen3_recipes_fit_with_headroom(recipe, world, arch, gib):
+    """Failure: a Qwen3 recipe's layout no longer fits its GPUs by the memory plan, with 10% left for what the
+    plan does not model; its scripts and header must state the world size the plan is for."""
+    cfg = load_config(str(EXAMPLES / recipe / "vapo.yaml"))
+    plan = plan_memory(plan_input_from_config(cfg, world, resolve_arch(arch), gpu_memory_gib=gib))
+    assert plan.fits and max(plan.phases.values()) < 0.9 * gib * 1024**3, plan.problems
+    nodes = world // 8
+    assert f"--world-size {world} --arch {arch}" in (EXAMPLES / recipe / "vapo.yaml").read_text()
+    assert f"#SBATCH --nodes={nodes}" in (EXAMPLES / recipe / "launch_slurm.sbatch").read_text()
+    assert f"NNODES=${{NNODES:-{nodes}}}" in (EXAMPLES / recipe / "launch_torchrun.sh").read_text()
+
+
+def test_impossible_expert_layout_fails_naming_the_numbers(capsys):
+    argv = ["--config", str(EXAMPLES / "qwen3-30b-a3b" / "vapo.yaml"), "--dry-run", "--world-size", "64", "--arch",
+            "Qwen3-30B-A3B", "policy_parallel.ep=48", "critic_parallel.ep=3"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "world size 64 is not divisible by etp(1) x ep(48) x pp(2) = 96" in err
+    assert "num_experts 128 is not divisible by ep 3" in err
 
 
 def test_wrong_world_size_fails_naming_the_numbers(capsys):

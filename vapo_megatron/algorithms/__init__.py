@@ -24,6 +24,7 @@ from vapo_megatron.algorithms.losses import (
     policy_loss,
     positive_lm_loss,
     register_loss_agg,
+    truncated_is_weights,
     value_loss,
 )
 from vapo_megatron.algorithms.metrics import (
@@ -72,6 +73,7 @@ __all__ = [
     "register_loss_agg",
     "reverse_discounted_cumsum",
     "token_rewards_from_scores",
+    "truncated_is_weights",
     "uniform_group_mask",
     "value_loss",
     "whiten_advantages",

@@ -33,6 +33,7 @@ __all__ = [
     "policy_loss",
     "positive_lm_loss",
     "register_loss_agg",
+    "truncated_is_weights",
     "value_loss",
 ]
 
@@ -162,6 +163,7 @@ def policy_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     dual_clip: float | None = None,
+    is_weights: Tensor | None = None,
     agg: str = "token-mean",
     global_tokens: Normaliser = None,
     global_seqs: Normaliser = None,
@@ -175,6 +177,8 @@ def policy_loss(
         eps_low, eps_high: clip range (paper: 0.2 and 0.28).
         dual_clip: optional constant ``c > 1`` (dual-clip PPO): for ``A < 0`` the per-token loss is capped at
             ``-c * A``. Not part of VAPO; off by default.
+        is_weights: optional ``[B, T]`` per-token weights (e.g. :func:`truncated_is_weights`) multiplying the
+            per-token loss after clipping; treated as constants (detached). Not part of VAPO; None: no weights.
         agg, global_tokens, global_seqs, norm_len: aggregation mode and normalisers (module docstring).
 
     Metrics (sums over valid tokens divided by ``global_tokens``, whatever ``agg`` is):
@@ -198,6 +202,8 @@ def policy_loss(
         cap = -advantages * dual_clip
         dual_active = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual_active, cap, per_token)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
     loss = aggregate_loss(per_token, mask, agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_len=norm_len)
     with torch.no_grad():
         n = _normaliser(global_tokens, count_tokens(mask), ratio)
@@ -212,6 +218,45 @@ def policy_loss(
         if dual_active is not None:
             metrics["dual_clip_frac"] = masked_sum(dual_active.to(ratio.dtype), mask) / n
     return loss, metrics
+
+
+def truncated_is_weights(
+    old_logprobs: Tensor,
+    rollout_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    cap: float,
+    global_tokens: Normaliser = None,
+) -> tuple[Tensor, Metrics]:
+    """Truncated importance sampling (TIS) weights ``min(exp(old_logprobs - rollout_logprobs), cap)`` per token.
+
+    The rollout engine (vLLM) samples from its own numerics, not exactly from the trainer's ``pi_old``; the ratio of
+    the trainer's to the sampler's probability of each sampled token corrects the policy gradient for that mismatch,
+    and the cap bounds its variance (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training"; verl and slime apply it the same way). Not part of VAPO: the paper treats the samples as drawn
+    from ``pi_old``, which is this with every weight 1.
+
+    Args:
+        old_logprobs: ``[B, T]`` the trainer's log-probs of the sampled tokens before the update.
+        rollout_logprobs: ``[B, T]`` the sampler's log-probs of the same tokens.
+        mask: ``[B, T]`` valid tokens; weights at padding are 1 (finite whatever the log-probs hold there).
+        cap: upper bound on the weight, >= 1.
+        global_tokens: normaliser of the metrics (module docstring).
+
+    Returns:
+        ``(weights, metrics)``: detached weights ``[B, T]``; ``tis_ratio_mean`` (mean untruncated ratio) and
+        ``tis_capped_frac`` (tokens whose ratio exceeds ``cap``), sums over valid tokens / ``global_tokens``.
+    """
+    if not cap >= 1:
+        raise ValueError(f"TIS cap must be >= 1, got {cap}")
+    with torch.no_grad():
+        log_ratio = (old_logprobs - rollout_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        ratio = torch.where(mask.bool(), torch.exp(log_ratio), torch.ones_like(log_ratio))
+        weights = ratio.clamp(max=cap)
+        n = _normaliser(global_tokens, count_tokens(mask), ratio)
+        metrics = {"tis_ratio_mean": masked_sum(ratio, mask) / n,
+                   "tis_capped_frac": masked_sum((ratio > cap).to(ratio.dtype), mask) / n}
+    return weights, metrics
 
 
 def value_loss(

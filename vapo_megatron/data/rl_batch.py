@@ -186,7 +186,7 @@ class RLBatch(_MappingRead):
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RLBatch))
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(RLBatch) if f.metadata.get("per_row", True))
-MICRO_FIELDS = ("old_logprobs", "old_values", "advantages", "returns", "is_correct")
+MICRO_FIELDS = ("old_logprobs", "old_values", "advantages", "returns", "is_correct", "rollout_logprobs")
 """The per-row fields a micro-batch carries besides the tokens: what the losses read."""
 
 
@@ -213,6 +213,7 @@ class MicroBatch(_MappingRead):
     is_correct: Optional[Tensor] = None
     cu_seqlens: Optional[Tensor] = None
     cu_seqlens_padded: Optional[Tensor] = None
+    rollout_logprobs: Optional[Tensor] = None
     tp_group: Any = None
     cp_group: Optional[tuple[int, Any]] = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -4,7 +4,7 @@ A micro-batch (`data.rl_batch.MicroBatch`, made by the engine for each micro-bat
 of padded length S and responses padded to R:
 `input_ids [m, S]`, `targets [m, S]` (input_ids shifted left), `resp_pos [m, R]` (position in S whose output
 scores response token j, i.e. prompt_len - 1 + j), `resp_mask [m, R]`, and the per-token tensors of the step
-(`old_logprobs`, `advantages`, `returns`, `old_values`) plus `is_correct [m]`.
+(`old_logprobs`, `advantages`, `returns`, `old_values`, vLLM's `rollout_logprobs`) plus `is_correct [m]`.
 Every token mean uses the global counts of the whole mini-batch, passed in `counts`. A packed micro-batch
 (data/packing.py) has `input_ids` / `targets` [1, T] and `resp_pos` pointing into that stream; the per-row tensors
 are the same, so the losses do not change.
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from vapo_megatron.algorithms import entropy_loss, policy_loss, positive_lm_loss, value_loss
+from vapo_megatron.algorithms import entropy_loss, policy_loss, positive_lm_loss, truncated_is_weights, value_loss
 from vapo_megatron.config import AlgorithmConfig
 from vapo_megatron.data.rl_batch import MicroBatch
 from vapo_megatron.parallel.context import gather_sequence_of
@@ -43,15 +43,23 @@ def response_values(values: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
 
 
 def actor_loss_fn(alg: AlgorithmConfig, counts: dict[str, torch.Tensor], vocab_size: int) -> MicroLoss:
-    """Token-level clip-higher PPO + mu * positive-example NLL (+ optional entropy bonus)."""
+    """Token-level clip-higher PPO + mu * positive-example NLL (+ optional entropy bonus).
+
+    Departure from the paper, only with `algorithm.tis_cap` set: the PPO term of each token is weighted by the
+    truncated importance ratio of the trainer's old probability to vLLM's (`truncated_is_weights`); the NLL and
+    entropy terms are not weighted."""
 
     def loss_fn(logits: torch.Tensor, mb: MicroBatch) -> LossOut:
         lp, ent = response_logprobs(logits, mb, vocab_size)
         mask = mb.resp_mask
+        weights, tis_metrics = None, {}
+        if alg.tis_cap is not None:
+            weights, tis_metrics = truncated_is_weights(mb.old_logprobs, mb["rollout_logprobs"], mask, cap=alg.tis_cap,
+                                                        global_tokens=counts["tokens"])
         loss, metrics = policy_loss(lp, mb.old_logprobs, mb.advantages, mask, eps_low=alg.eps_low,
-                                    eps_high=alg.eps_high, dual_clip=alg.dual_clip, agg=alg.loss_agg,
-                                    global_tokens=counts["tokens"], global_seqs=counts["seqs"])
-        metrics = {"policy_loss": metrics.pop("pg_loss"), **metrics}
+                                    eps_high=alg.eps_high, dual_clip=alg.dual_clip, is_weights=weights,
+                                    agg=alg.loss_agg, global_tokens=counts["tokens"], global_seqs=counts["seqs"])
+        metrics = {"policy_loss": metrics.pop("pg_loss"), **metrics, **tis_metrics}
         if alg.positive_lm_coef > 0:
             nll, nll_metrics = positive_lm_loss(lp, mask, mb.is_correct,
                                                 global_correct_tokens=counts["correct_tokens"])

@@ -3,7 +3,8 @@ process groups and plan the memory, with no GPU and no process group.
 
 Rank groups come from megatron-core's own `RankGenerator` with the order `initialize_model_parallel` uses
 ("tp-cp-ep-dp-pp": TP ranks adjacent, pipeline stages farthest apart), so the printed groups are the ones a run
-would create.
+would create; a mixture-of-experts layout adds the expert grid megatron folds over the same ranks (etp x ep x
+expert-DP x pp, with no cp).
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ SHOWN_GROUPS = 2
 
 
 def rank_groups(layout: ParallelConfig, world_size: int) -> dict[str, list[list[int]]]:
-    """Every TP, CP, DP and PP group of `layout` on `world_size` ranks, as megatron-core would create them."""
+    """Every TP, CP, DP and PP group of `layout` on `world_size` ranks, as megatron-core would create them, and
+    with ep or etp > 1 the expert groups ("ep", "etp", "edp": expert-parallel, expert tensor-parallel, expert
+    data-parallel)."""
     from vapo_megatron import platform
 
     platform.install_shims()  # megatron-core imports triton-only modules; the shims stand in on CPU
@@ -36,16 +39,24 @@ def rank_groups(layout: ParallelConfig, world_size: int) -> dict[str, list[list[
 
     dp = layout.data_parallel_size(world_size)
     gen = RankGenerator(tp=layout.tp, ep=1, dp=dp, pp=layout.pp, cp=layout.cp, order=MEGATRON_ORDER)
-    return {name: gen.get_ranks(name) for name in ("tp", "cp", "dp", "pp")}
+    groups = {name: gen.get_ranks(name) for name in ("tp", "cp", "dp", "pp")}
+    if layout.ep > 1 or layout.etp > 1:
+        experts = RankGenerator(tp=layout.etp, ep=layout.ep, dp=layout.expert_data_parallel_size(world_size),
+                                pp=layout.pp, cp=1, order=MEGATRON_ORDER)
+        groups.update(ep=experts.get_ranks("ep"), etp=experts.get_ranks("tp"), edp=experts.get_ranks("dp"))
+    return groups
 
 
 def format_groups(role: str, layout: ParallelConfig, world_size: int) -> str:
     groups = rank_groups(layout, world_size)
     head = (f"{role}: tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.data_parallel_size(world_size)}"
             f" = {world_size}{' (sequence parallel)' if layout.sequence_parallel else ''}")
+    if "ep" in groups:
+        head += (f"; experts: etp {layout.etp} x ep {layout.ep} x edp {layout.expert_data_parallel_size(world_size)}"
+                 f" x pp {layout.pp}")
     lines = [head]
     for name, gs in groups.items():
-        if name == "cp" and layout.cp == 1:
+        if len(gs[0]) == 1 and name in ("cp", "etp"):
             continue  # every rank its own group: nothing to show
         shown = ", ".join(str(g) for g in gs[:SHOWN_GROUPS])
         lines.append(f"  {name} groups ({len(gs)} of {len(gs[0])}): {shown}{', ...' if len(gs) > SHOWN_GROUPS else ''}")
@@ -59,7 +70,7 @@ def _role_settings(cfg: VapoConfig, layout: ParallelConfig, optim) -> RoleSettin
     return RoleSettings(tp=layout.tp, pp=layout.pp, cp=layout.cp, sequence_parallel=layout.sequence_parallel,
                         distributed_optimizer=optim.use_distributed_optimizer,
                         recompute=getattr(cfg.train, "recompute", "none"), micro_batch_tokens=micro_tokens,
-                        seq_len=seq)
+                        seq_len=seq, ep=layout.ep, etp=layout.etp)
 
 
 def plan_input_from_config(cfg: VapoConfig, world_size: int, arch: ModelArch, *, gpus_per_node: int = 8,

@@ -2,13 +2,16 @@
 
 Everything is per GPU, in bytes (printed in GiB), for the worst pipeline stage of each role.
 
-Static, per role (P = parameters of the rank, `params.stage_params`; d = dp x cp, the ranks the distributed
-optimizer shards over):
+Static, per role (P = parameters of the rank, `params.stage_params`: P_dense + P_experts; d = dp x cp, the
+ranks the distributed optimizer shards the dense parameters over; d_e = expert-DP = world / (etp x ep x pp), the
+ranks it shards a mixture-of-experts model's expert parameters over):
     parameters  2 P (bf16; 4 P in fp32)
     gradients   4 P (megatron DDP's fp32 main-grad buffer: the project builds DDP with grad_reduce_in_fp32;
                 2 P if `grad_bytes=2`)
-    optimizer   12 P (fp32 master copy + Adam m, v) or 8 P when training in fp32 (no master copy);
-                divided by d with the distributed optimizer
+    optimizer   12 P (fp32 master copy + Adam m, v) or 8 P when training in fp32 (no master copy); with the
+                distributed optimizer 12 (P_dense / d + P_experts / d_e)
+Experts are split over ep (whole experts) and etp (each expert's width), so a rank holds num_experts / ep experts
+of width moe_ffn_hidden_size / etp in every MoE layer of its stage.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"). The
 paper's per-layer memory of a GPT layer with s tokens, b sequences, hidden h, a heads is sbh(34 + 5as/h) bytes
@@ -27,6 +30,16 @@ recompute "selective" (megatron: core attention) drops the attention term; "full
 checkpoint) keeps only each layer's input, e T h/(cp t_sp), and needs one M_layer of working memory for the
 layer being recomputed. With 1F1B pipelining, stage k holds min(pp - k, micro-batches) micro-batches in flight
 of its L/pp layers, so stage 0 holds L layers' worth whatever pp is.
+
+Mixture-of-experts layers (Qwen3-MoE), assuming balanced routing (megatron drops no token here: no capacity
+factor, so a skewed router raises the real peak). The T' = T/(cp t_sp) tokens entering the layer on a rank are
+sent, k copies each, to their experts by all-to-all, and with etp > 1 all-gathered over the etp ranks; a rank's
+experts then see about k etp T' tokens. The dense MLP's 3f/tp per token is replaced by, per entering token,
+    router      8E/e            = fp32 logits and probabilities over E experts
+    experts     k (2 etp h + 3 f_e)  = dispatched expert inputs and expert outputs (kept for the combine), fc1
+                                  output 2 f_e/etp and fc2 input f_e/etp per received token
+and one layer at a time holds the all-to-all buffers, a transient added to the peak:
+    dispatch    2 e k etp T' h bytes  (the send and receive copies of the dispatched tokens)
 
 Logits (policy, last stage): the vocabulary-parallel log-prob/entropy (parallel/vocab_parallel.py) keeps the
 bf16 logits shard plus at most two fp32 shard-sized tensors: 10 bytes x T/cp x V_padded/tp.
@@ -75,6 +88,10 @@ class RoleSettings:
     attention: Literal["flash", "unfused"] = "flash"
     """Core attention: flash (TransformerEngine) or megatron's local unfused softmax."""
     grad_bytes: int = 4
+    ep: int = 1
+    """Expert-parallel size (MoE models: experts split over ep ranks)."""
+    etp: int = 1
+    """Expert tensor-parallel size (each expert's MLP split over etp ranks)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,10 @@ class RoleMemory:
     optimizer: int
     activations: int
     logits: int
+    expert_params_per_rank: int = 0
+    """Of params_per_rank, the routed experts' (sharded over ep x etp, data-parallel over expert-DP)."""
+    dispatch: int = 0
+    """All-to-all buffers of one MoE layer's token dispatch (transient, counted at the training peak)."""
 
     @property
     def static(self) -> int:
@@ -127,7 +148,7 @@ class RoleMemory:
 
     @property
     def training(self) -> int:
-        return self.activations + self.logits
+        return self.activations + self.logits + self.dispatch
 
 
 @dataclass(frozen=True)
@@ -162,13 +183,18 @@ class MemoryPlan:
         return out
 
 
-def layer_activation_bytes(arch: ModelArch, s: RoleSettings, e: int) -> int:
-    """Bytes one layer keeps for backward, for one micro-batch on one rank, without full recompute."""
+def layer_activation_bytes(arch: ModelArch, s: RoleSettings, e: int, layer: int = 0) -> int:
+    """Bytes layer `layer` keeps for backward, for one micro-batch on one rank, without full recompute."""
     h, a = arch.hidden_size, arch.num_heads
     q, g, f = a * arch.head_dim, arch.num_kv_heads * arch.head_dim, arch.ffn_hidden_size
     tokens = s.micro_batch_tokens / s.cp
     t_sp = s.tp if s.sequence_parallel else 1
-    per_token = e * (4 * h / t_sp + (2 * q + 2 * g + 3 * f) / s.tp)
+    if arch.is_moe_layer(layer):
+        k = arch.moe_topk
+        mlp = (8 * arch.num_experts / e + k * (2 * s.etp * h + 3 * arch.moe_ffn_hidden_size)) / t_sp
+    else:
+        mlp = 3 * f / s.tp
+    per_token = e * (4 * h / t_sp + (2 * q + 2 * g) / s.tp + mlp)
     if s.recompute == "selective":
         attention = 0.0
     elif s.attention == "flash":
@@ -178,34 +204,51 @@ def layer_activation_bytes(arch: ModelArch, s: RoleSettings, e: int) -> int:
     return int(tokens * (per_token + attention))
 
 
-def _stage_activations(arch: ModelArch, role: str, s: RoleSettings, stage: int, e: int) -> tuple[int, int]:
-    """(activations, logits) bytes of pipeline stage `stage` at its 1F1B peak."""
-    layers, in_flight = arch.num_layers // s.pp, s.pp - stage
-    full_layer = layer_activation_bytes(arch, s, e)
+def dispatch_bytes(arch: ModelArch, s: RoleSettings, e: int) -> int:
+    """All-to-all buffers of one MoE layer for one micro-batch on one rank (0 for a dense model)."""
+    if not arch.is_moe:
+        return 0
+    t_sp = s.tp if s.sequence_parallel else 1
+    return int(2 * e * arch.moe_topk * s.etp * s.micro_batch_tokens / (s.cp * t_sp) * arch.hidden_size)
+
+
+def _stage_activations(arch: ModelArch, role: str, s: RoleSettings, stage: int, e: int) -> tuple[int, int, int]:
+    """(activations, logits, dispatch) bytes of pipeline stage `stage` at its 1F1B peak."""
+    n_layers, in_flight = arch.num_layers // s.pp, s.pp - stage
+    stage_layers = range(stage * n_layers, (stage + 1) * n_layers)
+    per_layer = [layer_activation_bytes(arch, s, e, i) for i in stage_layers]
     if s.recompute == "full":
         t_sp = s.tp if s.sequence_parallel else 1
         layer_input = int(e * s.micro_batch_tokens / s.cp * arch.hidden_size / t_sp)
-        acts = layers * in_flight * layer_input + full_layer
+        acts = n_layers * in_flight * layer_input + max(per_layer)
     else:
-        acts = layers * in_flight * full_layer
+        acts = in_flight * sum(per_layer)
     logits = 0
     if role == "policy" and stage == s.pp - 1:
         logits = int(10 * s.micro_batch_tokens / s.cp * arch.padded_vocab_size(s.tp) / s.tp)
-    return acts, logits
+    moe_here = any(arch.is_moe_layer(i) for i in stage_layers)
+    return acts, logits, dispatch_bytes(arch, s, e) if moe_here else 0
 
 
 def role_memory(arch: ModelArch, role: str, s: RoleSettings, world_size: int, param_bytes: int) -> RoleMemory:
     """The role's memory on the pipeline stage where it is largest."""
+    for name, size in (("tp x pp x cp", s.tp * s.pp * s.cp), ("etp x ep x pp", s.etp * s.ep * s.pp)):
+        if world_size % size:
+            raise ValueError(f"{role}: world size {world_size} is not divisible by {name} = {size} (tp {s.tp}, "
+                             f"pp {s.pp}, cp {s.cp}, ep {s.ep}, etp {s.etp})")
     dp = world_size // (s.tp * s.pp * s.cp)
     shard = dp * s.cp if s.distributed_optimizer else 1
+    expert_shard = world_size // (s.etp * s.ep * s.pp) if s.distributed_optimizer else 1
     optim_bytes = 12 if param_bytes == 2 else 8
     best = None
     for stage in range(s.pp):
-        n = stage_params(arch, role, tp=s.tp, pp=s.pp, pp_rank=stage).total
-        acts, logits = _stage_activations(arch, role, s, stage, param_bytes)
+        p = stage_params(arch, role, tp=s.tp, pp=s.pp, pp_rank=stage, ep=s.ep, etp=s.etp)
+        n = p.total
+        acts, logits, dispatch = _stage_activations(arch, role, s, stage, param_bytes)
         mem = RoleMemory(role=role, dp=dp, stage=stage, params_per_rank=n, params=param_bytes * n,
-                         grads=s.grad_bytes * n, optimizer=int(optim_bytes * n / shard), activations=acts,
-                         logits=logits)
+                         grads=s.grad_bytes * n,
+                         optimizer=int(optim_bytes * p.dense / shard + optim_bytes * p.experts / expert_shard),
+                         activations=acts, logits=logits, expert_params_per_rank=p.experts, dispatch=dispatch)
         if best is None or mem.static + mem.training > best.static + best.training:
             best = mem
     return best

@@ -1,6 +1,14 @@
-"""Qwen2.5 base-model shapes by name, from the published config.json of each size, so that planning works on a
-machine that has not downloaded the checkpoint. 0.5B/1.5B/3B tie the output layer to the embedding and use a
-151,936-token vocabulary; 7B and up are untied with 152,064."""
+"""Model shapes by name, from the published config.json of each model, so that planning works on a machine that
+has not downloaded the checkpoint.
+
+Qwen2.5 base models by size ("7B", "qwen2.5-32b"): 0.5B/1.5B/3B tie the output layer to the embedding and use a
+151,936-token vocabulary; 7B and up are untied with 152,064.
+
+Qwen3 ("Qwen3-8B", "qwen3-30b-a3b", case-insensitive): dense 8B and 32B, mixture-of-experts 30B-A3B and 235B-A22B.
+Their config.json fields are kept as published (the dicts below) and read into a ModelArch with the rules of
+Hugging Face's modelling code (QK-norm, explicit head_dim, no QKV bias; a layer is MoE unless listed in
+`mlp_only_layers` or off the `decoder_sparse_step` pattern); tests/unit/test_planning_moe.py counts the parameters
+of Hugging Face's own models built from the same dicts on the meta device."""
 from __future__ import annotations
 
 import json
@@ -20,8 +28,60 @@ _QWEN25 = {
 }
 
 
+# Qwen/Qwen3-*/config.json on the Hugging Face hub: the fields that set the shape.
+_QWEN3_COMMON = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
+                     tie_word_embeddings=False, attention_bias=False, hidden_act="silu", initializer_range=0.02)
+_QWEN3_MOE = dict(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, router_aux_loss_coef=0.001,
+                  num_experts_per_tok=8, num_experts=128)
+QWEN3_CONFIGS: dict[str, dict] = {
+    "Qwen3-8B": dict(_QWEN3_COMMON, model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, intermediate_size=12288),
+    "Qwen3-32B": dict(_QWEN3_COMMON, model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=5120,
+                      num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8, intermediate_size=25600),
+    "Qwen3-30B-A3B": dict(_QWEN3_COMMON, **_QWEN3_MOE, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                          hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          intermediate_size=6144, moe_intermediate_size=768),
+    "Qwen3-235B-A22B": dict(_QWEN3_COMMON, **_QWEN3_MOE, model_type="qwen3_moe",
+                            architectures=["Qwen3MoeForCausalLM"], hidden_size=4096, num_hidden_layers=94,
+                            num_attention_heads=64, num_key_value_heads=4, intermediate_size=12288,
+                            moe_intermediate_size=1536),
+}
+
+
 def preset_names() -> list[str]:
+    """The Qwen2.5 sizes ("0.5B" ... "72B")."""
     return list(_QWEN25)
+
+
+def qwen3_preset_names(moe: bool | None = None) -> list[str]:
+    """The Qwen3 presets: all, only the mixture-of-experts ones (moe=True) or only the dense ones (moe=False)."""
+    return [name for name, c in QWEN3_CONFIGS.items() if moe is None or ("num_experts" in c) == moe]
+
+
+def qwen3_arch_from_config(cfg: dict) -> ModelArch:
+    """A ModelArch from the fields of a Qwen3 or Qwen3-MoE config.json (Hugging Face's rules for the layer types)."""
+    moe = {}
+    if cfg["model_type"] == "qwen3_moe":
+        step, dense_only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers", []))
+        layers = tuple(i for i in range(cfg["num_hidden_layers"]) if i not in dense_only and (i + 1) % step == 0)
+        moe = dict(num_experts=cfg["num_experts"], moe_topk=cfg["num_experts_per_tok"],
+                   moe_ffn_hidden_size=cfg["moe_intermediate_size"], moe_norm_topk_prob=cfg["norm_topk_prob"],
+                   moe_layers=layers, moe_aux_loss_coeff=cfg["router_aux_loss_coef"])
+    return ModelArch(family=cfg["model_type"], vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                     num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+                     num_kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
+                     ffn_hidden_size=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
+                     rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
+                     tie_word_embeddings=cfg["tie_word_embeddings"], qkv_bias=cfg["attention_bias"],
+                     architecture=cfg["architectures"][0], init_std=cfg["initializer_range"], qk_norm=True, **moe)
+
+
+def qwen3_arch(name: str) -> ModelArch:
+    """The ModelArch of a Qwen3 preset ("Qwen3-30B-A3B", "qwen3-30b-a3b")."""
+    by_key = {k.lower(): k for k in QWEN3_CONFIGS}
+    if name.lower() not in by_key:
+        raise KeyError(f"unknown Qwen3 preset {name!r}; known: {', '.join(QWEN3_CONFIGS)}")
+    return qwen3_arch_from_config(QWEN3_CONFIGS[by_key[name.lower()]])
 
 
 def qwen25_arch(name: str) -> ModelArch:
@@ -38,10 +98,12 @@ def qwen25_arch(name: str) -> ModelArch:
 
 
 def resolve_arch(spec: str) -> ModelArch:
-    """A preset name, an HF model directory or a path to its config.json."""
+    """A preset name (Qwen2.5 size or Qwen3 preset), an HF model directory or a path to its config.json."""
     path = Path(spec)
     if path.is_file():
         return arch_from_hf(json.loads(path.read_text(encoding="utf-8")))
     if path.is_dir():
         return load_arch(path)
+    if spec.lower().startswith("qwen3-"):
+        return qwen3_arch(spec)
     return qwen25_arch(spec)

@@ -19,6 +19,9 @@ def _layout_changes(inp: PlanInput, s: RoleSettings) -> Iterator[tuple[str, dict
     if (tp2 <= inp.gpus_per_node and arch.num_heads % tp2 == 0 and arch.num_kv_heads % tp2 == 0
             and inp.world_size % (tp2 * s.pp * s.cp) == 0):
         yield f"tp {s.tp} -> {tp2} (sequence parallel on)", dict(tp=tp2, sequence_parallel=True)
+    ep2 = 2 * s.ep
+    if arch.is_moe and arch.num_experts % ep2 == 0 and inp.world_size % (s.etp * ep2 * s.pp) == 0:
+        yield f"ep {s.ep} -> {ep2}", dict(ep=ep2)
     pp2 = 2 * s.pp
     if arch.num_layers % pp2 == 0 and inp.world_size % (s.tp * pp2 * s.cp) == 0:
         yield f"pp {s.pp} -> {pp2}", dict(pp=pp2)
@@ -83,20 +86,26 @@ def format_plan(plan: MemoryPlan) -> str:
     """A table per role, vLLM and phases, then the verdict and the remedies."""
     inp, v = plan.inputs, plan.vllm
     a = inp.arch
+    width = 44 if a.is_moe else 32  # the layout column: MoE layouts add "ep.. etp.."
     lines = [f"model: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} kv, ffn "
-             f"{a.ffn_hidden_size}, vocab {a.vocab_size} ({'tied' if a.tie_word_embeddings else 'untied'})",
+             f"{a.ffn_hidden_size}, vocab {a.vocab_size} ({'tied' if a.tie_word_embeddings else 'untied'})"
+             + (f"; {len(a.moe_layers)} MoE layers of {a.num_experts} experts, top-{a.moe_topk}, expert ffn "
+                f"{a.moe_ffn_hidden_size}" if a.is_moe else ""),
              f"cluster: {inp.nodes} node(s) x {inp.gpus_per_node} GPUs of {inp.gpu_memory_gib:g} GiB "
              f"(world size {inp.world_size})", "",
-             f"{'role':8s} {'layout':32s} {'params/rank':>12s} {'params':>8s} {'grads':>8s} {'optim':>8s} "
+             f"{'role':8s} {'layout':{width}s} {'params/rank':>12s} {'params':>8s} {'grads':>8s} {'optim':>8s} "
              f"{'activ.':>8s} {'logits':>8s}  (GiB, worst stage)"]
     for mem, s in ((plan.policy, inp.policy), (plan.critic, inp.critic)):
         if mem is None:
             continue
-        layout = (f"tp{s.tp} pp{s.pp} cp{s.cp} dp{mem.dp}{' sp' if s.sequence_parallel else ''}"
-                  f"{' distopt' if s.distributed_optimizer else ''} rc={s.recompute}")
-        lines.append(f"{mem.role:8s} {layout:32s} {mem.params_per_rank / 1e9:11.3f}B {_gib(mem.params)} "
+        layout = (f"tp{s.tp} pp{s.pp} cp{s.cp} dp{mem.dp}{f' ep{s.ep} etp{s.etp}' if a.is_moe else ''}"
+                  f"{' sp' if s.sequence_parallel else ''}{' distopt' if s.distributed_optimizer else ''}"
+                  f" rc={s.recompute}")
+        lines.append(f"{mem.role:8s} {layout:{width}s} {mem.params_per_rank / 1e9:11.3f}B {_gib(mem.params)} "
                      f"{_gib(mem.grads)} {_gib(mem.optimizer)} {_gib(mem.activations)} {_gib(mem.logits)}"
-                     f"  stage {mem.stage}, {s.micro_batch_tokens} tokens/micro-batch")
+                     f"  stage {mem.stage}, {s.micro_batch_tokens} tokens/micro-batch"
+                     + (f"; experts {mem.expert_params_per_rank / 1e9:.3f}B/rank, all-to-all buffers "
+                        f"{mem.dispatch / GIB:.2f} GiB" if a.is_moe else ""))
     r = inp.rollout
     lines += ["", f"vLLM: tp {r.vllm_tp}, gpu_memory_utilization {r.gpu_memory_utilization} -> budget "
               f"{v.budget / GIB:.1f} GiB = weights {v.weights / GIB:.1f} + reserve {r.vllm_reserve_gib:g} + KV cache "
