@@ -28,9 +28,9 @@ def main() -> None:
     ap.add_argument("--table", choices=("random", "constant"), default="constant",
                     help="random: a number per total (lookups can go wrong invisibly); constant: one number for "
                          "every total (every mistake is a visible out-of-range move)")
-    ap.add_argument("--layout", choices=("table", "total_first"), default="table",
-                    help="table: lines 'a 4:3 4+3=7'; total_first (constant tables): lines 'a 04:3 07=04+3', the new "
-                         "total's first character is the move's decisive token")
+    ap.add_argument("--layout", choices=("table", "total_first"), default=None,
+                    help="table: lines 'a 4:3 4+3=7'; total_first (constant tables; their default): lines "
+                         "'a 04:3 07=04+3', the new total's first character is the move's decisive token")
     ap.add_argument("--num-train", type=int, default=None,
                     help="training prompts (default 4096; 600 for a constant table, which has 750 in all)")
     ap.add_argument("--min-steps", type=int, default=6)
@@ -45,8 +45,9 @@ def main() -> None:
         return
     torch.manual_seed(args.seed)
     num_train = args.num_train or (600 if args.table == "constant" else 4096)
+    layout = args.layout or ("total_first" if args.table == "constant" else "table")
     write_task(out / "data", slip_rate=args.slip_rate, min_steps=args.min_steps, max_steps=args.max_steps,
-               seed=args.seed, table=args.table, layout=args.layout, num_train=num_train)
+               seed=args.seed, table=args.table, layout=layout, num_train=num_train)
     model_dir = out / "model"
     save_tiny_hf_model(model_dir, "qwen2", seed=args.seed, hidden_size=args.hidden, num_layers=args.layers,
                        num_heads=args.hidden // 32, num_kv_heads=max(1, args.hidden // 64),
