@@ -128,15 +128,19 @@ def sample_problem(rng: random.Random, min_steps: int, max_steps: int, table: st
     """A problem with a ``random`` table (a number 1..5 drawn for each total) or a ``constant`` one (one number
     1..5 for every total: the lookup cannot go wrong, so every mistake is a move that leaves the range), in one
     of the ``LAYOUTS`` (``total_first`` needs a constant table)."""
-    if layout not in LAYOUTS or (layout == "total_first" and table != "constant"):
-        raise ValueError(f"layout must be one of {LAYOUTS} (total_first with table='constant'), got {layout!r} "
-                         f"with table {table!r}")
+    _check_table_and_layout(table, layout)
     start, steps = rng.randint(LOW, HIGH), rng.randint(min_steps, max_steps)
     if table == "random":
         return WalkProblem(start=start, steps=steps, table=tuple(rng.randint(1, MAX_NUMBER) for _ in range(10)))
-    if table == "constant":
-        return WalkProblem(start=start, steps=steps, table=(rng.randint(1, MAX_NUMBER),) * 10, layout=layout)
-    raise ValueError(f"table must be one of {TABLES}, got {table!r}")
+    return WalkProblem(start=start, steps=steps, table=(rng.randint(1, MAX_NUMBER),) * 10, layout=layout)
+
+
+def _check_table_and_layout(table: str, layout: str) -> None:
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {TABLES}, got {table!r}")
+    if layout not in LAYOUTS or (layout == "total_first" and table != "constant"):
+        raise ValueError(f"layout must be one of {LAYOUTS} (total_first with table='constant'), got {layout!r} "
+                         f"with table {table!r}")
 
 
 def walk(problem: WalkProblem, rng: random.Random, slip_rate: float = 0.0) -> str:
@@ -239,9 +243,7 @@ def write_task(out_dir: str | Path, *, num_train: int = 4096, num_val: int = 128
     :func:`sample_problem`."""
     if not 1 <= min_steps <= max_steps <= len(KEYS):
         raise ValueError(f"need 1 <= min_steps ({min_steps}) <= max_steps ({max_steps}) <= {len(KEYS)}")
-    if table not in TABLES:
-        raise ValueError(f"table must be one of {TABLES}, got {table!r}")
-    sample_problem(random.Random(0), min_steps, max_steps, table, layout)  # refuses a bad layout up front
+    _check_table_and_layout(table, layout)
     if table == "constant" and num_train + num_val > 5 * 10 * (max_steps - min_steps + 1):
         raise ValueError(f"a constant table allows only {5 * 10 * (max_steps - min_steps + 1)} distinct prompts "
                          f"for {min_steps}-{max_steps} steps; asked for {num_train} train + {num_val} val")
