@@ -35,15 +35,13 @@ def _body(hf_dir: str, roles: tuple[str, ...], tp: int, pp: int, sp: bool) -> di
 
 def _run_role(hf_dir: str, role: str, parallel) -> dict:
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
     from safetensors.torch import load_file
 
     from vapo_megatron.convert.hf_io import HFCheckpointReader
     from vapo_megatron.convert.mapping import iter_hf_to_full
     from vapo_megatron.engine.build import build_model, load_full_state
-    from vapo_megatron.engine.gather import full_state_dict
-    from vapo_megatron.engine.schedule import forward_backward
     from vapo_megatron.models.hf_config import load_arch
+    from vapo_megatron.testing.engines import weighted_outputs_and_grads
 
     arch = load_arch(hf_dir)
     reader = HFCheckpointReader(hf_dir)
@@ -60,27 +58,7 @@ def _run_role(hf_dir: str, role: str, parallel) -> dict:
     differ = [n for n, p in from_full.named_parameters()
               if p.dtype != streamed[n].dtype or not torch.equal(p, streamed[n])]
     ids, w_logits, w_values = _inputs(arch.vocab_size)
-    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    vpad = arch.padded_vocab_size(tp_size)
-    w_pad = torch.nn.functional.pad(w_logits, (0, vpad - arch.vocab_size))
-    micro = [dict(input_ids=ids[i], w=w_pad[i].chunk(tp_size, -1)[tp_rank], wv=w_values[i]) for i in range(MICRO)]
-
-    def gather_output(out, mb):
-        if role == "critic":
-            return out.detach().clone()
-        parts = [torch.empty_like(out) for _ in range(tp_size)]
-        dist.all_gather(parts, out.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-        return torch.cat(parts, -1)[..., : arch.vocab_size]
-
-    outputs = forward_backward(built.model, micro, None, forward_only=True, output_fn=gather_output)
-
-    def loss_fn(out, mb):
-        loss = (out * (mb["wv"] if role == "critic" else mb["w"])).sum()
-        return loss, {"loss": loss.detach()}
-
-    built.model.zero_grad_buffer()
-    forward_backward(built.model, micro, loss_fn)
-    grads = full_state_dict(built.model, arch, role, getter=lambda p: p.main_grad)
+    outputs, grads = weighted_outputs_and_grads(built, arch, role, ids, w_logits, w_values, list(range(MICRO)))
     return {"outputs": torch.stack(outputs) if outputs else None, "grads": grads if dist.get_rank() == 0 else None,
             "streamed_differ": differ}
 

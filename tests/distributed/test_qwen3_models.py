@@ -66,36 +66,16 @@ def _run_role(hf_dir: str, role: str, parallel) -> dict:
 
     from vapo_megatron.convert.hf_io import HFCheckpointReader
     from vapo_megatron.engine.build import build_model
-    from vapo_megatron.engine.gather import full_state_dict
-    from vapo_megatron.engine.schedule import forward_backward
     from vapo_megatron.models.hf_config import load_arch
+    from vapo_megatron.testing.engines import weighted_outputs_and_grads
 
     arch = load_arch(hf_dir)
     reader, score = HFCheckpointReader(hf_dir), _score(arch.hidden_size)
     built = build_model(arch, parallel, role, hf_get=lambda n: score if n == "score.weight" else reader.get(n))
     ids, w_logits, w_values = _inputs(arch.vocab_size)
-    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    w_pad = torch.nn.functional.pad(w_logits, (0, arch.padded_vocab_size(tp_size) - arch.vocab_size))
     # each DP rank takes its share of the micro-batches, as in training (gradients are summed over DP ranks)
     mine = list(range(ps.get_data_parallel_rank(), MICRO, ps.get_data_parallel_world_size()))
-    micro = [dict(input_ids=ids[i], w=w_pad[i].chunk(tp_size, -1)[tp_rank], wv=w_values[i]) for i in mine]
-
-    def gather_output(out, mb):
-        if role == "critic":
-            return out.detach().clone()
-        parts = [torch.empty_like(out) for _ in range(tp_size)]
-        dist.all_gather(parts, out.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-        return torch.cat(parts, -1)[..., : arch.vocab_size]
-
-    outputs = forward_backward(built.model, micro, None, forward_only=True, output_fn=gather_output)
-
-    def loss_fn(out, mb):
-        loss = (out * (mb["wv"] if role == "critic" else mb["w"])).sum()
-        return loss, {"loss": loss.detach()}
-
-    built.model.zero_grad_buffer()
-    forward_backward(built.model, micro, loss_fn)
-    grads = full_state_dict(built.model, arch, role, getter=lambda p: p.main_grad)
+    outputs, grads = weighted_outputs_and_grads(built, arch, role, ids, w_logits, w_values, mine)
     return {"outputs": dict(zip(mine, outputs)), "grads": grads if dist.get_rank() == 0 else None}
 
 

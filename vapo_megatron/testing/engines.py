@@ -76,3 +76,37 @@ def megatron_response_logprobs(model, arch, tokens: list[list[int]], prompt_lens
         return None
     # logits at position t score token t+1: the response token j sits at prompt_len + j
     return [out[0][i, p - 1: p - 1 + r] for i, (p, r) in enumerate(zip(prompt_lens, resp_lens))]
+
+
+def weighted_outputs_and_grads(built, arch, role: str, ids, w_logits, w_values, rows: list[int]):
+    """The parallel-equivalence probe of a built model: for micro-batches `ids[i]` (i in `rows`), the forward
+    outputs (the policy's logits gathered over TP and cut to the vocabulary; the critic's values) and the whole
+    gradients (every rank) of sum(outputs x weights), `w_logits[i]` (this TP rank's vocabulary shard) for the
+    policy, `w_values[i]` for the critic. Returns (outputs per row of `rows`, on the last pipeline stage; full
+    gradients by HF-mapped name)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from vapo_megatron.engine.gather import full_state_dict
+    from vapo_megatron.engine.schedule import forward_backward
+
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    w_pad = torch.nn.functional.pad(w_logits, (0, arch.padded_vocab_size(tp_size) - arch.vocab_size))
+    micro = [dict(input_ids=ids[i], w=w_pad[i].chunk(tp_size, -1)[tp_rank], wv=w_values[i]) for i in rows]
+
+    def gather_output(out, mb):
+        if role == "critic":
+            return out.detach().clone()
+        parts = [torch.empty_like(out) for _ in range(tp_size)]
+        dist.all_gather(parts, out.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+        return torch.cat(parts, -1)[..., : arch.vocab_size]
+
+    outputs = forward_backward(built.model, micro, None, forward_only=True, output_fn=gather_output)
+
+    def loss_fn(out, mb):
+        loss = (out * (mb["wv"] if role == "critic" else mb["w"])).sum()
+        return loss, {"loss": loss.detach()}
+
+    built.model.zero_grad_buffer()
+    forward_backward(built.model, micro, loss_fn)
+    return outputs, full_state_dict(built.model, arch, role, getter=lambda p: p.main_grad)
