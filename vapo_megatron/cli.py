@@ -105,7 +105,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     _install_platform_shims()
     args = _train_parser().parse_args(argv)
-    if args.config is None:
+    if args.config is None and not args.overrides:  # overrides alone are a whole config (defaults + overrides)
         _train_parser().print_help()
         return 0
     if args.dry_run:

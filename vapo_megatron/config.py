@@ -89,6 +89,8 @@ class AlgorithmConfig:
     """Dual-clip bound c > 1 on negative-advantage tokens; None disables it."""
     tis_cap: float | None = None
     """Truncated importance sampling: PPO term of a token x min(p_trainer_old / p_vllm, tis_cap >= 1); None off."""
+    routing_replay: bool = False
+    """MoE policy: replay the experts vLLM routed each token to in the policy's forwards (rollout/routing.py)."""
     whiten_advantages: bool = True
     """Normalise GAE advantages to zero mean, unit std over the batch's response tokens (verl's GAE default)."""
     loss_agg: str = "token-mean"
@@ -433,12 +435,28 @@ def _layout_problems(cfg: VapoConfig, world_size: int, arch: Any, critic_arch: A
             problems.append(f"train.mini_batch_size {mini} is not divisible by train.micro_batch_size {micro} x "
                             f"{role} data-parallel size {dp} = {micro * dp} (dp = world size {world_size} / "
                             f"(tp {layout.tp} x pp {layout.pp} x cp {layout.cp}))")
+        if role == "policy" and cfg.algorithm.routing_replay:
+            problems += _routing_replay_problems(cfg, layout, shape)
         max_len, total = getattr(shape, "max_position_embeddings", None), r.max_prompt_length + r.max_response_length
         if max_len is not None and total > max_len:
             problems.append(f"rollout.max_prompt_length {r.max_prompt_length} + max_response_length "
                             f"{r.max_response_length} = {total} exceeds the {role} model's max_position_embeddings "
                             f"{max_len}")
     return problems
+
+
+def _routing_replay_problems(cfg: VapoConfig, layout: Any, arch: Any) -> list[str]:
+    """What algorithm.routing_replay needs of the policy (models/moe.py RoutingReplay)."""
+    p = []
+    if arch is not None and not getattr(arch, "is_moe", False):
+        p.append("algorithm.routing_replay=true needs a mixture-of-experts policy; model.hf_dir is a dense model")
+    if layout.cp > 1:
+        p.append(f"algorithm.routing_replay=true with policy_parallel.cp={layout.cp}: replay is not supported with "
+                 "context parallelism (set cp=1)")
+    if cfg.train.recompute == "full":
+        p.append("algorithm.routing_replay=true with train.recompute='full': the recomputed forward would replay "
+                 "another micro-batch's experts; use recompute 'none' or 'selective'")
+    return p
 
 
 def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:

@@ -14,7 +14,11 @@ Departures from the paper, each also noted where it happens:
 - no KL penalty (the paper states none);
 - optional truncated importance sampling (`algorithm.tis_cap`, off by default): the PPO term of each token is
   weighted by min(p_trainer_old / p_vllm, cap), for the mismatch between vLLM's and Megatron's numerics
-  (`engine/objectives.py: actor_loss_fn`).
+  (`engine/objectives.py: actor_loss_fn`);
+- optional routing replay for MoE policies (`algorithm.routing_replay`, off by default): the experts vLLM routed
+  each token to are recorded after generation and the policy's old-log-prob and update forwards use them
+  (rollout/routing.py, models/moe.py). The recording is a prefill of each finished sequence, not the decode
+  steps themselves (rollout/routing.py says why).
 """
 from __future__ import annotations
 
@@ -151,6 +155,12 @@ class Trainer:
             self._wake()
             batch = score_rollout(self.rollout_engine, prompts, params, self.scoring, pad_multiple=self.pad_multiple,
                                   timer=self.timer)
+            if self.cfg.algorithm.routing_replay:  # the experts vLLM chose, replayed by the policy's forwards
+                from vapo_megatron.rollout.routing import record_routing_distributed
+
+                with self.timer("routing_record"):
+                    batch.routed_experts = record_routing_distributed(self.rollout_engine, batch.input_ids,
+                                                                      batch.seq_lens, self.arch.num_experts)
             if r.sleep_between_steps:
                 self.rollout_engine.sleep()  # GPU: free the KV cache while training; CPU: no-op (logged once)
                 self._asleep = True

@@ -95,11 +95,12 @@ def build_engines(cfg: VapoConfig) -> Parts:
     arch = load_arch(cfg.model.hf_dir)
     layouts = RoleLayouts(cfg.policy_parallel, cfg.critic_parallel, seed=1234 + seed)
 
-    def make(role, parallel, hf_get, optim):
+    def make(role, parallel, hf_get, optim, **extra):
         # weights stream into each rank's own shard, one parameter at a time: no rank holds the whole model
-        return ModelEngine(role, arch, parallel, layouts, hf_get=hf_get, **engine_kwargs(cfg, optim))
+        return ModelEngine(role, arch, parallel, layouts, hf_get=hf_get, **engine_kwargs(cfg, optim), **extra)
 
-    actor = make("policy", cfg.policy_parallel, HFCheckpointReader(cfg.model.hf_dir).get, cfg.actor_optim)
+    actor = make("policy", cfg.policy_parallel, HFCheckpointReader(cfg.model.hf_dir).get, cfg.actor_optim,
+                 routing_replay=alg.routing_replay)
     critic = make("critic", cfg.critic_parallel, _critic_hf_get(cfg, arch), cfg.critic_optim) \
         if alg.use_critic else None
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)

@@ -3,7 +3,12 @@ rollouts from the synced MoE policy (HF per-expert tensors into vLLM's fused exp
 with the routers' load-balancing loss, router metrics in metrics.jsonl, a checkpoint after every step, and an exact
 resume: dropping the last checkpoint and resuming gives the same step again (same samples, losses, gradient norms,
 router metrics). A failure pinpoints the MoE plumbing of the trainer: expert sync, expert checkpoint shards, the
-expert optimizer state or its RNG."""
+expert optimizer state or its RNG.
+
+With `algorithm.routing_replay` the trainer records vLLM's experts after each rollout and the policy replays them in
+its old-log-prob and update forwards: every update reports the replayed tokens, and the old log-probs computed
+under the replayed routing still match vLLM's. A trainer that ignored the switch would either not record (the
+replaying engine refuses a batch without `routed_experts`) or not replay (no `moe_replayed_tokens`)."""
 from __future__ import annotations
 
 import json
@@ -43,9 +48,8 @@ def assets(tmp_path_factory):
     return root
 
 
-def test_moe_policy_and_critic_at_ep2_train_checkpoint_and_resume_exactly(assets, tmp_path):
-    run_dir = tmp_path / "run"
-    overrides = [
+def _overrides(assets, run_dir) -> list[str]:
+    return [
         f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "policy_parallel.ep=2", "critic_parallel.ep=2",
         "rollout.num_prompts=4", "rollout.n=2", "rollout.max_prompt_length=64", "rollout.max_response_length=16",
         "rollout.cpu_kv_cache_bytes=134217728", "train.steps=2", "train.mini_batch_size=4",
@@ -54,6 +58,11 @@ def test_moe_policy_and_critic_at_ep2_train_checkpoint_and_resume_exactly(assets
         f"checkpoint.run_dir={run_dir}", "checkpoint.save_every=1", "checkpoint.keep_last=5",
         "logging.progress_bar=false", "logging.tensorboard=false",
     ]
+
+
+def test_moe_policy_and_critic_at_ep2_train_checkpoint_and_resume_exactly(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = _overrides(assets, run_dir)
     full = run_distributed(_run_body, 2, overrides, False, timeout=900)[0]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
@@ -73,3 +82,18 @@ def test_moe_policy_and_critic_at_ep2_train_checkpoint_and_resume_exactly(assets
               if not (math.isnan(full[k]) and math.isnan(resumed[k]))
               and not abs(resumed[k] - full[k]) <= 1e-6 * max(1.0, abs(full[k]))]
     assert not differ, differ
+
+
+def test_routing_replay_switch_in_the_trainer(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = _overrides(assets, run_dir) + ["algorithm.routing_replay=true", "train.ppo_epochs=2"]
+    run_distributed(_run_body, 2, overrides, False, timeout=900)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r for r in rows if r.get("phase") == "ppo"]
+    assert len(ppo) == 2
+    for r in ppo:
+        assert r["moe_replayed_tokens"] > 0, "the policy's update forwards did not replay the recorded experts"
+        assert 0 <= r["moe_replay_changed_frac"] <= 1
+        assert "t_routing_record" in r
+        assert r["rollout_logprob_diff"] < 1e-4, "old log-probs under vLLM's recorded routing differ from vLLM's"
+        assert "moe_replayed_tokens_critic" not in r  # the critic routes by itself

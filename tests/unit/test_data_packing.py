@@ -15,6 +15,7 @@ from vapo_megatron.data.packing import (
     pack_micro_batch,
     packed_offsets,
     packed_position_ids,
+    real_token_mask,
     split_to_count,
 )
 from vapo_megatron.engine.microbatch import padded_and_real_tokens, split_micro_batches
@@ -84,6 +85,27 @@ def test_packed_micro_batch_reads_the_same_tokens_as_the_padded_one(cp):
     assert all((b - a) % (2 * cp if cp > 1 else 1) == 0 for a, b in zip(slots[:-1], slots[1:]))
     (p_pad, real_pad), (p_pack, real_pack) = padded_and_real_tokens([padded]), padded_and_real_tokens([packed])
     assert real_pad == real_pack == int(padded.seq_lens.sum()) and p_pack < p_pad
+
+
+def test_routed_experts_follow_their_tokens_into_the_stream_and_padding_is_marked():
+    """Routing replay's per-token experts are packed like the tokens; padding positions name experts 0..k-1, and
+    `real_token_mask` marks exactly each row's prompt + response tokens (padded and packed)."""
+    batch = synthetic_rl_batch(5, vocab=64, seed=4)
+    n, width = batch.input_ids.shape
+    batch.routed_experts = torch.randint(0, 8, (n, width, 3, 2), generator=torch.Generator().manual_seed(1)).to(
+        torch.uint8)
+    padded = batch.micro_batch([3, 0, 4])
+    packed = pack_micro_batch(padded, 4, 16)
+    assert packed.routed_experts.shape == (1, packed.input_ids.shape[1], 3, 2)
+    real_padded, real_packed = real_token_mask(padded), real_token_mask(packed)
+    for k, row in enumerate([3, 0, 4]):
+        n_tok, start = int(batch.seq_lens[row]), int(packed.cu_seqlens_padded[k])
+        assert torch.equal(packed.routed_experts[0, start:start + n_tok], batch.routed_experts[row, :n_tok])
+        assert real_padded[k].tolist() == [i < n_tok for i in range(padded.input_ids.shape[1])]
+        assert real_packed[0, start:start + n_tok].all()
+    assert int(real_packed.sum()) == int(real_padded.sum()) == int(padded.seq_lens.sum())
+    pad = packed.routed_experts[0][~real_packed[0]]
+    assert len(pad) and (pad == torch.tensor([0, 1], dtype=torch.uint8)).all()
 
 
 def test_split_micro_batches_packs_every_row_once():

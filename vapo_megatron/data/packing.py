@@ -96,10 +96,12 @@ def packed_offsets(seq_lens: list[int], seq_multiple: int, total_multiple: int) 
     return cu_real, cu_padded
 
 
-def pack_rows(rows: torch.Tensor, seq_lens: list[int], cu_padded: list[int], pad_id: int = 0) -> torch.Tensor:
-    """[1, T] stream of `rows` ([m, S] right-padded, m <= len(cu_padded) - 1): row k's first seq_lens[k] tokens
-    at cu_padded[k], `pad_id` elsewhere."""
-    out = torch.full((1, cu_padded[-1]), pad_id, dtype=rows.dtype, device=rows.device)
+def pack_rows(rows: torch.Tensor, seq_lens: list[int], cu_padded: list[int], pad_id: int | torch.Tensor = 0
+              ) -> torch.Tensor:
+    """[1, T, ...] stream of `rows` ([m, S, ...] right-padded, m <= len(cu_padded) - 1): row k's first
+    seq_lens[k] positions at cu_padded[k], `pad_id` elsewhere (a number, or a tensor of the trailing shape)."""
+    out = torch.empty((1, cu_padded[-1], *rows.shape[2:]), dtype=rows.dtype, device=rows.device)
+    out[:] = torch.as_tensor(pad_id, dtype=rows.dtype, device=rows.device)
     for k, n in enumerate(seq_lens):
         out[0, cu_padded[k]:cu_padded[k] + n] = rows[k, :n]
     return out
@@ -122,7 +124,25 @@ def pack_micro_batch(mb: MicroBatch, seq_multiple: int = 1, total_multiple: int 
                "cu_seqlens_padded": torch.tensor(cu_padded, dtype=torch.int32)}
     if mb.targets is not None:
         changes["targets"] = pack_rows(mb.targets, lens, cu_padded)
+    if mb.routed_experts is not None:  # padding positions route to experts 0..k-1 (distinct; no loss reads them)
+        k = mb.routed_experts.shape[-1]
+        changes["routed_experts"] = pack_rows(mb.routed_experts, lens, cu_padded, torch.arange(k))
     if mb.resp_pos is not None:
         offsets = torch.tensor(cu_padded[:len(lens)], dtype=mb.resp_pos.dtype, device=mb.resp_pos.device)
         changes["resp_pos"] = (mb.resp_pos + offsets[:, None]).clamp(max=cu_padded[-1] - 1)
     return mb.replace(**changes)
+
+
+def real_token_mask(mb: MicroBatch) -> torch.Tensor:
+    """[b, S] bool (packed: [1, T]): the positions of a micro-batch that hold a row's prompt or response tokens,
+    not padding (all positions when the micro-batch has no `seq_lens`)."""
+    ids = mb.input_ids
+    if mb.seq_lens is None:
+        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    lens = mb.seq_lens.to(ids.device)
+    if not mb.packed:
+        return torch.arange(ids.shape[1], device=ids.device)[None] < lens[:, None]
+    out = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    for start, n in zip(mb.cu_seqlens_padded.tolist(), lens.tolist()):  # rows only, not the final padding segment
+        out[0, start:start + n] = True
+    return out

@@ -6,6 +6,7 @@
   `seq_lens`, `prompt_index`;
 - rewards (`trainer_parts.score_rollout`): `scores`, `is_correct`, `truncated`, `reward_stats`,
   `first_error_tokens`;
+- routing record (`Trainer.rollout`, with `algorithm.routing_replay` only): `routed_experts`;
 - engine forwards (`Trainer.old_logprobs_and_values`): `old_logprobs`, `old_values` (with a critic only);
 - advantages (`Trainer.advantages`): `advantages`; `returns` and `lam_policy` (GAE only, not GRPO).
 
@@ -63,6 +64,7 @@ def _later(phase: str, per_row: bool = True) -> Any:
     return field(default=_PhaseField(phase), metadata={"per_row": per_row, "phase": phase})
 
 
+ROUTING = "routing record (Trainer.rollout with algorithm.routing_replay)"
 REWARDS, FORWARDS, ADVANTAGES = "rewards (trainer_parts.score_rollout)", \
     "engine forwards (Trainer.old_logprobs_and_values)", "advantages (Trainer.advantages)"
 
@@ -113,6 +115,7 @@ class RLBatch(_MappingRead):
     truncated: Optional[Tensor] = _later(REWARDS)           # [n] bool, stopped at max_response_length
     reward_stats: Optional[dict] = _later(REWARDS, per_row=False)   # {"reward_errors", "reward_timeouts"}
     first_error_tokens: Optional[list] = _later(REWARDS)    # [n] TokenSpan | None per row
+    routed_experts: Optional[Tensor] = _later(ROUTING)      # [n, S, moe layers, k] uint8/int16, vLLM's experts
     old_logprobs: Optional[Tensor] = _later(FORWARDS)       # [n, R] float32, the policy before the update
     old_values: Optional[Tensor] = _later(FORWARDS)         # [n, R] float32, the critic before the update
     advantages: Optional[Tensor] = _later(ADVANTAGES)       # [n, R] float
@@ -179,9 +182,10 @@ class RLBatch(_MappingRead):
         width = width or seq
         ids = self.input_ids[idx]
         loss_inputs = {name: getattr(self, name)[idx] for name in MICRO_FIELDS if self.has(name)}
+        routed = self.routed_experts[idx][:, :width] if self.has("routed_experts") else None
         return MicroBatch(input_ids=ids[:, :width], targets=torch.roll(ids, -1, dims=1)[:, :width],
                           resp_pos=self.response_positions(idx, width), resp_mask=self.resp_mask[idx],
-                          seq_lens=self.seq_lens[idx], **loss_inputs)
+                          seq_lens=self.seq_lens[idx], routed_experts=routed, **loss_inputs)
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RLBatch))
@@ -199,7 +203,8 @@ class MicroBatch(_MappingRead):
 
     Packed (THD, data/packing.py): `input_ids` and `targets` are one stream [1, T], `cu_seqlens` / `cu_seqlens_padded`
     ([m + 1], or [m + 2] with a final padding segment; int32) say where each row's tokens and slot are, and
-    `resp_pos` [m, R] points into the stream. Everything else stays per row."""
+    `resp_pos` [m, R] points into the stream, and `routed_experts` (routing replay: [m, S', layers, k] padded,
+    the experts of every token) becomes [1, T, layers, k]. Everything else stays per row."""
 
     input_ids: Tensor
     targets: Optional[Tensor] = None
@@ -214,6 +219,7 @@ class MicroBatch(_MappingRead):
     cu_seqlens: Optional[Tensor] = None
     cu_seqlens_padded: Optional[Tensor] = None
     rollout_logprobs: Optional[Tensor] = None
+    routed_experts: Optional[Tensor] = None
     tp_group: Any = None
     cp_group: Optional[tuple[int, Any]] = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -280,7 +286,7 @@ def resp_pos_of(batch: RLBatch | Mapping[str, Any], rows: Any, width: int | None
 
 _MICRO_NAMES = frozenset(f.name for f in dataclasses.fields(MicroBatch))
 _TENSOR_NAMES = ("input_ids", "targets", "resp_pos", "resp_mask", "seq_lens", "cu_seqlens", "cu_seqlens_padded",
-                 *MICRO_FIELDS)
+                 "routed_experts", *MICRO_FIELDS)
 
 
 def build_rl_batch(prompt_ids: list[list[int]], prompt_index: torch.Tensor, response_ids: list[list[int]],

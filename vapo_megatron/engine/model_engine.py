@@ -20,7 +20,7 @@ from vapo_megatron.engine.microbatch import Batch, padded_and_real_tokens, row_s
 from vapo_megatron.engine.optim import build_optimizer
 from vapo_megatron.engine.schedule import forward_backward
 from vapo_megatron.models.hf_config import ModelArch
-from vapo_megatron.models.moe import RoutingCounter
+from vapo_megatron.models.moe import RoutingCounter, RoutingReplay
 from vapo_megatron.models.specs import transformer_engine_available
 from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
 
@@ -48,7 +48,7 @@ class ModelEngine:
                  warmup_steps: int = 0, micro_batch_size: int = 8,
                  params_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False,
                  recompute: str = "none", recompute_num_layers: int = 1, micro_batch_tokens: int = 0,
-                 pack_sequences: bool | None = None):
+                 pack_sequences: bool | None = None, routing_replay: bool = False):
         self.role, self.arch, self.parallel, self.layouts = role, arch, parallel, layouts
         self.micro_batch_size, self.base_lr, self.warmup_steps = micro_batch_size, lr, warmup_steps
         pack_sequences = packing_enabled(pack_sequences, params_dtype, transformer_engine_available())
@@ -58,21 +58,26 @@ class ModelEngine:
             parallel.seq_multiple()
         self.steps_taken = 0
         self.groups = layouts.groups[role]
+        if routing_replay and not arch.is_moe:
+            raise ValueError(f"{role}: routing replay needs a mixture-of-experts model")
+        replay_kwargs = {"moe_enable_routing_replay": True} if routing_replay else {}
         self.built = build_model(arch, parallel, role, hf_get=hf_get, params_dtype=params_dtype,
                                  use_distributed_optimizer=use_distributed_optimizer, recompute=recompute,
-                                 recompute_num_layers=recompute_num_layers, groups=self.groups)
+                                 recompute_num_layers=recompute_num_layers, groups=self.groups, **replay_kwargs)
         self.optimizer = build_optimizer(self.built.model, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
                                          adam_beta1=adam_beta1, adam_beta2=adam_beta2,
                                          bf16=params_dtype == torch.bfloat16,
                                          use_distributed_optimizer=use_distributed_optimizer, groups=self.groups)
         # token or packed micro-batches differ in length: pipeline stages then send each activation's shape first
         self.built.config.variable_seq_lengths = micro_batch_tokens > 0 or pack_sequences
-        self.routing = None
+        self.routing = self.replay = None
         if arch.is_moe:
             stage_layers = range(self.groups.pp_rank * arch.num_layers // parallel.pp,
                                  (self.groups.pp_rank + 1) * arch.num_layers // parallel.pp)
-            self.routing = RoutingCounter(self.model, [i for i in stage_layers if arch.is_moe_layer(i)],
-                                          arch.num_experts, platform.device())
+            local_moe = [i for i in stage_layers if arch.is_moe_layer(i)]
+            self.routing = RoutingCounter(self.model, local_moe, arch.num_experts, platform.device())
+            # routing replay: every forward routes each token to the batch's `routed_experts` (vLLM's choice)
+            self.replay = RoutingReplay(self.model, local_moe, arch.moe_layers) if routing_replay else None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -98,6 +103,10 @@ class ModelEngine:
                                           micro_batch_tokens=self.micro_batch_tokens,
                                           pad_multiple=self.pad_multiple, pack=self.pack_sequences,
                                           cp=self.parallel.cp, rows=bins)
+        if self.replay is not None and any(mb.routed_experts is None and "routed_experts" not in mb.extra
+                                           for mb in micro):
+            raise ValueError(f"{self.role}: routing replay is on, but the batch has no routed_experts (the experts "
+                             "vLLM chose, rollout/routing.py record_routing_distributed)")
         dev = platform.device()
         micro = [mb.to(dev, non_blocking=True) for mb in micro]
         return micro, rows, start, stop
@@ -121,7 +130,7 @@ class ModelEngine:
         with self.groups.rng(), torch.no_grad():
             micro, rows, start, stop = self._micro_batches(batch)
             outs = forward_backward(self.model, micro, None, forward_only=True, output_fn=output_fn,
-                                    groups=self.groups)
+                                    groups=self.groups, routing_replay=self.replay)
             if outs and self._is_reporter():  # back into row order (token micro-batches are sorted by length)
                 order = torch.tensor([start + i for r in rows for i in r], device=full.device)
                 full[order] = torch.cat(outs).float()
@@ -142,7 +151,7 @@ class ModelEngine:
             if self.routing is not None:
                 self.routing.reset()
                 self.routing.active = True
-            stats = forward_backward(self.model, micro, loss_fn, groups=self.groups)
+            stats = forward_backward(self.model, micro, loss_fn, groups=self.groups, routing_replay=self.replay)
             if self.routing is not None:
                 self.routing.active = False
             padded, real = padded_and_real_tokens(micro)
@@ -168,20 +177,28 @@ class ModelEngine:
         MoE, TP implies sequence parallelism, so TP, CP and DP ranks see different tokens and each token is
         counted once per layer), then the max and the mean over experts, averaged over MoE layers; the worst
         layer's max / mean; and the load-balancing loss before its coefficient, averaged over micro-batches,
-        ranks and layers (computed on each rank's tokens: models/moe.py RoutingCounter)."""
+        ranks and layers (computed on each rank's tokens: models/moe.py RoutingCounter). With routing replay:
+        `moe_replayed_tokens`, the real tokens that used the recorded experts, summed over MoE layers (the
+        mini-batch's prompt + response tokens x MoE layers when replay works), and `moe_replay_changed_frac`,
+        the replayed (token, expert) choices the router's own top-k would not have made."""
         r, arch = self.routing, self.arch
         counts = torch.zeros(len(arch.moe_layers), arch.num_experts, dtype=torch.float64, device=r.counts.device)
         for local, layer in enumerate(r.layer_ids):
             counts[arch.moe_layers.index(layer)] = r.counts[local]
         aux = torch.stack([r.aux_sum, torch.tensor(float(r.aux_n), dtype=torch.float64, device=r.counts.device)])
-        packed = torch.cat([counts.flatten(), aux])
+        packed = torch.cat([counts.flatten(), aux, r.replay])
         dist.all_reduce(packed)
-        counts, (aux_sum, aux_n) = packed[:-2].view_as(counts).cpu(), packed[-2:].tolist()
+        counts, (aux_sum, aux_n) = packed[:-4].view_as(counts).cpu(), packed[-4:-2].tolist()
+        replayed, differs = packed[-2:].tolist()
         per_layer_max, per_layer_mean = counts.max(1).values, counts.mean(1)
-        return {"moe_tokens_per_expert_max": per_layer_max.mean().item(),
-                "moe_tokens_per_expert_mean": per_layer_mean.mean().item(),
-                "moe_load_max_over_mean": (per_layer_max / per_layer_mean.clamp_min(1e-12)).max().item(),
-                "moe_aux_loss": aux_sum / max(aux_n, 1.0)}
+        out = {"moe_tokens_per_expert_max": per_layer_max.mean().item(),
+               "moe_tokens_per_expert_mean": per_layer_mean.mean().item(),
+               "moe_load_max_over_mean": (per_layer_max / per_layer_mean.clamp_min(1e-12)).max().item(),
+               "moe_aux_loss": aux_sum / max(aux_n, 1.0)}
+        if self.replay is not None:  # the tokens that used the recorded experts, and how many choices they changed
+            out["moe_replayed_tokens"] = replayed
+            out["moe_replay_changed_frac"] = differs / max(replayed * arch.moe_topk, 1.0)
+        return out
 
     def _reduce_metrics(self, stats: list[dict], per_rank: dict[str, float]) -> dict[str, float]:
         """Sum per-micro-batch metrics (already globally normalised) over micro-batches and DP ranks, and the

@@ -16,7 +16,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-from vapo_megatron.data.packing import packed_position_ids
+from vapo_megatron.data.packing import packed_position_ids, real_token_mask
 from vapo_megatron.data.rl_batch import MicroBatch
 from vapo_megatron.models.moe import RoutingReplay, aux_loss_scale
 from vapo_megatron.parallel.context import context_parallel_view, split_for_context_parallel
@@ -99,9 +99,9 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
     through it to finalize_model_grads (None: those `parallel.layout.initialize` set up last).
 
     `routing_replay` (MoE): before each micro-batch's forward, the routers are set to the experts its
-    `routed_experts` [b, S, num_moe_layers, k] names (models/moe.py RoutingReplay), or to their own routing when
-    it has none. Not with context parallelism, nor with full recomputation (the recomputed forward would replay
-    the last micro-batch's choices).
+    `routed_experts` [b, S, num_moe_layers, k] ([1, T, ...] packed) names (models/moe.py RoutingReplay), or to
+    their own routing when it has none. Not with context parallelism (refused), nor with full recomputation (the
+    recomputed forward would replay the last micro-batch's choices; config validation refuses it).
 
     Returns, on the last pipeline stage, the list of per-micro-batch metrics dicts (or `output_fn(output, mb)`
     values when forward_only with output_fn); other stages get an empty list.
@@ -114,6 +114,8 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
     cp = groups.pg.cp.size()
     cp_rank = groups.cp_rank if cp > 1 else 0
     config = _model_config(models[0])
+    if routing_replay is not None and cp > 1:
+        raise NotImplementedError(f"routing replay with context parallelism (cp={cp}) is not supported")
 
     def step(data_iter, chunk):
         mb = next(data_iter)
@@ -129,10 +131,9 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
             mb = context_parallel_view(mb, cp, cp_rank, groups.pg.cp)
         mb = mb.replace(tp_group=groups.pg.tp)
         if routing_replay is not None:
-            if packed is not None:
-                raise NotImplementedError("routing replay takes padded micro-batches; set train.pack_sequences=false")
-            routing_replay.set(mb.extra.get("routed_experts"),
-                               _sequence_shard(ids.shape[1], config.sequence_parallel, groups))
+            routed = mb.routed_experts if mb.routed_experts is not None else mb.extra.get("routed_experts")
+            routing_replay.set(routed, _sequence_shard(ids.shape[1], config.sequence_parallel, groups),
+                               real_token_mask(mb) if routed is not None else None)
         out = chunk(ids, pos, mask) if packed is None else chunk(ids, pos, mask, packed_seq_params=packed)
 
         def reduce(output):

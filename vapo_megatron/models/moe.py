@@ -35,8 +35,10 @@ def aux_loss_scale(num_micro_batches: int, dp_size: int) -> float:
 class RoutingCounter:
     """Counts, per MoE layer of this rank, the tokens routed to each expert (from the router's routing map), and
     the load-balancing loss `E/k * sum_e f_e * P_e` of each routed micro-batch (before its coefficient; computed
-    on this rank's tokens), while `active`. A forward hook on each router: it reads the router's outputs and
-    recomputes the softmax of its logits without gradient, changing nothing the model computes."""
+    on this rank's tokens), while `active`. With routing replay it also counts the real (not padding) tokens that
+    were replayed, and the replayed (token, expert) choices of those that the router's own top-k would not have
+    made (the rollout/trainer routing mismatch that replay removes). A forward hook on each router: it reads the
+    router's outputs and recomputes its logits without gradient, changing nothing the model computes."""
 
     def __init__(self, model: torch.nn.Module, layer_ids: list[int], num_experts: int, device="cpu"):
         self.layer_ids = layer_ids  # global layer index of each local router
@@ -50,6 +52,8 @@ class RoutingCounter:
         self.counts = torch.zeros(len(self.layer_ids), self.num_experts, dtype=torch.float64, device=self.device)
         self.aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.aux_n = 0
+        # replayed real tokens, their replayed choices outside the router's own top-k (summed over layers)
+        self.replay = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def _hook(self, i: int):
         def hook(router, inputs, outputs):
@@ -65,6 +69,12 @@ class RoutingCounter:
                 frac = counts / counts.sum().clamp_min(1)
                 self.aux_sum += self.num_experts * (frac * mean_prob).sum()  # = E/k sum f_e P_e with f per slot
                 self.aux_n += 1
+                replay = getattr(router, "router_replay", None)
+                if replay is not None and replay.router_replay_action is not None:
+                    real = replay.vapo_real_tokens.to(routing_map.device)  # RoutingReplay.set
+                    own = torch.zeros_like(routing_map).scatter_(1, logits.topk(router.topk, -1).indices, True)
+                    self.replay[0] += real.sum()
+                    self.replay[1] += (routing_map & ~own)[real].sum()
         return hook
 
 
@@ -75,8 +85,9 @@ class RoutingReplay:
 
     `set(routed, seq_slice)` before a micro-batch's forward: `routed` [b, S, num_moe_layers, k] holds, for each
     token of the micro-batch and each MoE layer of the model (in `arch.moe_layers` order), the global ids of the
-    experts to use; `seq_slice` the positions this rank's routers see (its sequence-parallel shard). The router
-    then takes the softmax scores of exactly those experts (megatron's `REPLAY_FORWARD`); the load-balancing loss
+    experts to use; `seq_slice` the positions this rank's routers see (its sequence-parallel shard); `real` [b, S]
+    bool, the positions that hold real tokens (None: all), for RoutingCounter's replay counts. The router then
+    takes the softmax scores of exactly those experts (megatron's `REPLAY_FORWARD`); the load-balancing loss
     still uses the router's own top-k. `set(None, ...)` routes normally."""
 
     def __init__(self, model: torch.nn.Module, layer_ids: list[int], moe_layers: tuple[int, ...]):
@@ -85,7 +96,8 @@ class RoutingReplay:
             raise ValueError("routing replay needs the model built with moe_enable_routing_replay=True")
         self.columns = [moe_layers.index(layer) for layer in layer_ids]
 
-    def set(self, routed: torch.Tensor | None, seq_slice: slice = slice(None)) -> None:
+    def set(self, routed: torch.Tensor | None, seq_slice: slice = slice(None),
+            real: torch.Tensor | None = None) -> None:
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         for router, column in zip(self.routers, self.columns):
@@ -97,4 +109,6 @@ class RoutingReplay:
             # megatron's token order is [S, b] flattened (sequence-major)
             chosen = routed[:, seq_slice, column, :].transpose(0, 1).reshape(-1, routed.shape[-1])
             replay.set_target_indices(chosen.long())
+            mask = torch.ones(routed.shape[:2], dtype=torch.bool) if real is None else real
+            replay.vapo_real_tokens = mask[:, seq_slice].transpose(0, 1).reshape(-1)
             replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)

@@ -57,3 +57,36 @@ def record_routing(engine, sequences: list[list[int]]) -> list[torch.Tensor]:
         out.append(torch.stack(layers, dim=1)[: len(seq)])
     engine.llm.reset_prefix_cache()
     return out
+
+
+def record_routing_distributed(engine, input_ids: torch.Tensor, seq_lens: torch.Tensor, num_experts: int,
+                               group=None) -> torch.Tensor:
+    """The experts of every token of a batch (`input_ids` [n, S] right padded, `seq_lens` [n] real tokens) as the
+    batch's `routed_experts` [n, S, num_moe_layers, k]: uint8 when `num_experts` <= 256, else int16. Each vLLM
+    engine of `group` records a contiguous share of the rows (as `generate_distributed` shares prompts), and every
+    rank returns the whole tensor. Padding positions name experts 0..k-1 (distinct, as a router would; no loss
+    reads them).
+
+    Memory: n x S x layers x k bytes on every rank (Qwen3-30B-A3B, 48 layers x top-8: 384 bytes per token)."""
+    import torch.distributed as dist
+
+    from vapo_megatron.rollout.sampler import engine_replica, shard_bounds
+
+    n = input_ids.shape[0]
+    sequences = [input_ids[i, :int(seq_lens[i])].tolist() for i in range(n)]
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dp_rank, dp_size = engine_replica(dist.get_rank(group), dist.get_world_size(group),
+                                          engine.tensor_parallel_size)
+        start, stop = shard_bounds(n, dp_size, dp_rank)
+        local = record_routing(engine, sequences[start:stop])
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+        recorded = [t for part in gathered[::engine.tensor_parallel_size] for t in part]
+    else:
+        recorded = record_routing(engine, sequences)
+    layers, k = recorded[0].shape[1:]
+    dtype = torch.uint8 if num_experts <= 256 else torch.int16
+    out = torch.arange(k, dtype=dtype).expand(n, input_ids.shape[1], layers, k).clone()
+    for i, r in enumerate(recorded):
+        out[i, :r.shape[0]] = r.to(dtype)
+    return out
