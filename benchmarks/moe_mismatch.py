@@ -68,11 +68,11 @@ def ppo_rows(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("phase") == "ppo"]
 
 
-def run(assets: Path, out: Path, name: str, steps: int, dtype: str) -> list[dict]:
+def run(assets: Path, out: Path, name: str, steps: int, dtype: str, extra: list[str]) -> list[dict]:
     run_dir = out / name
     if len(ppo_rows(run_dir)) < steps:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vapo_megatron.cli",
-               *overrides(assets, run_dir, steps, dtype), *VARIANTS[name], "--overwrite"]
+               *overrides(assets, run_dir, steps, dtype), *extra, *VARIANTS[name], "--overwrite"]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
         log = out / f"{name}.log"
         print(f"[moe_mismatch] {name}: {' '.join(VARIANTS[name]) or 'no switch'} -> {log}", flush=True)
@@ -100,12 +100,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     assets = prepare(out / "assets")
-    results = {name: run(assets, out, name, args.steps, args.dtype) for name in args.only}
-    report = (f"trainer {args.dtype}, vLLM float32; {args.steps} PPO steps of 32 samples; means over steps\n\n"
+    results = {name: run(assets, out, name, args.steps, args.dtype, args.set) for name in args.only}
+    report = (f"trainer {args.dtype}, vLLM float32; {args.steps} PPO steps of 32 samples; means over steps; "
+              f"overrides {args.set}\n\n"
               + table(results) + "\n")
     (out / "report.md").write_text(report)
     print(report)
