@@ -32,6 +32,15 @@ def aux_loss_scale(num_micro_batches: int, dp_size: int) -> float:
     return 1.0 / (num_micro_batches * dp_size)
 
 
+def load_balancing_loss(counts: torch.Tensor, mean_prob: torch.Tensor) -> torch.Tensor:
+    """The switch load-balancing loss before its coefficient, `E * sum_e f_e * P_e`: `counts` [E] routed slots per
+    expert (f_e = counts_e / sum(counts), i.e. per token x top-k slot), `mean_prob` [E] the router's softmax
+    probability of each expert averaged over the tokens. megatron's `switch_load_balancing_loss_func` with
+    coefficient 1 (tests/unit/test_moe_metrics.py)."""
+    frac = counts / counts.sum().clamp_min(1)
+    return counts.numel() * (frac * mean_prob).sum()
+
+
 class RoutingCounter:
     """Counts, per MoE layer of this rank, the tokens routed to each expert (from the router's routing map), and
     the load-balancing loss `E/k * sum_e f_e * P_e` of each routed micro-batch (before its coefficient; computed
@@ -66,8 +75,7 @@ class RoutingCounter:
                 logits = torch.nn.functional.linear(inputs[0].reshape(-1, router.weight.shape[1]).float(),
                                                     router.weight.float())
                 mean_prob = torch.softmax(logits, -1).mean(0).to(self.counts)
-                frac = counts / counts.sum().clamp_min(1)
-                self.aux_sum += self.num_experts * (frac * mean_prob).sum()  # = E/k sum f_e P_e with f per slot
+                self.aux_sum += load_balancing_loss(counts, mean_prob)
                 self.aux_n += 1
                 replay = getattr(router, "router_replay", None)
                 if replay is not None and replay.router_replay_action is not None:
