@@ -102,10 +102,11 @@ def _fake_run(spec, init: float, vals: list[float], wall: float) -> None:
 def test_report_numbers_match_a_hand_computation(tmp_path):
     """Failure: final / best / steps-to-threshold / initial / wall or their mean and std over seeds are computed
     wrong, PPO steps count value-pretraining steps, or an unfinished run is counted."""
-    grid = load_grid(_grid(tmp_path, {"vapo": {"paper": 60}, "ppo": {"paper": 5, "group": "method"}}))
+    grid = load_grid(_grid(tmp_path, {"vapo": {"paper": 60}, "ppo": {"paper": 5, "group": "method"}},
+                           task="A toy model on a toy task"))
     out = tmp_path / "out"
     specs = plan_runs(grid, [0, 1, 2], out)
-    write_manifest(out, grid.base, specs, "python tools/run_ablation.py test")
+    write_manifest(out, grid.base, specs, "python tools/run_ablation.py test", task=grid.task)
     runs = {("vapo", 0): (0.1, [0.15, 0.30, 0.25], 60.0), ("vapo", 1): (0.1, [0.20, 0.20, 0.40], 120.0),
             ("vapo", 2): (0.2, [0.20, 0.25, 0.28], 180.0), ("ppo", 0): (0.1, [0.1, 0.1, 0.1], 60.0)}
     for spec in specs:
@@ -130,6 +131,7 @@ def test_report_numbers_match_a_hand_computation(tmp_path):
     text = md.read_text()
     assert f"| vapo | 60 | {row['final']} |" in text and "| ppo | 5 | 0.100 |" in text
     assert png.stat().st_size > 0 and "python tools/run_ablation.py test" in text
+    assert "**What is compared.** A toy model on a toy task, not Qwen2.5-32B" in text  # the grid file's task
 
 
 def _fake_trainer(monkeypatch, code: str) -> None:

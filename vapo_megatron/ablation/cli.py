@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.dry_run:
         print("\n".join(" ".join(shlex.quote(a) for a in train_command(grid.base, s)) for s in specs))
         return 0
-    write_manifest(Path(args.out), grid.base, specs, command)
+    write_manifest(Path(args.out), grid.base, specs, command, task=grid.task)
     pid_file = Path(args.out) / PID_FILE
     pid_file.write_text(str(os.getpid()))
     try:

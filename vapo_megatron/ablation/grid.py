@@ -48,6 +48,8 @@ class Grid:
     """The variants, in the grid file's order."""
     common: tuple[str, ...] = ()
     """Overrides of the grid file's ``set`` for every variant, applied before the variant's own."""
+    task: str = ""
+    """The grid file's ``task``: what model and task the variants are compared on, for the report."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ def load_grid(path: str | Path, base: str | None = None, only: Sequence[str] | N
     if not base:
         raise GridError(f"grid file {path} names no base config ('base: file.yaml'); give --base")
     common = [*(parent.get("set") or []), *(data.get("set") or [])]
-    return Grid(str(base), tuple(variants), tuple(str(c) for c in common))
+    task = str(data.get("task", parent.get("task", "")) or "").strip()
+    return Grid(str(base), tuple(variants), tuple(str(c) for c in common), task)
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}

@@ -81,13 +81,14 @@ def _ev_mc(rows: list[dict]) -> tuple[float | None, float | None]:
     return (pretrain[-1] if pretrain else None), (statistics.fmean(ppo) if ppo else None)
 
 
-def write_manifest(out: Path, base: str, specs: Sequence[RunSpec], command: str) -> dict[str, Any]:
-    """Record what the grid runs in ``out/manifest.json``: command, date, machine, base config text, overrides."""
+def write_manifest(out: Path, base: str, specs: Sequence[RunSpec], command: str, task: str = "") -> dict[str, Any]:
+    """Record what the grid runs in ``out/manifest.json``: command, date, machine, base config text, overrides, and
+    the grid file's description of the task."""
     first = {}
     for spec in specs:
         first.setdefault(spec.variant.name, spec)
     manifest = {
-        "command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "task": task,
         "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, {platform.system()} "
                    f"{platform.release()}, Python {platform.python_version()}",
         "base": base, "base_text": Path(base).read_text(encoding="utf-8"), "common": list(specs[0].common),
@@ -169,7 +170,7 @@ def render_markdown(manifest: dict[str, Any], results: dict[str, dict[int, RunRe
         f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} from the runs of `{manifest['command']}` "
         f"(started {manifest['date']}).", "",
         f"Machine: {manifest['machine']}.", "",
-        "**What is compared.** A tiny Qwen2-shaped model on the synthetic arithmetic-chain task of the CPU demo, not "
+        f"**What is compared.** {manifest.get('task') or 'The model and task of the base config (below)'}, not "
         "Qwen2.5-32B on AIME: only the *ordering* of the variants can be held against the paper's Table 1 "
         "(AIME24 avg@32), not the numbers. Every variant generates the same number of samples per PPO step "
         f"({b['samples per PPO step (rollout.num_prompts x rollout.n)']}) for the same number of PPO steps "
