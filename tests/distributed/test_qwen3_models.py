@@ -50,17 +50,17 @@ ROUND_TRIP = {
 CKPT_LAYOUTS = [(1, 1, False, 2), (2, 1, True, 2)]  # the converted MoE checkpoint loads at EP2 and TP2 x EP2
 
 
-def _inputs(vocab: int):
+def _inputs(vocab: int, micro: int = MICRO):
     g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, vocab, (MICRO, B, S), generator=g)
-    return ids, torch.randn(MICRO, B, S, vocab, generator=g), torch.randn(MICRO, B, S, generator=g)
+    ids = torch.randint(3, vocab, (micro, B, S), generator=g)
+    return ids, torch.randn(micro, B, S, vocab, generator=g), torch.randn(micro, B, S, generator=g)
 
 
 def _score(hidden: int) -> torch.Tensor:
     return torch.randn(1, hidden, generator=torch.Generator().manual_seed(3)) * 0.1
 
 
-def _run_role(hf_dir: str, role: str, parallel) -> dict:
+def _run_role(hf_dir: str, role: str, parallel, micro: int = MICRO) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -72,9 +72,9 @@ def _run_role(hf_dir: str, role: str, parallel) -> dict:
     arch = load_arch(hf_dir)
     reader, score = HFCheckpointReader(hf_dir), _score(arch.hidden_size)
     built = build_model(arch, parallel, role, hf_get=lambda n: score if n == "score.weight" else reader.get(n))
-    ids, w_logits, w_values = _inputs(arch.vocab_size)
+    ids, w_logits, w_values = _inputs(arch.vocab_size, micro)
     # each DP rank takes its share of the micro-batches, as in training (gradients are summed over DP ranks)
-    mine = list(range(ps.get_data_parallel_rank(), MICRO, ps.get_data_parallel_world_size()))
+    mine = list(range(ps.get_data_parallel_rank(), micro, ps.get_data_parallel_world_size()))
     outputs, grads = weighted_outputs_and_grads(built, arch, role, ids, w_logits, w_values, mine)
     return {"outputs": dict(zip(mine, outputs)), "grads": grads if dist.get_rank() == 0 else None}
 
@@ -210,14 +210,14 @@ def test_cli_round_trip_is_bit_identical(cli_round_trip, name):
     assert load_arch(cli_round_trip / "rt" / name) == load_arch(cli_round_trip / "hf" / name)
 
 
-def _hf_reference(hf_dir: str) -> dict:
+def _hf_reference(hf_dir: str, micro: int = MICRO) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ids = _inputs(model.config.vocab_size)[0]
+    ids = _inputs(model.config.vocab_size, micro)[0]
     with torch.no_grad():
-        logits = torch.stack([model(ids[i]).logits for i in range(MICRO)])
-        hidden = torch.stack([model.model(ids[i]).last_hidden_state for i in range(MICRO)])
+        logits = torch.stack([model(ids[i]).logits for i in range(micro)])
+        hidden = torch.stack([model.model(ids[i]).last_hidden_state for i in range(micro)])
     return {"policy": logits, "critic": hidden @ _score(model.config.hidden_size)[0]}
 
 
@@ -227,6 +227,20 @@ def _compare_grads(ref: dict, got: dict, what: str) -> None:
         r = ref[name]
         err = ((g - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
         assert err <= ATOL, f"{what}: grad of {name} differs from TP=PP=EP=1 (max error {err:.2e} of its largest)"
+
+
+def _check_layouts(results: list[dict], name: str, hf_dir: str, layouts: list[tuple], micro: int = MICRO) -> None:
+    """Every layout's outputs equal HF's and its gradients those of the first layout (TP=PP=EP=1)."""
+    hf = _hf_reference(hf_dir, micro)
+    ref = results[0][(name, *layouts[0])]
+    for layout in layouts:
+        what = f"{name} tp={layout[0]} pp={layout[1]} sp={layout[2]} ep={layout[3]} etp={layout[4]}"
+        for role in ("policy", "critic"):
+            outs = [(i, out) for r in results for i, out in r[(name, *layout)][role]["outputs"].items()]
+            assert {i for i, _ in outs} == set(range(micro)), f"{what} {role}: micro-batches missing"
+            for i, out in outs:
+                torch.testing.assert_close(out, hf[role][i], atol=ATOL, rtol=0, msg=f"{what} {role}: != HF")
+            _compare_grads(ref[role]["grads"], results[0][(name, *layout)][role]["grads"], f"{what} {role}")
 
 
 def test_qwen3_and_moe_match_hf_and_tp1_at_every_layout(hf_models, cli_round_trip):
@@ -239,16 +253,7 @@ def test_qwen3_and_moe_match_hf_and_tp1_at_every_layout(hf_models, cli_round_tri
             torch.testing.assert_close(r["ckpt", tp, ep], hf_sparse, atol=ATOL, rtol=0,
                                        msg=f"converted MoE checkpoint loaded at tp={tp} ep={ep}: logits != HF")
     for name, hf_dir, layouts in (("qwen3", dense_dir, DENSE_LAYOUTS), ("qwen3_moe", moe_dir, MOE_LAYOUTS)):
-        hf = _hf_reference(hf_dir)
-        ref = results[0][(name, *layouts[0])]
-        for layout in layouts:
-            what = f"{name} tp={layout[0]} pp={layout[1]} sp={layout[2]} ep={layout[3]} etp={layout[4]}"
-            for role in ("policy", "critic"):
-                outs = [(i, out) for r in results for i, out in r[(name, *layout)][role]["outputs"].items()]
-                assert {i for i, _ in outs} == set(range(MICRO)), f"{what} {role}: micro-batches missing"
-                for i, out in outs:
-                    torch.testing.assert_close(out, hf[role][i], atol=ATOL, rtol=0, msg=f"{what} {role}: != HF")
-                _compare_grads(ref[role]["grads"], results[0][(name, *layout)][role]["grads"], f"{what} {role}")
+        _check_layouts(results, name, hf_dir, layouts)
     for rank, result in enumerate(results):
         rep = result["sync"]
         assert rep["buckets"] > 1
@@ -267,3 +272,27 @@ def test_qwen3_dense_weight_sync_into_vllm(hf_models):
     rep = run_distributed(_dense_sync_body, 1, hf_models[0], timeout=600)[0]
     assert rep["buckets"] > 1
     assert rep["diff"] <= 1e-4, f"qwen3: vLLM vs Megatron log-probs after the sync differ by {rep['diff']:.2e}"
+
+
+# four ranks: expert tensor parallelism together with EP, and EP / expert-TP under pipeline parallelism
+MOE_LAYOUTS_4 = [(1, 1, False, 1, 1), (2, 1, True, 2, 2), (1, 2, False, 2, 1), (1, 2, False, 1, 2)]
+
+
+def _body4(moe_dir: str) -> dict:
+    from vapo_megatron.parallel.layout import ParallelConfig, initialize
+
+    results = {}
+    for tp, pp, sp, ep, etp in MOE_LAYOUTS_4:
+        parallel = ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, ep=ep, etp=etp)
+        initialize(parallel)
+        results["qwen3_moe", tp, pp, sp, ep, etp] = {role: _run_role(moe_dir, role, parallel, micro=4)
+                                                      for role in ("policy", "critic")}
+    return results
+
+
+@pytest.mark.slow
+def test_moe_expert_tp_with_ep_and_under_pp_on_four_ranks(hf_models):
+    """Qwen3-MoE at TP2 x EP2 x ETP2 (+SP), PP2 x EP2 and PP2 x ETP2 on 4 ranks: logits and values equal HF's,
+    gradients equal TP=PP=EP=1's."""
+    results = run_distributed(_body4, 4, hf_models[1], timeout=1800)
+    _check_layouts(results, "qwen3_moe", hf_models[1], MOE_LAYOUTS_4, micro=4)

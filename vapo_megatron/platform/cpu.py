@@ -213,6 +213,41 @@ def _patch_moe_dispatcher() -> None:
     token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _SyncStream()
 
 
+def _patch_uneven_first_dim_collectives() -> None:
+    """S9: with expert tensor parallelism and EP > 1, megatron's all-to-all dispatcher gathers and reduce-scatters
+    the tokens of the expert-TP ranks, which hold different numbers of tokens (tensor_parallel/mappings.py
+    `_gather_along_first_dim` / `_reduce_scatter_along_first_dim` with split sizes). NCCL takes uneven lists; gloo's
+    all_gather refuses them ("invalid tensor size") and gloo has no reduce_scatter. On CPU the uneven case is done
+    with equal-size collectives: the gather pads every part to the largest and cuts the result; the reduce-scatter
+    all-reduces the whole tensor and keeps this rank's part (the same sums, more traffic). The even case is
+    megatron's own. Tested by the 4-rank TP2 x EP2 x ETP2 logits against HF (tests/distributed/
+    test_qwen3_models.py, slow)."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def uneven_gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or input_.is_cuda:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in range(group.size())]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, output_split_sizes)])
+
+    def uneven_reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1 or input_.is_cuda:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return torch.split(total, list(input_split_sizes), dim=0)[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = uneven_gather
+    mappings._reduce_scatter_along_first_dim = uneven_reduce_scatter
+
+
 def install() -> None:
     """Apply every shim (idempotent). Call before megatron.core is imported."""
     global _INSTALLED
@@ -224,6 +259,7 @@ def install() -> None:
     _patch_checkpoint_rng()
     _patch_torch_norm_for_sp()
     _patch_moe_dispatcher()
+    _patch_uneven_first_dim_collectives()
     _INSTALLED = True
 
 
