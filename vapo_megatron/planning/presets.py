@@ -59,21 +59,9 @@ def qwen3_preset_names(moe: bool | None = None) -> list[str]:
 
 
 def qwen3_arch_from_config(cfg: dict) -> ModelArch:
-    """A ModelArch from the fields of a Qwen3 or Qwen3-MoE config.json (Hugging Face's rules for the layer types)."""
-    moe = {}
-    if cfg["model_type"] == "qwen3_moe":
-        step, dense_only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers", []))
-        layers = tuple(i for i in range(cfg["num_hidden_layers"]) if i not in dense_only and (i + 1) % step == 0)
-        moe = dict(num_experts=cfg["num_experts"], moe_topk=cfg["num_experts_per_tok"],
-                   moe_ffn_hidden_size=cfg["moe_intermediate_size"], moe_norm_topk_prob=cfg["norm_topk_prob"],
-                   moe_layers=layers, moe_aux_loss_coeff=cfg["router_aux_loss_coef"])
-    return ModelArch(family=cfg["model_type"], vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-                     num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-                     num_kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
-                     ffn_hidden_size=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
-                     rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
-                     tie_word_embeddings=cfg["tie_word_embeddings"], qkv_bias=cfg["attention_bias"],
-                     architecture=cfg["architectures"][0], init_std=cfg["initializer_range"], qk_norm=True, **moe)
+    """A ModelArch from the fields of a Qwen3 or Qwen3-MoE config.json: the same reading as for a checkpoint's
+    config (models/hf_config.py arch_from_hf, Hugging Face's rules for the layer types)."""
+    return arch_from_hf(dict(cfg))
 
 
 def qwen3_arch(name: str) -> ModelArch:
