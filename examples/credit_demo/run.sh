@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README's main job on a CPU laptop: set up .venv (first time only), make the small bounded-walk task and a
-# warm-started 0.4M-parameter model (first time only, a few minutes), then run VAPO on one process: the critic's
+# warm-started 0.3M-parameter model (first time only, a few minutes), then run VAPO on one process: the critic's
 # value pretraining (ev_mc rising from about 0) and PPO (accuracy rising). Extra arguments are dotted config
 # overrides. Watch runs/credit_demo/vapo/: metrics.jsonl, curves.png, credit/step_*.png.
 set -euo pipefail
