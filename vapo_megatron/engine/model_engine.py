@@ -103,8 +103,7 @@ class ModelEngine:
                                           micro_batch_tokens=self.micro_batch_tokens,
                                           pad_multiple=self.pad_multiple, pack=self.pack_sequences,
                                           cp=self.parallel.cp, rows=bins)
-        if self.replay is not None and any(mb.routed_experts is None and "routed_experts" not in mb.extra
-                                           for mb in micro):
+        if self.replay is not None and any(mb.routed_experts is None for mb in micro):
             raise ValueError(f"{self.role}: routing replay is on, but the batch has no routed_experts (the experts "
                              "vLLM chose, rollout/routing.py record_routing_distributed)")
         dev = platform.device()

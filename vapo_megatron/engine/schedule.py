@@ -131,7 +131,7 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
             mb = context_parallel_view(mb, cp, cp_rank, groups.pg.cp)
         mb = mb.replace(tp_group=groups.pg.tp)
         if routing_replay is not None:
-            routed = mb.routed_experts if mb.routed_experts is not None else mb.extra.get("routed_experts")
+            routed = mb.routed_experts
             routing_replay.set(routed, _sequence_shard(ids.shape[1], config.sequence_parallel, groups),
                                real_token_mask(mb) if routed is not None else None)
         out = chunk(ids, pos, mask) if packed is None else chunk(ids, pos, mask, packed_seq_params=packed)
