@@ -107,7 +107,7 @@ def time_step(engine, batch, loss_fn) -> tuple[float, float, float]:
         t0 = clock()
         metrics = engine.train_step(batch, loss_fn)
         seconds = clock() - t0
-    return seconds, mem.rise / 2 ** 20, metrics["padding_waste"]
+    return seconds, mem.rise / 2 ** 20, metrics[f"{engine.role}/padding_waste"]
 
 
 def main() -> None:
@@ -121,11 +121,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from vapo_megatron.config import AlgorithmConfig
-    from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn
+    from vapo_megatron.engine.objectives import actor_objective, critic_objective, minibatch_counts
     from vapo_megatron.models.tiny import save_tiny_hf_model
     from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts, init_distributed
     from vapo_megatron.testing.engines import build_engine, synthetic_rl_batch
-    from vapo_megatron.trainer_parts import minibatch_counts
 
     init_distributed()
     hf_dir = str(save_tiny_hf_model(tempfile.mkdtemp(prefix="bench_packing_"), "qwen2", seed=1,
@@ -144,7 +143,7 @@ def main() -> None:
         paths["padded fixed rows"] = dict(pack_sequences=False, micro_batch_size=args.fixed_rows)
     engines = {(path, role): build_engine(hf_dir, role, layouts, lr=1e-6, **kw)
                for path, kw in paths.items() for role in ("policy", "critic")}
-    loss = {"policy": actor_loss_fn(alg, counts, VOCAB), "critic": critic_loss_fn(alg, counts)}
+    loss = {"policy": actor_objective(alg, counts, VOCAB), "critic": critic_objective(alg, counts)}
     best: dict[tuple[str, str], tuple[float, float, float]] = {}
     for repeat in range(args.repeats + 1):  # the first round warms up
         for (path, role), engine in engines.items():

@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from vapo_megatron.config import load_config
-    from vapo_megatron.trainer import train
+    from vapo_megatron.train.loop import train
 
     run_dir = tempfile.mkdtemp(prefix="bench_step_")
     cfg = load_config("examples/tiny_cpu/vapo.yaml", [

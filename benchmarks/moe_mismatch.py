@@ -32,8 +32,8 @@ from pathlib import Path
 
 VARIANTS = {"none": [], "tis": ["algorithm.tis_cap=2"], "replay": ["algorithm.routing_replay=true"],
             "replay+tis": ["algorithm.routing_replay=true", "algorithm.tis_cap=2"]}
-COLUMNS = ("rollout_logprob_diff", "moe_replay_changed_frac", "tis_ratio_mean", "tis_capped_frac", "policy_loss",
-           "grad_norm_actor", "moe_aux_loss")
+COLUMNS = ("rollout_logprob_diff", "policy/moe_replay_changed_frac", "policy/tis_ratio_mean", "policy/tis_capped_frac",
+           "policy/pg_loss", "policy/grad_norm", "policy/moe_aux_loss")
 
 
 def prepare(root: Path) -> Path:

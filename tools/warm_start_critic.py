@@ -1,5 +1,5 @@
 """Warm-start the critic on verifier-scored samples of the initial policy (a stand-in for the paper's reward-model
-initialisation; vapo_megatron/warm_start.py says how), and write a HF critic directory for model.critic_hf_dir.
+initialisation; vapo_megatron/train/warm_start.py says how), and write a HF critic directory for model.critic_hf_dir.
 
     python tools/warm_start_critic.py --config examples/tiny_cpu/vapo.yaml --out runs/tiny_cpu/critic_ws
     python tools/warm_start_critic.py --config run.yaml --out critic --samples-per-prompt 16 --steps 600 \\
@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import json
 
-from vapo_megatron.warm_start import WarmStartSettings, warm_start_critic
+from vapo_megatron.train.warm_start import WarmStartSettings, warm_start_critic
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,8 +65,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from vapo_megatron.config import load_config, validate
     from vapo_megatron.models.hf_config import load_arch
-    from vapo_megatron.preflight import preflight
-    from vapo_megatron.trainer import train
+    from vapo_megatron.train.loop import train
+    from vapo_megatron.train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -90,6 +90,7 @@ def init_single_process(device: str) -> None:
 def bench_train_step(arch, args, dtype: torch.dtype) -> tuple[dict, torch.nn.Module]:
     """Megatron forward + backward + optimizer step on random tokens; the loss is the policy's log-prob path.
     Returns the timings and the (trained) model."""
+    from vapo_megatron.data.rl_batch import MicroBatch
     from vapo_megatron.engine.build import build_model
     from vapo_megatron.engine.optim import build_optimizer
     from vapo_megatron.engine.schedule import forward_backward
@@ -99,12 +100,12 @@ def bench_train_step(arch, args, dtype: torch.dtype) -> tuple[dict, torch.nn.Mod
     built = build_model(arch, ParallelConfig(), "policy", params_dtype=dtype)
     optimizer = build_optimizer(built.model, lr=1e-6, bf16=dtype == torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
-    micro = [{"input_ids": torch.randint(0, arch.vocab_size, (args.micro_batch, args.seq_len), generator=gen)
-              .to(args.device)} for _ in range(args.micro_batches)]
+    micro = [MicroBatch(input_ids=torch.randint(0, arch.vocab_size, (args.micro_batch, args.seq_len), generator=gen)
+              .to(args.device)) for _ in range(args.micro_batches)]
     tokens = args.micro_batch * args.seq_len * args.micro_batches
 
     def loss_fn(logits, mb):
-        targets = torch.roll(mb["input_ids"], -1, dims=1)
+        targets = torch.roll(mb.input_ids, -1, dims=1)
         logprobs, _ = megatron_vocab_logprobs_entropy(logits, targets, arch.vocab_size)
         loss = -logprobs.sum() / tokens  # token-level mean over the whole step, as the trainer's losses
         return loss, {"loss": loss.detach()}
@@ -112,7 +113,7 @@ def bench_train_step(arch, args, dtype: torch.dtype) -> tuple[dict, torch.nn.Mod
     def step():
         built.model.zero_grad_buffer()
         optimizer.zero_grad()
-        forward_backward(built.model, micro, loss_fn)
+        forward_backward(built.model, micro, loss_fn, groups=built.groups)
         optimizer.step()
 
     times = timed(step, args.device, args.repeats, args.warmup)

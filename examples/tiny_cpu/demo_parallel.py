@@ -23,6 +23,7 @@ def main() -> None:
     initialize(parallel)
     from safetensors.torch import load_file
 
+    from vapo_megatron.data.rl_batch import MicroBatch
     from vapo_megatron.engine.build import build_model
     from vapo_megatron.engine.schedule import forward_backward
     from vapo_megatron.models.hf_config import load_arch
@@ -36,12 +37,13 @@ def main() -> None:
     hf = load_file(os.path.join(hf_dir, "model.safetensors"))
     hf["score.weight"] = torch.randn(1, arch.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
     g = torch.Generator().manual_seed(1)
-    micro = [dict(input_ids=torch.randint(3, arch.vocab_size, (2, 32), generator=g)) for _ in range(2)]
+    micro = [MicroBatch(input_ids=torch.randint(3, arch.vocab_size, (2, 32), generator=g)) for _ in range(2)]
     for role in ("policy", "critic"):
         built = build_model(arch, parallel, role, hf_get=hf.__getitem__)
         t0 = time.time()
         stats = forward_backward(built.model, micro, lambda out, mb: (out.float().square().mean(),
-                                                                       {"mean_sq": out.detach().square().mean()}))
+                                                                       {"mean_sq": out.detach().square().mean()}),
+                                 groups=built.groups)
         if stats:
             print(f"[rank {dist.get_rank()}] {role}: tp={tp} pp={pp} sp={parallel.sequence_parallel} "
                   f"fwd+bwd of {len(micro)} micro-batches in {time.time() - t0:.2f}s; "

@@ -56,15 +56,14 @@ def _body(hf_dir: str, run_dir: str) -> dict:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     from vapo_megatron.config import AlgorithmConfig
-    from vapo_megatron.engine.objectives import actor_loss_fn
+    from vapo_megatron.engine.objectives import actor_objective, minibatch_counts
     from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
     from vapo_megatron.testing.engines import build_engine, synthetic_rl_batch
-    from vapo_megatron.trainer_parts import minibatch_counts
 
     layouts = RoleLayouts(ParallelConfig(), ParallelConfig())
     eng = build_engine(hf_dir, "policy", layouts, params_dtype=torch.bfloat16, use_distributed_optimizer=True)
     batch = synthetic_rl_batch(8, VOCAB, seed=2)
-    loss_fn = actor_loss_fn(AlgorithmConfig(positive_lm_coef=1.0), minibatch_counts(batch), VOCAB)
+    loss_fn = actor_objective(AlgorithmConfig(positive_lm_coef=1.0), minibatch_counts(batch), VOCAB)
     steps = [eng.train_step(batch, loss_fn) for _ in range(3)]
     inner = eng.optimizer.chained_optimizers
     shards = [t for o in inner for g in o.shard_fp32_from_float16_groups for t in g]
@@ -91,8 +90,8 @@ def _body(hf_dir: str, run_dir: str) -> dict:
             "fp32_params": [n for n, p in eng.model.named_parameters() if p.dtype == torch.float32],
             "shard_dtypes": sorted({str(t.dtype) for t in shards}),
             "moment_dtypes": sorted({str(v.dtype) for v in moments}),
-            "losses": [s["policy_loss"] + s.get("nll_loss", 0.0) for s in steps],
-            "skipped": [s["skipped"] for s in steps],
+            "losses": [s["policy/pg_loss"] + s["policy/nll_loss"] for s in steps],
+            "skipped": [s["policy/skipped"] for s in steps],
             "copied_back": all(torch.equal(p.detach(), m.to(torch.bfloat16)) for p, m in master),
             "ckpt_distributed": _round_trip(eng, batch, loss_fn, f"{run_dir}/distributed"),
             "ckpt_plain": _round_trip(plain, batch, loss_fn, f"{run_dir}/plain")}

@@ -25,62 +25,51 @@ KILL_CODE = 17
 
 
 def _build(hf_dir: str):
-    from vapo_megatron.convert.hf_io import HFCheckpointReader
-    from vapo_megatron.engine.model_engine import ModelEngine
-    from vapo_megatron.models.hf_config import load_arch
     from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
+    from vapo_megatron.testing.engines import build_engine
 
-    arch = load_arch(hf_dir)
-    reader = HFCheckpointReader(hf_dir)
-    policy_par, critic_par = ParallelConfig(tp=2), ParallelConfig(tp=1)
-    layouts = RoleLayouts(policy_par, critic_par, seed=1234)
-    gen = torch.Generator().manual_seed(5)
-    score = torch.randn(1, arch.hidden_size, generator=gen) * 0.02
-
-    def critic_get(name):
-        return score if name == "score.weight" else reader.get(name)
-
+    layouts = RoleLayouts(ParallelConfig(tp=2), ParallelConfig(tp=1), seed=1234)
     common = dict(lr=1e-2, warmup_steps=3, micro_batch_size=2)
-    return {"policy": ModelEngine("policy", arch, policy_par, layouts, hf_get=reader.get, **common),
-            "critic": ModelEngine("critic", arch, critic_par, layouts, hf_get=critic_get,
-                                  use_distributed_optimizer=True, **common)}
+    return {"policy": build_engine(hf_dir, "policy", layouts, **common),
+            "critic": build_engine(hf_dir, "critic", layouts, use_distributed_optimizer=True, **common)}
 
 
-def _batch() -> dict:
+def _batch():
+    from vapo_megatron.data.rl_batch import RLBatch
+
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, VOCAB, (N, S), generator=gen)
     mask = torch.ones(N, R)
     mask[1, 5:] = 0
-    return {"input_ids": ids, "targets": torch.roll(ids, -1, dims=1),
-            "resp_pos": (S - R - 1 + torch.arange(R)).expand(N, R).contiguous(), "resp_mask": mask,
-            "returns": torch.randn(N, R, generator=gen)}
+    return RLBatch.from_tensors(ids, [S - R] * N, mask, returns=torch.randn(N, R, generator=gen))
 
 
-def _policy_loss(logits, mb):
-    from vapo_megatron.engine.objectives import response_logprobs
+def _objectives(tokens: float) -> dict:
+    """The test's losses, normalised by the mini-batch's token count `tokens`."""
+    from vapo_megatron.engine.objectives import Objective, response_logprobs, response_values
 
-    lp, _ = response_logprobs(logits, mb, VOCAB)
-    loss = -(lp * mb["resp_mask"]).sum() / mb["tokens"][0]
-    return loss, {"loss": loss.detach()}
+    def policy_loss(logits, mb):
+        lp, _ = response_logprobs(logits, mb, VOCAB)
+        loss = -(lp * mb.resp_mask).sum() / tokens
+        return loss, {"loss": loss.detach()}
+
+    def critic_loss(values, mb):
+        v = response_values(values, mb)
+        loss = 0.5 * ((v - mb.returns) ** 2 * mb.resp_mask).sum() / tokens
+        return loss, {"loss": loss.detach()}
+
+    return {"policy": Objective(policy_loss, ("loss",)), "critic": Objective(critic_loss, ("loss",))}
 
 
-def _critic_loss(values, mb):
-    from vapo_megatron.engine.objectives import response_values
-
-    v = response_values(values, mb)
-    loss = 0.5 * ((v - mb["returns"]) ** 2 * mb["resp_mask"]).sum() / mb["tokens"][0]
-    return loss, {"loss": loss.detach()}
-
-
-def _train(engines: dict, batch: dict, step: int) -> dict:
-    batch = dict(batch, tokens=batch["resp_mask"].sum().expand(N))  # global token count, on every sample
+def _train(engines: dict, batch, step: int) -> dict:
+    objectives = _objectives(float(batch.resp_mask.sum()))
     out = {}
-    for role, loss_fn in (("critic", _critic_loss), ("policy", _policy_loss)):
+    for role in ("critic", "policy"):
         if role == "policy" and step == 1:
             continue  # "value pretraining": the policy's optimizer has no state yet
-        m = engines[role].train_step(batch, loss_fn)
-        assert m["skipped"] == 0
-        out[role] = (m["loss"], m["grad_norm"], m["lr"])
+        m = engines[role].train_step(batch, objectives[role])
+        assert m[f"{role}/skipped"] == 0
+        out[role] = (m[f"{role}/loss"], m[f"{role}/grad_norm"], m[f"{role}/lr"])
     return out
 
 

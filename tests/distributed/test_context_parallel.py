@@ -21,16 +21,21 @@ VOCAB = 128
 
 def _run(hf_dir: str, layouts, batch: dict, agg: str, **kw) -> dict:
     from vapo_megatron.config import AlgorithmConfig
-    from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn, response_logprobs, response_values
+    from vapo_megatron.engine.objectives import (
+        actor_objective,
+        critic_objective,
+        minibatch_counts,
+        response_logprobs,
+        response_values,
+    )
     from vapo_megatron.testing.engines import build_engine
-    from vapo_megatron.trainer_parts import minibatch_counts
 
     alg, counts = AlgorithmConfig(loss_agg=agg), minibatch_counts(batch)
     actor, critic = build_engine(hf_dir, "policy", layouts, **kw), build_engine(hf_dir, "critic", layouts, **kw)
     out = {"logprobs": actor.forward(batch, lambda o, mb: response_logprobs(o, mb, VOCAB)[0]),
            "values": critic.forward(batch, lambda o, mb: response_values(o, mb)),
-           "actor": actor.train_step(batch, actor_loss_fn(alg, counts, VOCAB)),
-           "critic": critic.train_step(batch, critic_loss_fn(alg, counts))}
+           "actor": actor.train_step(batch, actor_objective(alg, counts, VOCAB)),
+           "critic": critic.train_step(batch, critic_objective(alg, counts))}
     out["grads"] = {}
     for name, engine, role in (("actor", actor, "policy"), ("critic", critic, "critic")):
         with layouts.use(role):
@@ -69,7 +74,7 @@ def _body(hf_dir: str, layout: dict, agg: str, kw: dict) -> dict:
     batch = synthetic_rl_batch(8, VOCAB, seed=7, pad_to_multiple=16)
     ref = _run(hf_dir, RoleLayouts(ParallelConfig(), ParallelConfig()), batch, agg, **kw)
     cp = _run(hf_dir, RoleLayouts(ParallelConfig(**layout), ParallelConfig(**layout)), batch, agg, **kw)
-    mask = batch["resp_mask"]
+    mask = batch.resp_mask
     diffs = {k: ((ref[k] - cp[k]) * mask).abs().max().item() for k in ("logprobs", "values")}
     for role in ("actor", "critic"):
         diffs.update({f"{role}.{k}": abs(v - cp[role][k]) for k, v in ref[role].items()

@@ -105,7 +105,9 @@ def _outputs(model, ids, role):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from vapo_megatron.data.rl_batch import MicroBatch
     from vapo_megatron.engine.schedule import forward_backward
+    from vapo_megatron.parallel.layout import current_groups
 
     tp = ps.get_tensor_model_parallel_world_size()
 
@@ -116,7 +118,8 @@ def _outputs(model, ids, role):
         dist.all_gather(parts, out.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
         return torch.cat(parts, -1)
 
-    outs = forward_backward(model, [{"input_ids": ids}], None, forward_only=True, output_fn=gather)
+    outs = forward_backward(model, [MicroBatch(input_ids=ids)], None, forward_only=True, output_fn=gather,
+                            groups=current_groups())
     return outs[0] if outs else None
 
 

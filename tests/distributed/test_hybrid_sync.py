@@ -20,6 +20,7 @@ def _body(hf_dir: str):
     from safetensors.torch import load_file
 
     from vapo_megatron.convert.mapping import iter_hf_to_full
+    from vapo_megatron.data.rl_batch import MicroBatch
     from vapo_megatron.engine.build import build_model
     from vapo_megatron.engine.export import iter_hf_tensors
     from vapo_megatron.engine.optim import build_optimizer
@@ -46,7 +47,8 @@ def _body(hf_dir: str):
         stats = engine.update_weights(iter_hf_tensors(built.model, arch), bucket_bytes=64 * 1024)
         out = engine.generate(PROMPTS, greedy)
         tokens = [p + r for p, r in zip(PROMPTS, out.response_ids)]
-        meg = megatron_response_logprobs(built.model, arch, tokens, [len(p) for p in PROMPTS], out.lengths.tolist())
+        meg = megatron_response_logprobs(built.model, arch, tokens, [len(p) for p in PROMPTS], out.lengths.tolist(),
+                                     groups=built.groups)
         if meg is not None:
             diff = max((m - torch.tensor(v)).abs().max().item() for m, v in zip(meg, out.rollout_logprobs))
             change = None if old_lp is None else max((m - o).abs().max().item() for m, o in zip(meg, old_lp))
@@ -58,7 +60,8 @@ def _body(hf_dir: str):
         ids = torch.zeros(2, SEQ, dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.tensor(t)
-        forward_backward(built.model, [dict(input_ids=ids)], lambda logits, mb: (logits.float().mean(), {}))
+        forward_backward(built.model, [MicroBatch(input_ids=ids)], lambda logits, mb: (logits.float().mean(), {}),
+                         groups=built.groups)
         optimizer.step()
     engine.shutdown()
     return report

@@ -55,11 +55,10 @@ def _snapshot(engines: dict) -> dict:
 
 def _body(hf_dir: str, distributed_optimizer: bool) -> dict:
     from vapo_megatron.config import AlgorithmConfig
-    from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn
+    from vapo_megatron.engine.objectives import actor_objective, critic_objective, minibatch_counts
     from vapo_megatron.engine.offload import StateOffloader
     from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
     from vapo_megatron.testing.engines import build_engine, synthetic_rl_batch
-    from vapo_megatron.trainer_parts import minibatch_counts
 
     layouts = RoleLayouts(ParallelConfig(), ParallelConfig())
     kw = dict(use_distributed_optimizer=distributed_optimizer)
@@ -75,9 +74,10 @@ def _body(hf_dir: str, distributed_optimizer: bool) -> dict:
         batch = synthetic_rl_batch(8, VOCAB, seed=step)
         counts = minibatch_counts(batch)
         for name, engines in (("ref", ref), ("off", off)):
-            c = engines["critic"].train_step(batch, critic_loss_fn(alg, counts))
-            a = engines["policy"].train_step(batch, actor_loss_fn(alg, counts, VOCAB))
-            hist[name].append((c["value_loss"], c["grad_norm"], a["policy_loss"], a["grad_norm"]))
+            c = engines["critic"].train_step(batch, critic_objective(alg, counts))
+            a = engines["policy"].train_step(batch, actor_objective(alg, counts, VOCAB))
+            hist[name].append((c["critic/value_loss"], c["critic/grad_norm"], a["policy/pg_loss"],
+                               a["policy/grad_norm"]))
         moved.append(offloader.offload())
         resident.append(resident_tensors(off))
         offloader.reload()

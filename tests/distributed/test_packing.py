@@ -28,17 +28,22 @@ LAYOUTS = {"tp1": {}, "tp2_sp": dict(tp=2, sequence_parallel=True), "pp2": dict(
 
 def _run(hf_dir: str, layouts, batch, **kw) -> dict:
     from vapo_megatron.config import AlgorithmConfig
-    from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn, response_logprobs, response_values
+    from vapo_megatron.engine.objectives import (
+        actor_objective,
+        critic_objective,
+        minibatch_counts,
+        response_logprobs,
+        response_values,
+    )
     from vapo_megatron.testing.engines import build_engine
-    from vapo_megatron.trainer_parts import minibatch_counts
 
     alg, counts = AlgorithmConfig(), minibatch_counts(batch)
     actor, critic = build_engine(hf_dir, "policy", layouts, **kw), build_engine(hf_dir, "critic", layouts, **kw)
     out = {"logprobs": actor.forward(batch, lambda o, mb: response_logprobs(o, mb, VOCAB)[0]),
            "entropies": actor.forward(batch, lambda o, mb: response_logprobs(o, mb, VOCAB)[1]),
            "values": critic.forward(batch, lambda o, mb: response_values(o, mb)),
-           "actor": actor.train_step(batch, actor_loss_fn(alg, counts, VOCAB)),
-           "critic": critic.train_step(batch, critic_loss_fn(alg, counts)),
+           "actor": actor.train_step(batch, actor_objective(alg, counts, VOCAB)),
+           "critic": critic.train_step(batch, critic_objective(alg, counts)),
            "grads": [p.main_grad.detach().clone() for e in (actor, critic) for p in e.model.parameters()]}
     with layouts.use("policy"):
         micro = actor._micro_batches(batch)[0]
@@ -51,7 +56,7 @@ def _body(hf_dir: str) -> dict:
     from vapo_megatron.testing.engines import synthetic_rl_batch
 
     batch = synthetic_rl_batch(len(LENGTHS), VOCAB, seed=11, lengths=LENGTHS, prompt_len=(2, 14))
-    mask = batch["resp_mask"]
+    mask = batch.resp_mask
     report = {}
     for name, layout in LAYOUTS.items():
         layouts = RoleLayouts(ParallelConfig(**layout), ParallelConfig(**layout))
@@ -64,9 +69,9 @@ def _body(hf_dir: str) -> dict:
                           if k not in ("lr", "padding_waste")})
         diffs["grads"] = max((a - b).abs().max().item() for a, b in zip(padded["grads"], packed["grads"]))
         report[name] = {"diffs": diffs, "n_micro": packed["n_micro"], "packed": (padded["packed"], packed["packed"]),
-                        "waste": {m: (r["actor"]["padding_waste"], r["critic"]["padding_waste"])
+                        "waste": {m: (r["actor"]["policy/padding_waste"], r["critic"]["critic/padding_waste"])
                                   for m, r in (("padded", padded), ("packed", packed))},
-                        "grad_norm": padded["actor"]["grad_norm"], "keys": sorted(padded["actor"])}
+                        "grad_norm": padded["actor"]["policy/grad_norm"], "keys": sorted(padded["actor"])}
     return report
 
 
@@ -82,7 +87,7 @@ def test_packed_equals_padded_at_tp1_tp2sp_pp2_cp2(hf_dir):
             bad = {k: v for k, v in r["diffs"].items() if not v <= 2e-5}
             assert not bad, f"rank {rank}, {name}: packed differs from padded: {bad}"
             assert r["packed"] == (False, True), (name, r["packed"])
-            assert "policy_loss" in r["keys"] and r["grad_norm"] > 0
+            assert "policy/pg_loss" in r["keys"] and r["grad_norm"] > 0
             (pad_a, pad_c), (pack_a, pack_c) = r["waste"]["padded"], r["waste"]["packed"]
             assert pack_a < pad_a and pack_c < pad_c, (name, r["waste"])
     tp1 = [report["tp1"] for report in results]

@@ -104,7 +104,8 @@ def _sync_report(hf_dir: str, parallel) -> dict:
     buckets = engine.update_weights(iter_hf_tensors(built.model, arch), bucket_bytes=16 * 1024).buckets
     out = engine.generate(PROMPTS, SamplingConfig(n=1, temperature=0.0, max_tokens=8, seed=0))
     tokens = [p + r for p, r in zip(PROMPTS, out.response_ids)]
-    meg = megatron_response_logprobs(built.model, arch, tokens, [len(p) for p in PROMPTS], out.lengths.tolist())
+    meg = megatron_response_logprobs(built.model, arch, tokens, [len(p) for p in PROMPTS], out.lengths.tolist(),
+                                     groups=built.groups)
     engine.shutdown()
     diff = max((m - torch.tensor(v)).abs().max().item() for m, v in zip(meg, out.rollout_logprobs))
     return dict(diff=diff, buckets=buckets)
@@ -117,8 +118,10 @@ def _load_checkpoint(ckpt_dir: str, parallel) -> torch.Tensor | None:
     from megatron.core import parallel_state as ps
 
     from vapo_megatron.convert.dist_ckpt import load_model, read_info
+    from vapo_megatron.data.rl_batch import MicroBatch
     from vapo_megatron.engine.build import build_model
     from vapo_megatron.engine.schedule import forward_backward
+    from vapo_megatron.parallel.layout import current_groups
 
     arch = read_info(ckpt_dir).arch
     model = build_model(arch, parallel, "policy", ddp=False).model
@@ -130,8 +133,8 @@ def _load_checkpoint(ckpt_dir: str, parallel) -> torch.Tensor | None:
         dist.all_gather(parts, out.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
         return torch.cat(parts, -1)[..., : arch.vocab_size]
 
-    out = forward_backward(model, [dict(input_ids=_inputs(arch.vocab_size)[0][0])], None, forward_only=True,
-                           output_fn=gather)
+    out = forward_backward(model, [MicroBatch(input_ids=_inputs(arch.vocab_size)[0][0])], None, forward_only=True,
+                           output_fn=gather, groups=current_groups())
     return out[0] if out else None
 
 

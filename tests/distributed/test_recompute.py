@@ -18,10 +18,9 @@ def _body(hf_dir: str, tp: int) -> dict:
     from megatron.core.tensor_parallel import random as mrandom
 
     from vapo_megatron.config import AlgorithmConfig
-    from vapo_megatron.engine.objectives import actor_loss_fn
+    from vapo_megatron.engine.objectives import actor_objective, minibatch_counts
     from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
     from vapo_megatron.testing.engines import build_engine, synthetic_rl_batch
-    from vapo_megatron.trainer_parts import minibatch_counts
 
     calls = {"n": 0}
     forward = mrandom.CheckpointFunction.forward
@@ -33,7 +32,7 @@ def _body(hf_dir: str, tp: int) -> dict:
     mrandom.CheckpointFunction.forward = staticmethod(counting_forward)
     layouts = RoleLayouts(ParallelConfig(tp=tp, sequence_parallel=tp > 1), ParallelConfig())
     batch = synthetic_rl_batch(4, VOCAB, seed=1, pad_to_multiple=8 * tp)
-    loss_fn = actor_loss_fn(AlgorithmConfig(), minibatch_counts(batch), VOCAB)
+    loss_fn = actor_objective(AlgorithmConfig(), minibatch_counts(batch), VOCAB)
     out = {}
     for mode, layers in (("none", 1), *MODES):
         eng = build_engine(hf_dir, "policy", layouts, recompute=mode, recompute_num_layers=layers)

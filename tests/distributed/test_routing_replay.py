@@ -54,10 +54,9 @@ def _forced(shape: tuple[int, ...], num_moe_layers: int, seed: int) -> torch.Ten
 def _engine_body(hf_dir: str, routed: torch.Tensor) -> dict:
     """The policy engine at EP2 with and without the switch, padded and packed."""
     from vapo_megatron.config import AlgorithmConfig
-    from vapo_megatron.engine.objectives import actor_loss_fn, response_logprobs
+    from vapo_megatron.engine.objectives import actor_objective, minibatch_counts, response_logprobs
     from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
     from vapo_megatron.testing.engines import build_engine
-    from vapo_megatron.trainer_parts import minibatch_counts
 
     layouts = RoleLayouts(ParallelConfig(ep=2), ParallelConfig(ep=2))
     batch = _rl_batch()
@@ -74,7 +73,7 @@ def _engine_body(hf_dir: str, routed: torch.Tensor) -> dict:
                     out[name, "refusal"] = str(e)
             batch.routed_experts = routed
             logprobs = engine.forward(batch, lambda o, mb: response_logprobs(o, mb, 128)[0])
-            metrics = engine.train_step(batch, actor_loss_fn(AlgorithmConfig(), minibatch_counts(batch), 128))
+            metrics = engine.train_step(batch, actor_objective(AlgorithmConfig(), minibatch_counts(batch), 128))
             out[name, switch] = dict(logprobs=logprobs, metrics=metrics)
             batch = _rl_batch()
     return out
@@ -85,11 +84,12 @@ def _body(hf_dir: str, routed: torch.Tensor, engine_routed: torch.Tensor) -> dic
     from megatron.core import parallel_state as ps
 
     from vapo_megatron.convert.hf_io import HFCheckpointReader
+    from vapo_megatron.data.rl_batch import MicroBatch
     from vapo_megatron.engine.build import build_model
     from vapo_megatron.engine.schedule import forward_backward
     from vapo_megatron.models.hf_config import load_arch
     from vapo_megatron.models.moe import RoutingCounter, RoutingReplay
-    from vapo_megatron.parallel.layout import ParallelConfig, initialize
+    from vapo_megatron.parallel.layout import ParallelConfig, current_groups, initialize
 
     arch, results = load_arch(hf_dir), {}
     for tp, sp, ep in LAYOUTS:
@@ -108,8 +108,9 @@ def _body(hf_dir: str, routed: torch.Tensor, engine_routed: torch.Tensor) -> dic
         for switch in (True, False):
             counter.reset()
             counter.active = True
-            out = forward_backward(model, [dict(input_ids=_ids(), routed_experts=routed)], None, forward_only=True,
-                                   output_fn=gather, routing_replay=replay if switch else None)
+            out = forward_backward(model, [MicroBatch(input_ids=_ids(), routed_experts=routed)], None,
+                                   forward_only=True, output_fn=gather, routing_replay=replay if switch else None,
+                                   groups=current_groups())
             counter.active = False
             counts = counter.counts.clone()
             dist.all_reduce(counts, group=ps.get_tensor_model_parallel_group())  # SP: each TP rank its shard
@@ -228,7 +229,7 @@ def test_engine_replays_the_batch_routing_padded_and_packed(hf_dir, spawned):
             torch.testing.assert_close(on["logprobs"][mask], reference[mask], atol=1e-5, rtol=0,
                                        msg=f"{what}: replayed log-probs != HF forced to the same experts")
             assert (off["logprobs"][mask] - reference[mask]).abs().max() > 1e-3, f"{what}: switch has no effect"
-            assert on["metrics"]["moe_replayed_tokens"] == real_tokens, (what, on["metrics"], real_tokens)
-            assert on["metrics"]["moe_replay_changed_frac"] > 0.2, (what, on["metrics"])
-            assert "moe_replayed_tokens" not in off["metrics"], what
+            assert on["metrics"]["policy/moe_replayed_tokens"] == real_tokens, (what, on["metrics"], real_tokens)
+            assert on["metrics"]["policy/moe_replay_changed_frac"] > 0.2, (what, on["metrics"])
+            assert "policy/moe_replayed_tokens" not in off["metrics"], what
             assert "no routed_experts" in (r["engine"][name, "refusal"] or ""), (what, r["engine"][name, "refusal"])

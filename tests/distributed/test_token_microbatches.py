@@ -22,16 +22,21 @@ LENGTHS = [20, 17, 19, 20, 2, 5, 3, 1]  # responses: long rows on DP rank 0, sho
 
 def _run(hf_dir: str, layouts, batch: dict, **kw) -> dict:
     from vapo_megatron.config import AlgorithmConfig
-    from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn, response_logprobs, response_values
+    from vapo_megatron.engine.objectives import (
+        actor_objective,
+        critic_objective,
+        minibatch_counts,
+        response_logprobs,
+        response_values,
+    )
     from vapo_megatron.testing.engines import build_engine
-    from vapo_megatron.trainer_parts import minibatch_counts
 
     alg, counts = AlgorithmConfig(), minibatch_counts(batch)
     actor, critic = build_engine(hf_dir, "policy", layouts, **kw), build_engine(hf_dir, "critic", layouts, **kw)
     out = {"logprobs": actor.forward(batch, lambda o, mb: response_logprobs(o, mb, VOCAB)[0]),
            "values": critic.forward(batch, lambda o, mb: response_values(o, mb)),
-           "actor": actor.train_step(batch, actor_loss_fn(alg, counts, VOCAB)),
-           "critic": critic.train_step(batch, critic_loss_fn(alg, counts)),
+           "actor": actor.train_step(batch, actor_objective(alg, counts, VOCAB)),
+           "critic": critic.train_step(batch, critic_objective(alg, counts)),
            "grads": [p.main_grad.detach().clone() for e in (actor, critic) for p in e.model.parameters()]}
     with layouts.use("policy"):
         out["n_micro"] = len(actor._micro_batches(batch)[0])
@@ -47,13 +52,13 @@ def _body(hf_dir: str, pp: int) -> dict:
     # the padded path (packing off): tests/distributed/test_packing.py compares packed with it
     fixed = _run(hf_dir, layouts, batch, micro_batch_size=2, pack_sequences=False)
     tokens = _run(hf_dir, layouts, batch, micro_batch_tokens=BUDGET, pack_sequences=False)
-    mask = batch["resp_mask"]  # padded response slots read arbitrary positions in either split
+    mask = batch.resp_mask  # padded response slots read arbitrary positions in either split
     diffs = {k: ((fixed[k] - tokens[k]) * mask).abs().max().item() for k in ("logprobs", "values")}
     for role in ("actor", "critic"):
         diffs.update({f"{role}.{k}": abs(v - tokens[role][k]) for k, v in fixed[role].items()
                       if k not in ("lr", "padding_waste")})
     diffs["grads"] = max((a - b).abs().max().item() for a, b in zip(fixed["grads"], tokens["grads"]))
-    waste = {m: (r["actor"]["padding_waste"], r["critic"]["padding_waste"]) for m, r in
+    waste = {m: (r["actor"]["policy/padding_waste"], r["critic"]["critic/padding_waste"]) for m, r in
              (("fixed", fixed), ("tokens", tokens))}
     return {"diffs": diffs, "waste": waste, "n_micro": (fixed["n_micro"], tokens["n_micro"]),
             "keys": sorted(fixed["actor"])}
@@ -70,7 +75,7 @@ def test_token_microbatches_equal_fixed_microbatches(hf_dir, pp):
     for rank, r in enumerate(results):
         bad = {k: v for k, v in r["diffs"].items() if not v <= 1e-6}
         assert not bad, f"rank {rank}: token micro-batches differ from fixed ones: {bad}"
-        assert "policy_loss" in r["keys"] and "clip_frac_high" in r["keys"]
+        assert "policy/pg_loss" in r["keys"] and "policy/clip_frac_high" in r["keys"]
         (fixed_a, fixed_c), (tok_a, tok_c) = r["waste"]["fixed"], r["waste"]["tokens"]
         assert tok_a < fixed_a and tok_c < fixed_c, f"padding waste did not drop: {r['waste']}"
     if pp == 1:  # the DP ranks packed different numbers of micro-batches

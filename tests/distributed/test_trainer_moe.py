@@ -30,7 +30,7 @@ def _run_body(overrides: list[str], resume: bool):
 
     from vapo_megatron.config import load_config, validate
     from vapo_megatron.models.hf_config import load_arch
-    from vapo_megatron.trainer import Trainer
+    from vapo_megatron.train.loop import Trainer
 
     cfg = load_config(None, overrides)
     validate(cfg, dist.get_world_size(), load_arch(cfg.model.hf_dir))
@@ -67,17 +67,19 @@ def test_moe_policy_and_critic_at_ep2_train_checkpoint_and_resume_exactly(assets
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     assert last["rollout_logprob_diff"] < 1e-4, "vLLM and the EP2 MoE policy disagree: expert sync broken"
-    assert last["actor_skipped"] == 0 and last["critic_skipped"] == 0
+    assert last["policy/skipped"] == 0 and last["critic/skipped"] == 0
     for key in MOE_METRICS:
-        assert key in last and f"{key}_critic" in last, f"metrics.jsonl lacks {key}"
-    assert last["moe_tokens_per_expert_max"] >= last["moe_tokens_per_expert_mean"] > 0
-    assert last["moe_load_max_over_mean"] >= 1.0 and math.isfinite(last["moe_aux_loss"]) and last["moe_aux_loss"] > 0
+        assert f"policy/{key}" in last and f"critic/{key}" in last, f"metrics.jsonl lacks {key}"
+    assert last["policy/moe_tokens_per_expert_max"] >= last["policy/moe_tokens_per_expert_mean"] > 0
+    assert last["policy/moe_load_max_over_mean"] >= 1.0
+    assert math.isfinite(last["policy/moe_aux_loss"]) and last["policy/moe_aux_loss"] > 0
 
     shutil.rmtree(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
     resumed = run_distributed(_run_body, 2, overrides, True, timeout=900)[0]
     assert full["step"] == resumed["step"]
     compared = [k for k, v in full.items() if isinstance(v, float) and not k.startswith("t_")]
-    assert {"policy_loss", "value_loss", "grad_norm_actor", "moe_aux_loss", "rollout_logprob_diff"} <= set(compared)
+    assert {"policy/pg_loss", "critic/value_loss", "policy/grad_norm", "policy/moe_aux_loss",
+            "rollout_logprob_diff"} <= set(compared)
     differ = [f"{k}: {resumed[k]} vs {full[k]}" for k in compared
               if not (math.isnan(full[k]) and math.isnan(resumed[k]))
               and not abs(resumed[k] - full[k]) <= 1e-6 * max(1.0, abs(full[k]))]
@@ -92,8 +94,8 @@ def test_routing_replay_switch_in_the_trainer(assets, tmp_path):
     ppo = [r for r in rows if r.get("phase") == "ppo"]
     assert len(ppo) == 2
     for r in ppo:
-        assert r["moe_replayed_tokens"] > 0, "the policy's update forwards did not replay the recorded experts"
-        assert 0 <= r["moe_replay_changed_frac"] <= 1
+        assert r["policy/moe_replayed_tokens"] > 0, "the policy's update forwards did not replay the recorded experts"
+        assert 0 <= r["policy/moe_replay_changed_frac"] <= 1
         assert "t_routing_record" in r
         assert r["rollout_logprob_diff"] < 1e-4, "old log-probs under vLLM's recorded routing differ from vLLM's"
-        assert "moe_replayed_tokens_critic" not in r  # the critic routes by itself
+        assert "critic/moe_replayed_tokens" not in r  # the critic routes by itself

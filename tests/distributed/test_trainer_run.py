@@ -16,8 +16,9 @@ from vapo_megatron.testing.dist import run_distributed
 pytestmark = pytest.mark.distributed
 
 REQUIRED = ("step", "phase", "reward_mean", "accuracy", "response_length_mean", "response_clip_ratio",
-            "value_loss", "explained_variance", "policy_loss", "nll_loss", "clip_frac_low", "clip_frac_high",
-            "entropy", "approx_kl", "grad_norm_actor", "grad_norm_critic", "rollout_logprob_diff",
+            "critic/value_loss", "explained_variance", "policy/pg_loss", "policy/nll_loss", "policy/clip_frac_low",
+            "policy/clip_frac_high", "policy/entropy", "policy/approx_kl", "policy/grad_norm", "critic/grad_norm",
+            "rollout_logprob_diff",
             "lam_policy_mean", "t_generation", "t_reward", "t_critic_forward", "t_old_logprob", "t_actor_update",
             "t_critic_update", "t_weight_sync", "t_other")
 
@@ -27,7 +28,7 @@ def _train_body(overrides: list[str]):
 
     from vapo_megatron.config import load_config, validate
     from vapo_megatron.models.hf_config import load_arch
-    from vapo_megatron.trainer import Trainer
+    from vapo_megatron.train.loop import Trainer
 
     cfg = load_config(None, overrides)
     validate(cfg, dist.get_world_size(), load_arch(cfg.model.hf_dir))
@@ -62,9 +63,9 @@ def test_two_ppo_steps_policy_tp2_pp2_sp_critic_tp2(assets, tmp_path):
         assert key in rows[-1], f"metrics.jsonl lacks {key}"
     assert "val_accuracy" in rows[-1] and "val_accuracy" in rows[0]
     assert rows[-1]["rollout_logprob_diff"] < 1e-4, "vLLM and the TP2xPP2 policy disagree: weight sync broken"
-    assert rows[-1]["actor_skipped"] == 0 and rows[-1]["critic_skipped"] == 0
+    assert rows[-1]["policy/skipped"] == 0 and rows[-1]["critic/skipped"] == 0
     # packed by default (train.pack_sequences): only the stream's alignment to tp (<= 1 token per micro-batch)
-    assert rows[-1]["padding_waste_actor"] < 0.05 and rows[-1]["padding_waste_critic"] < 0.05, rows[-1]
+    assert rows[-1]["policy/padding_waste"] < 0.05 and rows[-1]["critic/padding_waste"] < 0.05, rows[-1]
     assert (run_dir / "curves.png").stat().st_size > 0 and (run_dir / "config.yaml").exists()
     from transformers import AutoModelForCausalLM  # the final policy exported at TP2xPP2 loads in transformers
 
@@ -74,7 +75,7 @@ def test_two_ppo_steps_policy_tp2_pp2_sp_critic_tp2(assets, tmp_path):
 
 def _run_body(overrides: list[str], resume: bool):
     from vapo_megatron.config import load_config
-    from vapo_megatron.trainer import Trainer
+    from vapo_megatron.train.loop import Trainer
 
     return Trainer(load_config(None, overrides), resume=resume).run()
 
@@ -99,7 +100,8 @@ def test_resume_equals_uninterrupted_run(assets, tmp_path):
     resumed = run_distributed(_run_body, 1, overrides, True, timeout=600)[0]
     assert full["step"] == resumed["step"] == 3
     compared = [k for k, v in full.items() if isinstance(v, float) and not k.startswith("t_")]
-    assert {"policy_loss", "value_loss", "grad_norm_actor", "reward_mean", "rollout_logprob_diff"} <= set(compared)
+    assert {"policy/pg_loss", "critic/value_loss", "policy/grad_norm", "reward_mean",
+            "rollout_logprob_diff"} <= set(compared)
     differ = [f"{k}: {resumed[k]} vs {full[k]}" for k in compared
               if not (math.isnan(full[k]) and math.isnan(resumed[k]))
               and not abs(resumed[k] - full[k]) <= 1e-6 * max(1.0, abs(full[k]))]
@@ -130,9 +132,9 @@ def test_context_parallel_run(assets, tmp_path):
     assert [r["phase"] for r in rows] == ["value_pretrain", "ppo"]
     last = rows[-1]
     assert last["rollout_logprob_diff"] < 1e-4, "vLLM and the CP policy disagree"
-    assert abs(last["tis_ratio_mean"] - 1) < 1e-3 and last["tis_capped_frac"] == 0
-    assert last["actor_skipped"] == 0 and last["critic_skipped"] == 0
-    assert math.isfinite(last["policy_loss"]) and last["grad_norm_actor"] > 0 and last["grad_norm_critic"] > 0
+    assert abs(last["policy/tis_ratio_mean"] - 1) < 1e-3 and last["policy/tis_capped_frac"] == 0
+    assert last["policy/skipped"] == 0 and last["critic/skipped"] == 0
+    assert math.isfinite(last["policy/pg_loss"]) and last["policy/grad_norm"] > 0 and last["critic/grad_norm"] > 0
     meta = json.loads(next((run_dir / "checkpoints").glob("step_*/meta.json")).read_text())
     assert '"cp": 2' in json.dumps(meta), meta
     assert all(r["step"] == 2 for r in results)

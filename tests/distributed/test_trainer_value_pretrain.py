@@ -28,7 +28,7 @@ def reward(response, ground_truth, **kwargs):
 
 def _run_body(overrides: list[str], resume: bool):
     from vapo_megatron.config import load_config
-    from vapo_megatron.trainer import Trainer
+    from vapo_megatron.train.loop import Trainer
 
     return Trainer(load_config(None, overrides), resume=resume).run()
 
@@ -66,8 +66,8 @@ def test_ev_threshold_stops_value_pretraining_and_resume_continues(assets, tmp_p
         "value pretraining did not stop at the ev_mc threshold, or PPO did not run train.steps steps after it"
     assert rows[1]["value_pretrain_stop"] == "ev_threshold" and math.isfinite(rows[1]["ev_mc"])
     assert all("ev_mc" in r and "explained_variance" in r for r in rows[1:])
-    assert rows[1]["critic_optimizer_steps"] == 4 and rows[1]["actor_optimizer_steps"] == 0, "2 critic passes x 2"
-    assert rows[2]["critic_optimizer_steps"] == 4 and rows[2]["actor_optimizer_steps"] == 2, "1 actor pass x 2"
+    assert rows[1]["critic/optimizer_steps"] == 4 and rows[1]["policy/optimizer_steps"] == 0, "2 critic passes x 2"
+    assert rows[2]["critic/optimizer_steps"] == 4 and rows[2]["policy/optimizer_steps"] == 2, "1 actor pass x 2"
     assert any("credit_first_error_adv" in r and "credit_rest_wrong_adv" in r for r in rows[1:])
     for step in (2, 3):
         assert (run_dir / "credit" / f"step_{step:04d}.png").stat().st_size > 0
@@ -77,6 +77,6 @@ def test_ev_threshold_stops_value_pretraining_and_resume_continues(assets, tmp_p
     resumed = run_distributed(_run_body, 1, overrides, True, timeout=600)[0]
     assert [r["phase"] for r in _rows(run_dir)] == ["init", "value_pretrain", "ppo", "ppo"]
     assert resumed["step"] == full["step"] == 3 and resumed["phase"] == "ppo"
-    for key in ("policy_loss", "value_loss", "ev_mc", "reward_mean"):
+    for key in ("policy/pg_loss", "critic/value_loss", "ev_mc", "reward_mean"):
         a, b = full[key], resumed[key]
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 * max(1.0, abs(a)), (key, a, b)

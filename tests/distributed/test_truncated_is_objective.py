@@ -1,5 +1,5 @@
 """Truncated importance sampling (`algorithm.tis_cap`) through the path the trainer uses: an `RLBatch` with vLLM's
-`rollout_logprobs` -> its micro-batch -> `actor_loss_fn` on vocabulary-parallel logits (TP=2 over 2 gloo ranks,
+`rollout_logprobs` -> its micro-batch -> `actor_objective` on vocabulary-parallel logits (TP=2 over 2 gloo ranks,
 one spawned run for every case). The loss and its gradient on the logits are checked against a per-token loop
 written from the formulas (clip-higher PPO term weighted by min(p_old / p_rollout, cap), unweighted NLL), on a
 batch where vLLM's log-probs differ from the trainer's. A failure pinpoints the plumbing: the switch ignored, the
@@ -58,8 +58,7 @@ def _actor_loss_body():
     """Each rank: the actor loss of the whole batch on its vocabulary shard of the logits, for every cap."""
     import torch.distributed as dist
 
-    from vapo_megatron.engine.objectives import actor_loss_fn
-    from vapo_megatron.trainer_parts import minibatch_counts
+    from vapo_megatron.engine.objectives import actor_objective, minibatch_counts
 
     rank, out = dist.get_rank(), []
     batch, logits = _batch(seed=0)
@@ -68,7 +67,7 @@ def _actor_loss_body():
     mb = batch.micro_batch(slice(None)).replace(tp_group=dist.group.WORLD)
     for cap in CAPS:
         shard = padded[..., rank * per:(rank + 1) * per].clone().requires_grad_(True)
-        loss, metrics = actor_loss_fn(AlgorithmConfig(tis_cap=cap), minibatch_counts(batch), VOCAB)(shard, mb)
+        loss, metrics = actor_objective(AlgorithmConfig(tis_cap=cap), minibatch_counts(batch), VOCAB)(shard, mb)
         loss.backward()
         out.append((loss.detach(), shard.grad, {k: v.item() for k, v in metrics.items()}))
     return out

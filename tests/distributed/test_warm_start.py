@@ -1,5 +1,5 @@
 """Critic warm start end to end on tiny assets (1 gloo rank): vLLM samples of the initial policy, verifier
-scores, a short fit, a HF critic directory; the trainer's critic loader (trainer_parts._critic_hf_get into the
+scores, a short fit, a HF critic directory; the trainer's critic loader (train.build.critic_hf_get into the
 Megatron critic) must give the values the tool computed, which pinpoints a wrong `score` head name or layout, a
 wrong trunk naming, or a different value alignment (prompt_len - 1 + t)."""
 from __future__ import annotations
@@ -13,32 +13,32 @@ import torch
 from vapo_megatron.data.synthetic import SyntheticDifficulty, write_synthetic_task
 from vapo_megatron.models.tiny import save_tiny_hf_model
 from vapo_megatron.testing.dist import run_distributed
-from vapo_megatron.warm_start import WarmStartSettings
+from vapo_megatron.train.warm_start import WarmStartSettings
 
 pytestmark = pytest.mark.distributed
 
 
 def _body(overrides: list[str], out: str):
     from vapo_megatron.config import load_config
-    from vapo_megatron.engine.model_engine import ModelEngine
+    from vapo_megatron.engine.model_engine import Execution, ModelEngine
     from vapo_megatron.engine.objectives import response_values
     from vapo_megatron.models.hf_config import load_arch
     from vapo_megatron.parallel.layout import RoleLayouts, init_distributed
-    from vapo_megatron.trainer_parts import _critic_hf_get, engine_kwargs
-    from vapo_megatron.warm_start import warm_start_critic
+    from vapo_megatron.train.build import critic_hf_get
+    from vapo_megatron.train.warm_start import warm_start_critic
 
     cfg = load_config(None, overrides)
     result = warm_start_critic(cfg, WarmStartSettings(samples_per_prompt=2, max_prompts=6, steps=3, batch_size=4,
                                                       held_out_fraction=0.34), out)
-    batch, mask = result.batch, result.batch["resp_mask"].bool()
+    batch, mask = result.batch, result.batch.resp_mask.bool()
     with torch.no_grad():
         tool_values = result.model.response_values(batch, torch.arange(len(mask)))
     cfg = load_config(None, [*overrides, f"model.critic_hf_dir={out}"])
     arch = load_arch(cfg.model.hf_dir)
     init_distributed()  # the tool is single-process; the Megatron critic needs a process group
     layouts = RoleLayouts(cfg.policy_parallel, cfg.critic_parallel, seed=1234)
-    critic = ModelEngine("critic", arch, cfg.critic_parallel, layouts, hf_get=_critic_hf_get(cfg, arch),
-                         **engine_kwargs(cfg, cfg.critic_optim))
+    critic = ModelEngine("critic", arch, layouts, cfg.critic_optim, Execution.from_config(cfg),
+                         critic_hf_get(cfg, arch))
     loaded = critic.forward(batch, lambda o, mb: response_values(o, mb))
     return result.report, (loaded - tool_values)[mask].abs().max().item(), tool_values[mask].std().item()
 

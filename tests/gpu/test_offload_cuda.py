@@ -19,11 +19,10 @@ VOCAB = 128
 def _body(hf_dir: str) -> dict:
     from vapo_megatron import platform
     from vapo_megatron.config import AlgorithmConfig
-    from vapo_megatron.engine.objectives import actor_loss_fn, critic_loss_fn
+    from vapo_megatron.engine.objectives import actor_objective, critic_objective, minibatch_counts
     from vapo_megatron.engine.offload import StateOffloader
     from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
     from vapo_megatron.testing.engines import build_engine, synthetic_rl_batch
-    from vapo_megatron.trainer_parts import minibatch_counts
 
     layouts = RoleLayouts(ParallelConfig(), ParallelConfig())
     engines = [{"policy": build_engine(hf_dir, "policy", layouts, params_dtype=torch.bfloat16),
@@ -35,9 +34,9 @@ def _body(hf_dir: str) -> dict:
         batch = synthetic_rl_batch(8, VOCAB, seed=step).to(dev)
         counts = minibatch_counts(batch)
         for i, e in enumerate(engines):
-            c = e["critic"].train_step(batch, critic_loss_fn(alg, counts))
-            a = e["policy"].train_step(batch, actor_loss_fn(alg, counts, VOCAB))
-            hist[i].append((c["value_loss"], c["grad_norm"], a["policy_loss"], a["grad_norm"]))
+            c = e["critic"].train_step(batch, critic_objective(alg, counts))
+            a = e["policy"].train_step(batch, actor_objective(alg, counts, VOCAB))
+            hist[i].append((c["critic/value_loss"], c["critic/grad_norm"], a["policy/pg_loss"], a["policy/grad_norm"]))
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         moved.append(offloader.offload())

@@ -164,7 +164,7 @@ def test_suggestions_in_validation_messages():
     assert any("Did you mean 'token-mean'?" in p for p in problems)
     assert not any("reward.name" in p for p in problems)  # the reward is checked at start-up (preflight)
     from vapo_megatron.errors import PreflightError
-    from vapo_megatron.preflight import check_reward
+    from vapo_megatron.train.preflight import check_reward
 
     with pytest.raises(PreflightError, match="reward.name='mth' is neither a registered reward.*Did you mean 'math'"):
         check_reward(_cfg("reward.name=mth"), [])

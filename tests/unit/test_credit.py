@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from vapo_megatron.credit import (
+from vapo_megatron.data.rl_batch import RLBatch
+from vapo_megatron.models.tiny import EOS, build_char_tokenizer
+from vapo_megatron.report.credit import (
     char_span_to_tokens,
     credit_metrics,
     error_token_mask,
@@ -16,7 +18,6 @@ from vapo_megatron.credit import (
     token_texts,
     write_credit_report,
 )
-from vapo_megatron.models.tiny import EOS, build_char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +84,9 @@ def _batch():
     mask = torch.ones(3, 6)
     mask[2, 4:] = 0
     adv = torch.tensor([[0.5] * 6, [-0.1, -0.1, -2.0, -2.0, -0.1, -0.1], [-0.2, -1.0, -0.2, -0.2, 0, 0]])
-    return {"resp_mask": mask, "advantages": adv, "is_correct": torch.tensor([True, False, False]),
-            "first_error_tokens": [(0, 2), (2, 4), (1, 2)], "scores": torch.tensor([1.0, 0.0, 0.0]),
-            "lengths": torch.tensor([6, 6, 4])}
+    return RLBatch.from_tensors(torch.zeros(3, 8, dtype=torch.long), [2, 2, 2], mask, advantages=adv,
+                                is_correct=torch.tensor([True, False, False]), scores=torch.tensor([1.0, 0.0, 0.0]),
+                                first_error_tokens=[(0, 2), (2, 4), (1, 2)])
 
 
 def test_credit_metrics_only_wrong_responses():
@@ -96,14 +97,16 @@ def test_credit_metrics_only_wrong_responses():
     assert m["credit_rest_wrong_adv"] == pytest.approx((-0.1 * 4 - 0.2 * 3) / 7)
     assert m["credit_first_error_ratio"] == pytest.approx(m["credit_first_error_adv"] / m["credit_rest_wrong_adv"])
     assert m["credit_first_error_gap"] == pytest.approx(((-2.0 + 0.1) + (-1.0 + 0.2)) / 2)
-    assert credit_metrics({**_batch(), "first_error_tokens": [None] * 3}) == {}
-    mask = error_token_mask([(0, 2), None, (3, 9)], _batch()["resp_mask"])
+    no_spans = _batch()
+    no_spans.first_error_tokens = [None] * 3
+    assert credit_metrics(no_spans) == {}
+    mask = error_token_mask([(0, 2), None, (3, 9)], _batch().resp_mask)
     assert mask.sum() == 3 and not mask[2, 4:].any()
 
 
 def test_pick_responses_prefers_correct_then_wrong_with_span():
     batch = _batch()
-    batch["first_error_tokens"] = [None, None, (1, 2)]
+    batch.first_error_tokens = [None, None, (1, 2)]
     assert pick_responses(batch, 2) == [0, 2]
     assert pick_responses(batch, 5) == [0, 2, 1]
 
@@ -115,15 +118,16 @@ def test_credit_report_files(tmp_path, char_tok):
     rows = [prompt + char_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     n = max(len(r) for r in rows)
     input_ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
-    lengths = torch.tensor([len(t) for t in texts])
-    resp_pos = len(prompt) - 1 + torch.arange(int(lengths.max()))[None, :].repeat(2, 1)
-    batch = {"input_ids": input_ids, "resp_pos": resp_pos, "lengths": lengths,
-             "advantages": torch.linspace(-1, 1, 2 * 16).reshape(2, 16), "old_values": torch.rand(2, 16),
-             "scores": torch.tensor([1.0, 0.0]), "is_correct": torch.tensor([True, False]),
-             "first_error_tokens": [None, (0, 8)]}
+    resp_mask = torch.zeros(2, 16)
+    for i, t in enumerate(texts):
+        resp_mask[i, :len(t)] = 1
+    batch = RLBatch.from_tensors(input_ids, [len(prompt)] * 2, resp_mask,
+                                 advantages=torch.linspace(-1, 1, 2 * 16).reshape(2, 16),
+                                 old_values=torch.rand(2, 16), scores=torch.tensor([1.0, 0.0]),
+                                 is_correct=torch.tensor([True, False]), first_error_tokens=[None, (0, 8)])
     png, html = write_credit_report(tmp_path, 7, batch, char_tok)
     assert png == tmp_path / "credit" / "step_0007.png" and png.stat().st_size > 5000
     page = html.read_text()
     assert page.count("<span") == 2 * (16 + 16) and "response 1: wrong" in page and "outline" in page
     assert token_texts(char_tok, rows[0][len(prompt):]) == list(texts[0])
-    assert not math.isnan(float(batch["advantages"].sum()))
+    assert not math.isnan(float(batch.advantages.sum()))

@@ -18,6 +18,7 @@ from vapo_megatron.data.packing import (
     real_token_mask,
     split_to_count,
 )
+from vapo_megatron.data.rl_batch import RLBatch
 from vapo_megatron.engine.microbatch import padded_and_real_tokens, split_micro_batches
 from vapo_megatron.parallel.context import (
     merge_context_parallel_shards,
@@ -137,9 +138,9 @@ def test_packing_is_on_where_supported_and_refused_where_not():
         packing_enabled(True, torch.float32, te_attention=True)
 
 
-def test_a_dict_batch_without_seq_lens_packs_whole_rows():
+def test_rows_without_padding_pack_end_to_end():
     ids = torch.arange(12).reshape(3, 4)
-    micro, _ = split_micro_batches({"input_ids": ids, "resp_pos": torch.tensor([[1, 2]] * 3)}, micro_batch_size=3,
-                                   micro_batch_tokens=0, pad_multiple=1, pack=True)
+    batch = RLBatch.from_tensors(ids, [2, 2, 2], torch.ones(3, 2))
+    micro, _ = split_micro_batches(batch, micro_batch_size=3, micro_batch_tokens=0, pad_multiple=1, pack=True)
     assert micro[0].input_ids.tolist() == [list(range(12))] and micro[0].cu_seqlens_padded.tolist() == [0, 4, 8, 12]
     assert micro[0].resp_pos.tolist() == [[1, 2], [5, 6], [9, 10]]

@@ -29,10 +29,10 @@ def test_trimmed_micro_batches_keep_every_token_and_cut_padding():
     batch = synthetic_rl_batch(12, 64, seed=0)
     micro, rows = split_micro_batches(batch, micro_batch_size=4, micro_batch_tokens=48, pad_multiple=8)
     for mb, r in zip(micro, rows):
-        width = mb["input_ids"].shape[1]
-        assert width % 8 == 0 and int(mb["seq_lens"].max()) <= width
-        assert torch.equal(mb["input_ids"], batch["input_ids"][r, :width])
-        assert int(mb["resp_pos"].max()) < width
+        width = mb.input_ids.shape[1]
+        assert width % 8 == 0 and int(mb.seq_lens.max()) <= width
+        assert torch.equal(mb.input_ids, batch.input_ids[r, :width])
+        assert int(mb.resp_pos.max()) < width
     fixed, _ = split_micro_batches(batch, micro_batch_size=4, micro_batch_tokens=0, pad_multiple=8)
     (p_tok, real_tok), (p_fix, real_fix) = padded_and_real_tokens(micro), padded_and_real_tokens(fixed)
-    assert real_tok == real_fix == int(batch["seq_lens"].sum()) and p_tok < p_fix
+    assert real_tok == real_fix == int(batch.seq_lens.sum()) and p_tok < p_fix

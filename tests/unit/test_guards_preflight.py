@@ -10,7 +10,7 @@ import pytest
 
 from vapo_megatron.cli import train_main
 from vapo_megatron.errors import DivergenceError
-from vapo_megatron.guards import DivergenceGuard
+from vapo_megatron.train.guards import DivergenceGuard
 
 
 class _Engine:
@@ -32,10 +32,10 @@ def test_guard_stops_on_each_out_of_range_signal():
     for step in range(1, 7):  # healthy steps build the grad-norm history
         guard.before_update({"policy": engine})
         engine.norm *= 1.001
-        guard.after_update(step, {"grad_norm_actor": 0.5, "approx_kl": 1e-3}, {"policy": engine}, 1e-4)
-    cases = [(1e6, {"grad_norm_actor": 0.5}, 0.0, "weight norm"),
-             (1.0, {"grad_norm_actor": 500.0}, 0.0, "grad_norm_spike"),
-             (1.0, {"approx_kl": 5.0}, 0.0, "max_approx_kl"),
+        guard.after_update(step, {"policy/grad_norm": 0.5, "policy/approx_kl": 1e-3}, {"policy": engine}, 1e-4)
+    cases = [(1e6, {"policy/grad_norm": 0.5}, 0.0, "weight norm"),
+             (1.0, {"policy/grad_norm": 500.0}, 0.0, "grad_norm_spike"),
+             (1.0, {"policy/approx_kl": 5.0}, 0.0, "max_approx_kl"),
              (1.0, {}, 7.0, "max_rollout_logprob_diff")]
     for factor, metrics, diff, message in cases:
         guard.before_update({"policy": engine})
@@ -48,7 +48,7 @@ def test_guard_thresholds_of_zero_disable_checks():
     engine, guard = _Engine(1.0), _guard(max_weight_norm_ratio=0, max_approx_kl=0, max_rollout_logprob_diff=0)
     guard.before_update({"policy": engine})
     engine.norm = 1e9
-    guard.after_update(1, {"approx_kl": 1e3}, {"policy": engine}, 1e3)
+    guard.after_update(1, {"policy/approx_kl": 1e3}, {"policy": engine}, 1e3)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_user_errors_are_one_message_before_any_model(case, expected, model_dir,
 
 def test_dropped_prompts_are_reported_and_plain_mode_needs_no_template(model_dir, tmp_path, capsys):
     from vapo_megatron.config import load_config
-    from vapo_megatron.preflight import check_data, load_tokenizer
+    from vapo_megatron.train.preflight import check_data, load_tokenizer
 
     data = _rows(tmp_path / "train.jsonl", ["short", "z" * 300, "also short"])
     cfg = load_config(None, _cli(model_dir, data, tmp_path / "run")[2:])
@@ -116,7 +116,7 @@ def test_dropped_prompts_are_reported_and_plain_mode_needs_no_template(model_dir
 
 def test_finished_run_dir_is_refused_without_resume_or_overwrite(tmp_path):
     from vapo_megatron.errors import RunDirError
-    from vapo_megatron.preflight import check_run_dir
+    from vapo_megatron.train.preflight import check_run_dir
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000005").mkdir(parents=True)
@@ -132,7 +132,7 @@ def test_finished_run_dir_is_refused_without_resume_or_overwrite(tmp_path):
 
 
 def test_torn_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
-    from vapo_megatron.trainer_parts import read_metrics_rows
+    from vapo_megatron.train.metrics import read_metrics_rows
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "ph')

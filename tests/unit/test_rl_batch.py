@@ -52,9 +52,25 @@ def test_field_read_before_its_phase_raises_naming_it(name, phase):
     batch = build_rl_batch([[5, 6, 7]], torch.tensor([0]), [[8, 9]], [[-1.0, -2.0]])
     with pytest.raises(FieldNotSetError, match=f"RLBatch.{name} is set by the {phase} "):
         getattr(batch, name)
-    assert not batch.has(name) and name not in batch
-    with pytest.raises(KeyError):
+    assert not batch.has(name)
+    with pytest.raises(TypeError):  # one batch contract: no mapping access by name (issue 22)
         batch[name]
+
+
+def test_from_tensors_derives_the_rollout_fields_and_refuses_bad_shapes():
+    """Failure: a batch built from tensors gets other lengths / positions than build_rl_batch gives the same rows,
+    or a row longer than input_ids, or a mismatched row count, is accepted."""
+    ref = build_rl_batch([[5, 6, 7], [4]], torch.tensor([0, 1]), [[8, 9], [3, 2, 1]], [[0.0, 0.0], [0.0] * 3])
+    batch = RLBatch.from_tensors(ref.input_ids, ref.prompt_lens, ref.resp_mask, scores=torch.tensor([1.0, 0.0]))
+    for name in ("lengths", "seq_lens", "prompt_index", "rollout_logprobs"):
+        assert torch.equal(getattr(batch, name), getattr(ref, name)), name
+    assert torch.equal(batch.resp_pos, ref.resp_pos) and batch.scores.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="longer than input_ids"):
+        RLBatch.from_tensors(ref.input_ids[:, :4], ref.prompt_lens, ref.resp_mask)
+    with pytest.raises(ValueError, match="rows"):
+        RLBatch.from_tensors(ref.input_ids, [3], ref.resp_mask)
+    with pytest.raises(TypeError):
+        RLBatch.from_tensors(ref.input_ids, ref.prompt_lens, ref.resp_mask, not_a_field=1)
 
 
 def test_micro_batches_derive_targets_and_resp_pos_of_their_rows():
@@ -75,7 +91,7 @@ def test_micro_batches_derive_targets_and_resp_pos_of_their_rows():
 
 def test_grpo_batch_has_no_lam_policy_and_metrics_work():
     """Failure: the metrics need a placeholder lam_policy (GRPO sets none), or report one."""
-    from vapo_megatron.trainer_parts import batch_metrics
+    from vapo_megatron.train.metrics import batch_metrics
 
     batch = _scored()
     batch.lam_policy = None  # as GRPO leaves it: never set

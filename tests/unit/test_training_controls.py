@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from vapo_megatron.config import ConfigError, load_config, validate
-from vapo_megatron.trainer_parts import engine_kwargs, minibatch_order, value_pretrain_stop
+from vapo_megatron.train.controls import minibatch_order, value_pretrain_stop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,27 +44,29 @@ def test_value_pretrain_stop(step, cap, ev, threshold, want):
     assert value_pretrain_stop(step, cap, ev, threshold) == want
 
 
-def test_adam_betas_reach_the_engine():
-    """Failure: OptimConfig.adam_beta1/adam_beta2 are not passed to the optimizer (every OptimConfig field must
-    reach ModelEngine)."""
+def test_every_optimizer_and_execution_setting_reaches_the_engine():
+    """Failure: an OptimConfig field (adam_beta1, weight_decay, ...) is never read by ModelEngine (it takes the
+    whole OptimConfig and must use every field), an execution setting of TrainConfig / ModelConfig does not reach
+    `Execution`, or the constructor grows back past 8 parameters (issue 22)."""
+    import ast
+    import dataclasses
     import inspect
 
-    from vapo_megatron.engine.model_engine import ModelEngine
+    import torch
 
-    cfg = load_config(None, ["actor_optim.adam_beta1=0.8", "actor_optim.adam_beta2=0.95"])
-    kwargs = engine_kwargs(cfg, cfg.actor_optim)
-    assert (kwargs["adam_beta1"], kwargs["adam_beta2"]) == (0.8, 0.95)
-    assert set(kwargs) <= set(inspect.signature(ModelEngine).parameters)
-    for name in ("lr", "weight_decay", "clip_grad", "warmup_steps", "use_distributed_optimizer"):
-        assert kwargs[name] == getattr(cfg.actor_optim, name)
+    from vapo_megatron.config import OptimConfig
+    from vapo_megatron.engine import model_engine
+    from vapo_megatron.engine.model_engine import Execution, ModelEngine
 
-
-@pytest.mark.parametrize("override", ["rollout.temperature=0.7", "rollout.top_p=0.9", "rollout.top_k=50"])
-def test_off_policy_training_sampler_refused(override):
-    """Failure: a training sampler other than the full temperature-1 distribution is accepted although the PPO
-    ratio's old log-probs are those of that distribution."""
-    assert any("training rollouts must sample the full temperature-1 distribution" in p for p in _problems(override))
-    assert not _problems("eval.temperature=0.7", "eval.top_p=0.7")
+    tree = ast.parse(inspect.getsource(model_engine))
+    read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and n.value.id == "optim"} | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                                          and isinstance(n.value, ast.Attribute) and n.value.attr == "optim"}
+    assert {f.name for f in dataclasses.fields(OptimConfig)} <= read
+    cfg = load_config(None, ["train.micro_batch_size=3", "train.micro_batch_tokens=77", "train.pack_sequences=false",
+                             "train.recompute=full", "train.recompute_num_layers=2", "model.dtype=bfloat16"])
+    assert Execution.from_config(cfg) == Execution(3, 77, False, "full", 2, torch.bfloat16)
+    assert len(inspect.signature(ModelEngine.__init__).parameters) - 1 <= 8
 
 
 def test_critic_epochs_validated():

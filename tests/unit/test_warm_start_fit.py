@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from vapo_megatron.data.rl_batch import RLBatch
 from vapo_megatron.models.tiny import save_tiny_hf_model
-from vapo_megatron.warm_start import HFValueModel, WarmStartSettings, ev_mc_of, fit_critic, split_rows
+from vapo_megatron.train.warm_start import HFValueModel, WarmStartSettings, ev_mc_of, fit_critic, split_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,9 +23,7 @@ def test_fit_learns_a_visible_signal(tmp_path):
     n, p, r = 32, 4, 6
     input_ids = torch.randint(3, 100, (n, p + r), generator=gen)
     scores = (input_ids[:, 0] % 2).float()  # the reward is visible in the first prompt token
-    batch = {"input_ids": input_ids, "seq_lens": torch.full((n,), p + r),
-             "resp_pos": (p - 1 + torch.arange(r))[None, :].repeat(n, 1), "resp_mask": torch.ones(n, r),
-             "scores": scores, "prompt_index": torch.arange(n)}
+    batch = RLBatch.from_tensors(input_ids, [p] * n, torch.ones(n, r), scores=scores)
     fit, held = split_rows(batch, 0.25, seed=0)
     assert len(held) == 8 and not set(fit.tolist()) & set(held.tolist())
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vapo_megatron.ablation.report import finished_rows
 
-PANELS = (("reward_mean", "training reward"), ("entropy", "policy entropy"),
+PANELS = (("reward_mean", "training reward"), ("policy/entropy", "policy entropy"),
           ("response_length_mean", "response length (tokens)"), ("ev_mc", "critic ev_mc"))
 CREDIT_KEYS = ("credit_first_error_adv", "credit_rest_wrong_adv", "credit_first_error_gap")
 

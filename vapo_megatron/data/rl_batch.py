@@ -4,9 +4,9 @@
 
 - rollout (`build_rl_batch`): `input_ids`, `prompt_lens`, `resp_mask`, `rollout_logprobs`, `lengths`,
   `seq_lens`, `prompt_index`;
-- rewards (`trainer_parts.score_rollout`): `scores`, `is_correct`, `truncated`, `reward_stats`,
+- rewards (`train.scoring.score_rollout`): `scores`, `is_correct`, `truncated`, `reward_stats`,
   `first_error_tokens`;
-- routing record (`Trainer.rollout`, with `algorithm.routing_replay` only): `routed_experts`;
+- routing record (`train.loop.Trainer.rollout`, with `algorithm.routing_replay` only): `routed_experts`;
 - engine forwards (`Trainer.old_logprobs_and_values`): `old_logprobs`, `old_values` (with a critic only);
 - advantages (`Trainer.advantages`): `advantages`; `returns` and `lam_policy` (GAE only, not GRPO).
 
@@ -17,13 +17,14 @@ whose output scores response token j: prompt_len - 1 + j) are not stored: they a
 them (`micro_batch`), so a rank never holds them for the whole batch (docs/architecture.md, per-rank memory).
 
 `MicroBatch` is the engines' typed view of a few rows: what the model and the losses read (engine/objectives.py).
-Both also read like a mapping (`batch["resp_mask"]`, `"old_values" in batch`) for code written against dicts.
-No megatron, no torch.distributed: this module is in the pure layer.
+These two are the only batch contract: the engines take nothing else (tests and tools build an `RLBatch` with
+`RLBatch.from_tensors` or `build_rl_batch`, or a `MicroBatch` directly). No megatron, no torch.distributed:
+this module is in the pure layer.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -65,7 +66,7 @@ def _later(phase: str, per_row: bool = True) -> Any:
 
 
 ROUTING = "routing record (Trainer.rollout with algorithm.routing_replay)"
-REWARDS, FORWARDS, ADVANTAGES = "rewards (trainer_parts.score_rollout)", \
+REWARDS, FORWARDS, ADVANTAGES = "rewards (train.scoring.score_rollout)", \
     "engine forwards (Trainer.old_logprobs_and_values)", "advantages (Trainer.advantages)"
 
 
@@ -78,29 +79,8 @@ def _take(value: Any, idx: Any) -> Any:
     return [value[int(i)] for i in (idx.tolist() if isinstance(idx, Tensor) else idx)]
 
 
-class _MappingRead:
-    """Read access by name, for code written against the dict batch (`b["x"]`, `"x" in b`, `b.get("x")`)."""
-
-    def has(self, name: str) -> bool:
-        raise NotImplementedError
-
-    def __getitem__(self, name: str) -> Any:
-        if not self.has(name) and not hasattr(type(self), name):
-            raise KeyError(name)
-        try:
-            return getattr(self, name)
-        except FieldNotSetError as e:
-            raise KeyError(str(e)) from None
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.has(name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self else default
-
-
 @dataclass(eq=False, repr=False)
-class RLBatch(_MappingRead):
+class RLBatch:
     """The n rows of one RL step (see the module docstring for who sets which field)."""
 
     input_ids: Tensor          # [n, S] long, prompt + response, right padded
@@ -121,6 +101,26 @@ class RLBatch(_MappingRead):
     advantages: Optional[Tensor] = _later(ADVANTAGES)       # [n, R] float
     returns: Optional[Tensor] = _later(ADVANTAGES)          # [n, R] float, critic targets (GAE)
     lam_policy: Optional[Tensor] = _later(ADVANTAGES)       # [n] float, GAE's per-row policy lambda
+
+    @classmethod
+    def from_tensors(cls, input_ids: Tensor, prompt_lens: Tensor | Sequence[int], resp_mask: Tensor, *,
+                     rollout_logprobs: Tensor | None = None, **later: Any) -> RLBatch:
+        """A batch from tensors a caller already has (tests, tools, benchmarks): `input_ids` [n, S], each row's
+        prompt length, `resp_mask` [n, R] (1 on the row's response tokens, left aligned), and any later-phase
+        fields by name (`old_logprobs=...`, `returns=...`). `lengths`, `seq_lens` and `prompt_index` are derived;
+        `rollout_logprobs` defaults to zeros. Unknown field names raise TypeError (the dataclass does)."""
+        prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long)
+        n, width = input_ids.shape
+        lengths = resp_mask.sum(1).long()
+        if prompt_lens.shape != (n,) or resp_mask.shape[0] != n:
+            raise ValueError(f"RLBatch.from_tensors: {n} rows of input_ids, {tuple(prompt_lens.shape)} prompt "
+                             f"lengths, {tuple(resp_mask.shape)} resp_mask")
+        if int((prompt_lens + lengths).max()) > width:
+            raise ValueError(f"RLBatch.from_tensors: a row's prompt + response ({int((prompt_lens + lengths).max())}"
+                             f" tokens) is longer than input_ids ({width})")
+        logprobs = torch.zeros_like(resp_mask, dtype=torch.float32) if rollout_logprobs is None else rollout_logprobs
+        return cls(input_ids=input_ids, prompt_lens=prompt_lens, resp_mask=resp_mask, rollout_logprobs=logprobs,
+                   lengths=lengths, seq_lens=prompt_lens + lengths, prompt_index=torch.arange(n), **later)
 
     # ---- reading ----------------------------------------------------------------------------------------
     @property
@@ -195,11 +195,10 @@ MICRO_FIELDS = ("old_logprobs", "old_values", "advantages", "returns", "is_corre
 
 
 @dataclass(eq=False)
-class MicroBatch(_MappingRead):
+class MicroBatch:
     """A few rows as the model and the losses see them. `input_ids` [m, S'] (S' the micro-batch's width),
     `targets` [m, S'], `resp_pos` [m, R], `resp_mask` [m, R], `seq_lens` [m]; the loss inputs of the step when
-    the batch has them; `tp_group` / `cp_group` set by the schedule (engine/schedule.py); `extra`: a caller's own
-    per-row tensors (tests, tools), read by name like the fields.
+    the batch has them; `tp_group` / `cp_group` set by the schedule (engine/schedule.py).
 
     Packed (THD, data/packing.py): `input_ids` and `targets` are one stream [1, T], `cu_seqlens` / `cu_seqlens_padded`
     ([m + 1], or [m + 2] with a final padding segment; int32) say where each row's tokens and slot are, and
@@ -222,24 +221,11 @@ class MicroBatch(_MappingRead):
     routed_experts: Optional[Tensor] = None
     tp_group: Any = None
     cp_group: Optional[tuple[int, Any]] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def packed(self) -> bool:
         """Whether the rows are packed into one stream (THD)."""
         return self.cu_seqlens_padded is not None
-
-    def has(self, name: str) -> bool:
-        if name in _MICRO_NAMES:
-            return getattr(self, name) is not None
-        return name in self.extra
-
-    def __getitem__(self, name: str) -> Any:
-        if name in self.extra:
-            return self.extra[name]
-        if name not in _MICRO_NAMES or getattr(self, name) is None:
-            raise KeyError(f"micro-batch field {name!r} is not set")
-        return getattr(self, name)
 
     def replace(self, **changes: Any) -> MicroBatch:
         return dataclasses.replace(self, **changes)
@@ -248,43 +234,9 @@ class MicroBatch(_MappingRead):
         def move(v: Any) -> Any:
             return v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
 
-        return self.replace(**{n: move(getattr(self, n)) for n in _TENSOR_NAMES},
-                            extra={k: move(v) for k, v in self.extra.items()})
-
-    @classmethod
-    def of(cls, fields: Mapping[str, Any]) -> MicroBatch:
-        """A micro-batch from a dict: known names become fields, the rest `extra`."""
-        known = {k: v for k, v in fields.items() if k in _MICRO_NAMES and k != "extra"}
-        return cls(**known, extra={k: v for k, v in fields.items() if k not in _MICRO_NAMES})
-
-    @classmethod
-    def from_rows(cls, fields: Mapping[str, Any], rows: Sequence[int] | slice, width: int | None = None
-                  ) -> MicroBatch:
-        """Rows `rows` of every tensor of a dict batch (a caller's own fields included), `input_ids` and `targets`
-        cut to `width` and `resp_pos` clamped into it: the micro-batches of a dict batch (tests, tools)."""
-        idx = rows if isinstance(rows, slice) else torch.tensor(list(rows), dtype=torch.long)
-        out: dict[str, Any] = {}
-        for k, v in fields.items():
-            if isinstance(v, Tensor):
-                v = v[idx if isinstance(idx, slice) else idx.to(v.device)]
-                if width is not None and k in ("input_ids", "targets"):
-                    v = v[:, :width]
-                elif width is not None and k == "resp_pos":
-                    v = v.clamp(max=width - 1)
-            out[k] = v
-        return cls.of(out)
+        return self.replace(**{n: move(getattr(self, n)) for n in _TENSOR_NAMES})
 
 
-def resp_pos_of(batch: RLBatch | Mapping[str, Any], rows: Any, width: int | None = None) -> Tensor:
-    """resp_pos of `rows`, clamped into the first `width` positions: derived for those rows from an `RLBatch`, read
-    from a dict batch that stores it (tests and tools build those)."""
-    if isinstance(batch, RLBatch):
-        return batch.response_positions(rows, width)
-    pos = batch["resp_pos"][rows]
-    return pos if width is None else pos.clamp(max=width - 1)
-
-
-_MICRO_NAMES = frozenset(f.name for f in dataclasses.fields(MicroBatch))
 _TENSOR_NAMES = ("input_ids", "targets", "resp_pos", "resp_mask", "seq_lens", "cu_seqlens", "cu_seqlens_padded",
                  "routed_experts", *MICRO_FIELDS)
 

@@ -16,23 +16,8 @@ cumulative sequence lengths, so the model computes (almost) no padding; the same
 within each sequence)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from functools import partial
-from typing import Any
-
 from vapo_megatron.data.packing import first_fit_decreasing, pack_micro_batch, round_up
 from vapo_megatron.data.rl_batch import MicroBatch, RLBatch
-
-Batch = RLBatch | Mapping[str, Any]
-"""What the engines take: the typed RL batch, or a dict of per-row tensors (tests and tools that bring their own
-fields; each micro-batch then carries every tensor of the dict)."""
-
-
-def row_slice(batch: Batch, start: int, stop: int) -> Batch:
-    """Rows [start, stop) of every per-row field (views, no copy)."""
-    if isinstance(batch, RLBatch):
-        return batch.rows(slice(start, stop))
-    return {k: (v[start:stop] if hasattr(v, "shape") else v) for k, v in batch.items()}
 
 
 def token_budget_groups(seq_lens: list[int], budget: int, pad_multiple: int) -> list[list[int]]:
@@ -50,33 +35,30 @@ def token_budget_groups(seq_lens: list[int], budget: int, pad_multiple: int) -> 
     return groups
 
 
-def split_micro_batches(local: Batch, *, micro_batch_size: int, micro_batch_tokens: int, pad_multiple: int,
+def split_micro_batches(local: RLBatch, *, micro_batch_size: int, micro_batch_tokens: int, pad_multiple: int,
                         pack: bool = False, cp: int = 1, rows: list[list[int]] | None = None
                         ) -> tuple[list[MicroBatch], list[list[int]]]:
     """This rank's micro-batches and, for each, the local row indices it holds (to put outputs back in order).
     Fixed mode keeps row order and the full width; token mode needs `seq_lens` (prompt + response tokens) and cuts
     each micro-batch to its longest row (`resp_pos` of padded response slots, which may point past that width, is
-    clamped into it: those slots are masked out of every loss and metric). An `RLBatch` derives `targets` and
-    `resp_pos` here, for each micro-batch's rows only.
+    clamped into it: those slots are masked out of every loss and metric). `targets` and `resp_pos` are derived
+    here, for each micro-batch's rows only.
 
     `pack`: each micro-batch's rows are packed into one stream (data/packing.py: each row's slot padded to 2 x cp
     under context parallelism, the stream to `pad_multiple`); with a token budget the rows of each micro-batch are
     `rows` when given (the engine passes bins balanced over data-parallel ranks), else first-fit decreasing
     bins of this slice."""
-    n, width = local["input_ids"].shape
-    take = local.micro_batch if isinstance(local, RLBatch) else partial(MicroBatch.from_rows, local)
-    if micro_batch_tokens > 0 and "seq_lens" not in local:
-        raise KeyError("train.micro_batch_tokens > 0 needs the batch field 'seq_lens' (prompt + response tokens "
-                       "per row, written by data.rl_batch.build_rl_batch)")
+    n, width = local.input_ids.shape
+    take = local.micro_batch
     if micro_batch_tokens <= 0:
         m = min(micro_batch_size, n)
         rows = [list(range(i, min(i + m, n))) for i in range(0, n, m)]
         micro = [take(slice(r[0], r[-1] + 1)) for r in rows]
     elif pack:
-        rows = rows or first_fit_decreasing(local["seq_lens"].tolist(), micro_batch_tokens)
+        rows = rows or first_fit_decreasing(local.seq_lens.tolist(), micro_batch_tokens)
         micro = [take(r) for r in rows]
     else:
-        lens = local["seq_lens"].tolist()
+        lens = local.seq_lens.tolist()
         rows = token_budget_groups(lens, micro_batch_tokens, pad_multiple)
         micro = [take(r, min(width, round_up(max(lens[i] for i in r), pad_multiple))) for r in rows]
     if pack:

@@ -7,25 +7,52 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from vapo_megatron import platform
+from vapo_megatron.config import OptimConfig, VapoConfig
 from vapo_megatron.data.packing import balanced_token_bins
-from vapo_megatron.data.rl_batch import MicroBatch
+from vapo_megatron.data.rl_batch import MicroBatch, RLBatch
 from vapo_megatron.engine.build import HFGetter, build_model
 from vapo_megatron.engine.export import iter_hf_tensors
-from vapo_megatron.engine.microbatch import Batch, padded_and_real_tokens, row_slice, split_micro_batches
+from vapo_megatron.engine.microbatch import padded_and_real_tokens, split_micro_batches
+from vapo_megatron.engine.objectives import Objective
 from vapo_megatron.engine.optim import build_optimizer
 from vapo_megatron.engine.schedule import forward_backward
 from vapo_megatron.models.hf_config import ModelArch
 from vapo_megatron.models.moe import RoutingCounter, RoutingReplay
 from vapo_megatron.models.specs import transformer_engine_available
-from vapo_megatron.parallel.layout import ParallelConfig, RoleLayouts
+from vapo_megatron.parallel.layout import RoleLayouts
 
-MicroLoss = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 MicroOutput = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
+
+ENGINE_METRICS = ("grad_norm", "lr", "skipped", "padding_waste")
+"""What `train_step` reports besides its objective's metrics (every role, every step)."""
+MOE_METRICS = ("moe_tokens_per_expert_max", "moe_tokens_per_expert_mean", "moe_load_max_over_mean", "moe_aux_loss")
+REPLAY_METRICS = ("moe_replayed_tokens", "moe_replay_changed_frac")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How an engine runs its batches (the same for both roles): rows or a token budget per micro-batch, packing,
+    activation recomputation, and the parameters' dtype."""
+
+    micro_batch_size: int = 8
+    micro_batch_tokens: int = 0
+    pack_sequences: bool | None = None
+    recompute: str = "none"
+    recompute_num_layers: int = 1
+    params_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_config(cls, cfg: VapoConfig) -> Execution:
+        t = cfg.train
+        return cls(micro_batch_size=t.micro_batch_size, micro_batch_tokens=t.micro_batch_tokens,
+                   pack_sequences=t.pack_sequences, recompute=t.recompute, recompute_num_layers=t.recompute_num_layers,
+                   params_dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32)
 
 
 def packing_enabled(requested: bool | None, params_dtype: torch.dtype, te_attention: bool) -> bool:
@@ -42,34 +69,33 @@ def packing_enabled(requested: bool | None, params_dtype: torch.dtype, te_attent
 
 
 class ModelEngine:
-    def __init__(self, role: str, arch: ModelArch, parallel: ParallelConfig, layouts: RoleLayouts, *,
-                 hf_get: HFGetter, lr: float, weight_decay: float = 0.0,
-                 clip_grad: float = 1.0, adam_beta1: float = 0.9, adam_beta2: float = 0.999,
-                 warmup_steps: int = 0, micro_batch_size: int = 8,
-                 params_dtype: torch.dtype = torch.float32, use_distributed_optimizer: bool = False,
-                 recompute: str = "none", recompute_num_layers: int = 1, micro_batch_tokens: int = 0,
-                 pack_sequences: bool | None = None, routing_replay: bool = False):
+    """One role's model, optimizer and batching. `optim` and `execution` are typed config pieces; `hf_get`
+    streams the initial weights (HF tensor name -> tensor); `routing_replay` (MoE policy) makes every forward use
+    the batch's `routed_experts`."""
+
+    def __init__(self, role: str, arch: ModelArch, layouts: RoleLayouts, optim: OptimConfig, execution: Execution,
+                 hf_get: HFGetter, routing_replay: bool = False):
+        parallel, ex = layouts.configs[role], execution
         self.role, self.arch, self.parallel, self.layouts = role, arch, parallel, layouts
-        self.micro_batch_size, self.base_lr, self.warmup_steps = micro_batch_size, lr, warmup_steps
-        pack_sequences = packing_enabled(pack_sequences, params_dtype, transformer_engine_available())
-        self.micro_batch_tokens, self.pack_sequences = micro_batch_tokens, pack_sequences
-        # padded rows: multiples of seq_multiple(); a packed stream needs only what SP and CP split (tp x 2cp)
-        self.pad_multiple = parallel.tp * (2 * parallel.cp if parallel.cp > 1 else 1) if pack_sequences else \
-            parallel.seq_multiple()
+        self.optim, self.execution = optim, ex
         self.steps_taken = 0
+        self.pack_sequences = packing_enabled(ex.pack_sequences, ex.params_dtype, transformer_engine_available())
+        # padded rows: multiples of seq_multiple(); a packed stream needs only what SP and CP split (tp x 2cp)
+        self.pad_multiple = parallel.tp * (2 * parallel.cp if parallel.cp > 1 else 1) if self.pack_sequences else \
+            parallel.seq_multiple()
         self.groups = layouts.groups[role]
         if routing_replay and not arch.is_moe:
             raise ValueError(f"{role}: routing replay needs a mixture-of-experts model")
         replay_kwargs = {"moe_enable_routing_replay": True} if routing_replay else {}
-        self.built = build_model(arch, parallel, role, hf_get=hf_get, params_dtype=params_dtype,
-                                 use_distributed_optimizer=use_distributed_optimizer, recompute=recompute,
-                                 recompute_num_layers=recompute_num_layers, groups=self.groups, **replay_kwargs)
-        self.optimizer = build_optimizer(self.built.model, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
-                                         adam_beta1=adam_beta1, adam_beta2=adam_beta2,
-                                         bf16=params_dtype == torch.bfloat16,
-                                         use_distributed_optimizer=use_distributed_optimizer, groups=self.groups)
+        self.built = build_model(arch, parallel, role, hf_get=hf_get, params_dtype=ex.params_dtype,
+                                 use_distributed_optimizer=optim.use_distributed_optimizer, recompute=ex.recompute,
+                                 recompute_num_layers=ex.recompute_num_layers, groups=self.groups, **replay_kwargs)
+        self.optimizer = build_optimizer(self.built.model, lr=optim.lr, weight_decay=optim.weight_decay,
+                                         clip_grad=optim.clip_grad, adam_beta1=optim.adam_beta1,
+                                         adam_beta2=optim.adam_beta2, bf16=ex.params_dtype == torch.bfloat16,
+                                         use_distributed_optimizer=optim.use_distributed_optimizer, groups=self.groups)
         # token or packed micro-batches differ in length: pipeline stages then send each activation's shape first
-        self.built.config.variable_seq_lengths = micro_batch_tokens > 0 or pack_sequences
+        self.built.config.variable_seq_lengths = ex.micro_batch_tokens > 0 or self.pack_sequences
         self.routing = self.replay = None
         if arch.is_moe:
             stage_layers = range(self.groups.pp_rank * arch.num_layers // parallel.pp,
@@ -78,6 +104,13 @@ class ModelEngine:
             self.routing = RoutingCounter(self.model, local_moe, arch.num_experts, platform.device())
             # routing replay: every forward routes each token to the batch's `routed_experts` (vLLM's choice)
             self.replay = RoutingReplay(self.model, local_moe, arch.moe_layers) if routing_replay else None
+
+    def metric_names(self, objective: Objective) -> tuple[str, ...]:
+        """The keys `train_step(batch, objective)` returns: the objective's metrics, then the engine's, each
+        prefixed with the role (`policy/pg_loss`, `critic/grad_norm`)."""
+        own = ENGINE_METRICS + (MOE_METRICS if self.routing is not None else ()) + \
+            (REPLAY_METRICS if self.replay is not None else ())
+        return tuple(f"{self.role}/{k}" for k in (*objective.metric_names, *own))
 
     @property
     def model(self) -> torch.nn.Module:
@@ -91,16 +124,20 @@ class ModelEngine:
         per = n // dp
         return rank * per, (rank + 1) * per
 
-    def _micro_batches(self, batch: Batch) -> tuple[list[MicroBatch], list[list[int]], int, int]:
+    def _micro_batches(self, batch: RLBatch) -> tuple[list[MicroBatch], list[list[int]], int, int]:
         """This DP rank's micro-batches, the local rows each holds, and the rank's [start, stop) of the batch."""
-        start, stop = self._dp_bounds(batch["input_ids"].shape[0])
+        if not isinstance(batch, RLBatch):
+            raise TypeError(f"{self.role} engine: takes an RLBatch (RLBatch.from_tensors builds one), got "
+                            f"{type(batch).__name__}")
+        ex = self.execution
+        start, stop = self._dp_bounds(batch.n)
         bins = None
-        if self.pack_sequences and self.micro_batch_tokens > 0 and "seq_lens" in batch:
+        if self.pack_sequences and ex.micro_batch_tokens > 0:
             # the same number of micro-batches on every DP rank; each rank computes every slice's bins itself
-            bins = balanced_token_bins(batch["seq_lens"].tolist(), self.micro_batch_tokens,
+            bins = balanced_token_bins(batch.seq_lens.tolist(), ex.micro_batch_tokens,
                                        self.groups.dp_size)[self.groups.dp_rank]
-        micro, rows = split_micro_batches(row_slice(batch, start, stop), micro_batch_size=self.micro_batch_size,
-                                          micro_batch_tokens=self.micro_batch_tokens,
+        micro, rows = split_micro_batches(batch.rows(slice(start, stop)), micro_batch_size=ex.micro_batch_size,
+                                          micro_batch_tokens=ex.micro_batch_tokens,
                                           pad_multiple=self.pad_multiple, pack=self.pack_sequences,
                                           cp=self.parallel.cp, rows=bins)
         if self.replay is not None and any(mb.routed_experts is None for mb in micro):
@@ -116,7 +153,7 @@ class ModelEngine:
         return g.is_last_stage and g.tp_rank == 0 and g.cp_rank == 0
 
     # ---- forward ----------------------------------------------------------------------------------------
-    def forward(self, batch: Batch, output_fn: MicroOutput) -> torch.Tensor:
+    def forward(self, batch: RLBatch, output_fn: MicroOutput) -> torch.Tensor:
         """`output_fn(model_output, micro_batch) -> [m, R]` per micro-batch: one value per response slot (R =
         `batch.resp_mask.shape[1]`, as `response_logprobs` / `response_values` give). Returns the whole-batch
         result [n, R] (float32) on every rank.
@@ -124,7 +161,7 @@ class ModelEngine:
         The shape comes from the batch, so no collective asks for it. The one collective is the assembly: each
         DP rank's reporting rank (last stage, TP rank 0, CP rank 0) writes its rows into a zero [n, R] tensor and
         one all-reduce over all ranks sums them (adding zeros is exact)."""
-        n, width = batch["resp_mask"].shape
+        n, width = batch.resp_mask.shape
         full = torch.zeros((n, width), dtype=torch.float32, device=platform.device())
         with self.groups.rng(), torch.no_grad():
             micro, rows, start, stop = self._micro_batches(batch)
@@ -134,15 +171,17 @@ class ModelEngine:
                 order = torch.tensor([start + i for r in rows for i in r], device=full.device)
                 full[order] = torch.cat(outs).float()
         dist.all_reduce(full)
-        return full.to(batch["input_ids"].device)
+        return full.to(batch.input_ids.device)
 
     # ---- training -----------------------------------------------------------------------------------------
-    def train_step(self, batch: Batch, loss_fn: MicroLoss) -> dict[str, float]:
-        """One optimizer step over `batch` (a whole mini-batch; losses must be normalised by its global counts).
-        Returns the summed metrics plus grad_norm, lr, `skipped` (1 when the loss or gradient norm was not
-        finite and no update was applied) and `padding_waste` (fraction of computed token slots that are padding,
-        over all DP ranks)."""
+    def train_step(self, batch: RLBatch, objective: Objective) -> dict[str, float]:
+        """One optimizer step over `batch` (a whole mini-batch; the objective's losses are normalised by its
+        global counts). Returns `metric_names(objective)`, the same keys on every rank and every step: the
+        objective's metrics summed over micro-batches and DP ranks, `grad_norm`, `lr`, `skipped` (1 when the loss
+        or gradient norm was not finite and no update was applied), `padding_waste` (fraction of computed token
+        slots that are padding, over all DP ranks) and the router's metrics of a MoE model."""
         self._set_lr()
+        names = objective.metric_names
         with self.groups.rng():
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
@@ -150,12 +189,12 @@ class ModelEngine:
             if self.routing is not None:
                 self.routing.reset()
                 self.routing.active = True
-            stats = forward_backward(self.model, micro, loss_fn, groups=self.groups, routing_replay=self.replay)
+            stats = forward_backward(self.model, micro, objective, groups=self.groups, routing_replay=self.replay)
             if self.routing is not None:
                 self.routing.active = False
             padded, real = padded_and_real_tokens(micro)
-            metrics = self._reduce_metrics(stats, {"padded_tokens": padded, "real_tokens": real})
-            finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0],
+            totals = self._reduce_metrics(stats, names, [padded, real])
+            finite = torch.tensor([1.0 if all(math.isfinite(v) for v in totals[:len(names)]) else 0.0],
                                   device=platform.device())
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             grad_norm = float("nan")
@@ -164,12 +203,13 @@ class ModelEngine:
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                 finite[0] = 1.0 if ok and math.isfinite(grad_norm) else 0.0
             self.steps_taken += int(finite.item())
-        padded, real = metrics.pop("padded_tokens"), metrics.pop("real_tokens")
+        padded, real = totals[len(names):]
+        metrics = dict(zip(names, totals[:len(names)]))
         metrics.update(grad_norm=grad_norm, lr=self._lr(), skipped=1.0 - finite.item(),
                        padding_waste=1.0 - real / padded if padded else 0.0)
         if self.routing is not None:
             metrics.update(self._routing_metrics())
-        return metrics
+        return {f"{self.role}/{k}": v for k, v in metrics.items()}
 
     def _routing_metrics(self) -> dict[str, float]:
         """Router metrics of the last train_step (MoE): tokens routed to each expert, summed over all ranks (with
@@ -199,27 +239,24 @@ class ModelEngine:
             out["moe_replay_changed_frac"] = differs / max(replayed * arch.moe_topk, 1.0)
         return out
 
-    def _reduce_metrics(self, stats: list[dict], per_rank: dict[str, float]) -> dict[str, float]:
-        """Sum per-micro-batch metrics (already globally normalised) over micro-batches and DP ranks, and the
-        `per_rank` numbers over DP ranks; the reporting ranks contribute, everyone receives."""
-        totals: dict[str, torch.Tensor] = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in per_rank.items()}
-        for s in stats:
-            for k, v in s.items():
-                totals[k] = totals.get(k, 0.0) + v.detach().double().reshape(()).cpu()
-        objs = [None] * dist.get_world_size()
-        dist.all_gather_object(objs, sorted(totals) if self._is_reporter() else None)
-        names = next((k for k in objs if k), [])
-        vec = torch.zeros(len(names), dtype=torch.float64)
+    def _reduce_metrics(self, stats: list[dict], names: tuple[str, ...], per_rank: list[float]) -> list[float]:
+        """The metrics `names` (already globally normalised) summed over micro-batches and DP ranks, then the
+        `per_rank` numbers summed over DP ranks: the reporting ranks contribute, everyone receives. The names are
+        the objective's schema, known on every rank, so one all-reduce of numbers is the only collective."""
+        vec = torch.zeros(len(names) + len(per_rank), dtype=torch.float64)
         if self._is_reporter():
-            vec += torch.stack([totals[k] for k in names])
+            for s in stats:
+                vec[:len(names)] += torch.stack([s[k].detach().double().reshape(()).cpu() for k in names])
+            vec[len(names):] += torch.tensor(per_rank, dtype=torch.float64)
         vec = vec.to(platform.device())  # NCCL reduces device tensors only
         dist.all_reduce(vec)
-        return dict(zip(names, vec.tolist()))
+        return vec.tolist()
 
     def _lr(self) -> float:
-        if self.warmup_steps > 0 and self.steps_taken < self.warmup_steps:
-            return self.base_lr * (self.steps_taken + 1) / self.warmup_steps
-        return self.base_lr
+        warmup, lr = self.optim.warmup_steps, self.optim.lr
+        if warmup > 0 and self.steps_taken < warmup:
+            return lr * (self.steps_taken + 1) / warmup
+        return lr
 
     def _set_lr(self) -> None:
         for group in self.optimizer.param_groups:

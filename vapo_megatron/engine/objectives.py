@@ -5,24 +5,62 @@ of padded length S and responses padded to R:
 `input_ids [m, S]`, `targets [m, S]` (input_ids shifted left), `resp_pos [m, R]` (position in S whose output
 scores response token j, i.e. prompt_len - 1 + j), `resp_mask [m, R]`, and the per-token tensors of the step
 (`old_logprobs`, `advantages`, `returns`, `old_values`, vLLM's `rollout_logprobs`) plus `is_correct [m]`.
-Every token mean uses the global counts of the whole mini-batch, passed in `counts`. A packed micro-batch
+Every token mean uses the global counts of the whole mini-batch (`minibatch_counts`). A packed micro-batch
 (data/packing.py) has `input_ids` / `targets` [1, T] and `resp_pos` pointing into that stream; the per-row tensors
 are the same, so the losses do not change.
+
+An `Objective` is a micro-batch loss together with the names of the metrics it returns. The names are fixed by
+the config before any forward runs, so every rank knows them (a pipeline stage that never computes the loss too)
+and the engine reduces them without asking the other ranks (engine/model_engine.py: `train_step`). They are the
+names the pure losses give (algorithms/losses.py); the engine prefixes them with its role (`policy/pg_loss`).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from vapo_megatron.algorithms import entropy_loss, policy_loss, positive_lm_loss, truncated_is_weights, value_loss
+from vapo_megatron.algorithms import (
+    count_correct_tokens,
+    count_seqs,
+    count_tokens,
+    entropy_loss,
+    policy_loss,
+    positive_lm_loss,
+    truncated_is_weights,
+    value_loss,
+)
 from vapo_megatron.config import AlgorithmConfig
-from vapo_megatron.data.rl_batch import MicroBatch
+from vapo_megatron.data.rl_batch import MicroBatch, RLBatch
 from vapo_megatron.parallel.context import gather_sequence_of
 from vapo_megatron.parallel.vocab_parallel import megatron_vocab_logprobs_entropy
 
 LossOut = tuple[torch.Tensor, dict[str, torch.Tensor]]
 MicroLoss = Callable[[torch.Tensor, MicroBatch], LossOut]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A micro-batch loss `fn(model_output, micro_batch) -> (loss, metrics)` and the names of its metrics (the
+    same on every rank and at every step: a schema, not a discovery). Calling it checks the returned names."""
+
+    fn: MicroLoss
+    metric_names: tuple[str, ...]
+
+    def __call__(self, output: torch.Tensor, mb: MicroBatch) -> LossOut:
+        loss, metrics = self.fn(output, mb)
+        if set(metrics) != set(self.metric_names):
+            raise ValueError(f"objective returned metrics {sorted(metrics)}, declared {sorted(self.metric_names)}")
+        return loss, metrics
+
+
+def minibatch_counts(mb: RLBatch) -> dict[str, torch.Tensor]:
+    """Global normalisers of one optimizer step. Every rank holds the whole mini-batch, so these are global
+    without communication (each engine computes only its DP slice with them)."""
+    mask = mb.resp_mask
+    return {"tokens": count_tokens(mask).double(), "seqs": count_seqs(mask).double(),
+            "correct_tokens": count_correct_tokens(mask, mb.is_correct).double()}
 
 
 def at_response(t: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
@@ -42,8 +80,10 @@ def response_values(values: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     return at_response(gather_sequence_of(values, mb), mb)
 
 
-def actor_loss_fn(alg: AlgorithmConfig, counts: dict[str, torch.Tensor], vocab_size: int) -> MicroLoss:
-    """Token-level clip-higher PPO + mu * positive-example NLL (+ optional entropy bonus).
+def actor_objective(alg: AlgorithmConfig, counts: dict[str, torch.Tensor], vocab_size: int) -> Objective:
+    """Token-level clip-higher PPO + mu * positive-example NLL (+ optional entropy bonus). Its metrics:
+    policy_loss's (`pg_loss`, clip fractions, `approx_kl`, `ratio_mean`, `dual_clip_frac` with a dual clip),
+    `tis_ratio_mean` / `tis_capped_frac` with TIS, `nll_loss` (0 when mu is 0) and `entropy`.
 
     Departure from the paper, only with `algorithm.tis_cap` set: the PPO term of each token is weighted by the
     truncated importance ratio of the trainer's old probability to vLLM's (`truncated_is_weights`); the NLL and
@@ -54,32 +94,38 @@ def actor_loss_fn(alg: AlgorithmConfig, counts: dict[str, torch.Tensor], vocab_s
         mask = mb.resp_mask
         weights, tis_metrics = None, {}
         if alg.tis_cap is not None:
-            weights, tis_metrics = truncated_is_weights(mb.old_logprobs, mb["rollout_logprobs"], mask, cap=alg.tis_cap,
+            weights, tis_metrics = truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, mask, cap=alg.tis_cap,
                                                         global_tokens=counts["tokens"])
         loss, metrics = policy_loss(lp, mb.old_logprobs, mb.advantages, mask, eps_low=alg.eps_low,
                                     eps_high=alg.eps_high, dual_clip=alg.dual_clip, is_weights=weights,
                                     agg=alg.loss_agg, global_tokens=counts["tokens"], global_seqs=counts["seqs"])
-        metrics = {"policy_loss": metrics.pop("pg_loss"), **metrics, **tis_metrics}
+        metrics.update(tis_metrics)
         if alg.positive_lm_coef > 0:
             nll, nll_metrics = positive_lm_loss(lp, mask, mb.is_correct,
                                                 global_correct_tokens=counts["correct_tokens"])
             loss = loss + alg.positive_lm_coef * nll
             metrics.update(nll_metrics)
+        else:
+            metrics["nll_loss"] = torch.zeros((), device=lp.device)
         ent_loss, ent_metrics = entropy_loss(ent, mask, agg="token-mean", global_tokens=counts["tokens"])
         if alg.entropy_coef > 0:
             loss = loss - alg.entropy_coef * ent_loss
         metrics.update(ent_metrics)
         return loss, metrics
 
-    return loss_fn
+    names = ("pg_loss", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean",
+             *(("dual_clip_frac",) if alg.dual_clip is not None else ()),
+             *(("tis_ratio_mean", "tis_capped_frac") if alg.tis_cap is not None else ()), "nll_loss", "entropy")
+    return Objective(loss_fn, names)
 
 
-def critic_loss_fn(alg: AlgorithmConfig, counts: dict[str, torch.Tensor]) -> MicroLoss:
-    """0.5 * (V - G)^2 over all response tokens of the mini-batch (token mean, global count)."""
+def critic_objective(alg: AlgorithmConfig, counts: dict[str, torch.Tensor]) -> Objective:
+    """0.5 * (V - G)^2 over all response tokens of the mini-batch (token mean, global count). Its metrics:
+    `value_loss`, `value_clip_frac`, `value_mean` (value_loss's)."""
 
     def loss_fn(values: torch.Tensor, mb: MicroBatch) -> LossOut:
         v = response_values(values, mb)
         return value_loss(v, mb.old_values, mb.returns, mb.resp_mask, clip=alg.value_clip,
                           agg="token-mean", global_tokens=counts["tokens"])
 
-    return loss_fn
+    return Objective(loss_fn, ("value_loss", "value_clip_frac", "value_mean"))

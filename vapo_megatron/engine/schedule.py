@@ -8,7 +8,7 @@ num_microbatches); `finalize_grads_unscaled` drops the per-token rescale that wo
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from vapo_megatron.data.packing import packed_position_ids, real_token_mask
 from vapo_megatron.data.rl_batch import MicroBatch
 from vapo_megatron.models.moe import RoutingReplay, aux_loss_scale
 from vapo_megatron.parallel.context import context_parallel_view, split_for_context_parallel
-from vapo_megatron.parallel.layout import RoleGroups, current_groups
+from vapo_megatron.parallel.layout import RoleGroups
 
 _MASKS: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -80,11 +80,11 @@ LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torc
 
 
 def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
-                     micro_batches: Sequence[MicroBatch | Mapping[str, Any]], loss_fn: LossFn | None, *,
+                     micro_batches: Sequence[MicroBatch], loss_fn: LossFn | None, *, groups: RoleGroups,
                      forward_only: bool = False, output_fn: Callable[[torch.Tensor, MicroBatch], Any] | None = None,
-                     groups: RoleGroups | None = None, routing_replay: RoutingReplay | None = None) -> list[Any]:
-    """Run all micro-batches (`MicroBatch`es, or dicts that become one: `input_ids` [b, S] at least) through the
-    schedule. Their shapes may differ only
+                     routing_replay: RoutingReplay | None = None) -> list[Any]:
+    """Run all micro-batches (`MicroBatch`es: `input_ids` [b, S] at least) through the schedule, in the role's
+    process groups `groups` (a `BuiltModel` or `ModelEngine` holds them). Their shapes may differ only
     when the model config has `variable_seq_lengths` (pipeline stages then exchange each activation's shape).
 
     `loss_fn(output, micro_batch) -> (loss, metrics)`: output is the model's last-stage output (logits shard
@@ -95,8 +95,7 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
     `parallel.context.gather_sequence_of` (engine/objectives.py does) before reading response positions.
 
     The micro-batch passed to `loss_fn` / `output_fn` also carries `tp_group` (the role's tensor-parallel group,
-    for the vocab-parallel log-probs). `groups`: the role's process groups, handed to megatron's schedule and
-    through it to finalize_model_grads (None: those `parallel.layout.initialize` set up last).
+    for the vocab-parallel log-probs). `groups` go to megatron's schedule and through it to finalize_model_grads.
 
     `routing_replay` (MoE): before each micro-batch's forward, the routers are set to the experts its
     `routed_experts` [b, S, num_moe_layers, k] ([1, T, ...] packed) names (models/moe.py RoutingReplay), or to
@@ -107,8 +106,8 @@ def forward_backward(model: torch.nn.Module | Sequence[torch.nn.Module],
     values when forward_only with output_fn); other stages get an empty list.
     """
     models = list(model) if isinstance(model, Sequence) else [model]
-    micro_batches = [mb if isinstance(mb, MicroBatch) else MicroBatch.of(mb) for mb in micro_batches]
-    groups = groups or current_groups()
+    if not all(isinstance(mb, MicroBatch) for mb in micro_batches):
+        raise TypeError("forward_backward takes MicroBatch objects (RLBatch.micro_batch or MicroBatch(...))")
     b, seq = micro_batches[0].input_ids.shape
     results: list[Any] = []
     cp = groups.pg.cp.size()

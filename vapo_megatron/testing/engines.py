@@ -3,18 +3,37 @@
     layouts = RoleLayouts(ParallelConfig(tp=2), ParallelConfig())
     actor = build_engine(hf_dir, "policy", layouts)
     batch = synthetic_rl_batch(8, vocab=128, seed=3)
-    actor.train_step(batch, actor_loss_fn(AlgorithmConfig(), minibatch_counts(batch), 128))
+    actor.train_step(batch, actor_objective(AlgorithmConfig(), minibatch_counts(batch), 128))
 """
 from __future__ import annotations
 
 import torch
 
-from vapo_megatron.data.rl_batch import RLBatch
+from vapo_megatron.data.rl_batch import MicroBatch, RLBatch
 
 
-def build_engine(hf_dir: str, role: str, layouts, **engine_kwargs):
+def engine_pieces(**settings) -> tuple:
+    """(OptimConfig, Execution) from flat test settings (`lr=`, `micro_batch_size=`, `pack_sequences=`, ...):
+    each name goes to the piece that has the field; tests default to lr 1e-3, no weight decay and micro-batches
+    of 2 rows. An unknown name raises TypeError."""
+    import dataclasses
+
+    from vapo_megatron.config import OptimConfig
+    from vapo_megatron.engine.model_engine import Execution
+
+    settings = {"lr": 1e-3, "weight_decay": 0.0, "micro_batch_size": 2, **settings}
+    optim_names = {f.name for f in dataclasses.fields(OptimConfig)}
+    exec_names = {f.name for f in dataclasses.fields(Execution)}
+    unknown = set(settings) - optim_names - exec_names
+    if unknown:
+        raise TypeError(f"engine_pieces: unknown settings {sorted(unknown)}")
+    return (OptimConfig(**{k: v for k, v in settings.items() if k in optim_names}),
+            Execution(**{k: v for k, v in settings.items() if k in exec_names}))
+
+
+def build_engine(hf_dir: str, role: str, layouts, *, routing_replay: bool = False, **settings):
     """A ModelEngine for `role` with the weights of the HF model in `hf_dir` (critic: trunk + a fixed
-    N(0, 0.02) value head), in `layouts`' layout for that role."""
+    N(0, 0.02) value head), in `layouts`' layout for that role; `settings` as `engine_pieces` takes them."""
     from vapo_megatron.convert.hf_io import HFCheckpointReader
     from vapo_megatron.engine.model_engine import ModelEngine
     from vapo_megatron.models.hf_config import load_arch
@@ -26,8 +45,8 @@ def build_engine(hf_dir: str, role: str, layouts, **engine_kwargs):
     def get(name):
         return score if name == "score.weight" else reader.get(name)
 
-    kwargs = {"lr": 1e-3, "micro_batch_size": 2, **engine_kwargs}
-    return ModelEngine(role, arch, layouts.configs[role], layouts, hf_get=get, **kwargs)
+    optim, execution = engine_pieces(**settings)
+    return ModelEngine(role, arch, layouts, optim, execution, get, routing_replay=routing_replay)
 
 
 def synthetic_rl_batch(n: int, vocab: int, *, seed: int, prompt_len: tuple[int, int] = (3, 12),
@@ -55,7 +74,7 @@ def synthetic_rl_batch(n: int, vocab: int, *, seed: int, prompt_len: tuple[int, 
 
 
 def megatron_response_logprobs(model, arch, tokens: list[list[int]], prompt_lens: list[int], resp_lens: list[int],
-                               seq: int = 16):
+                               seq: int = 16, *, groups):
     """The policy's log-probs of each row's response tokens (rows `tokens` = prompt + response, right-padded to
     `seq`), on the last pipeline stage (None elsewhere): what vLLM's rollout log-probs are compared with."""
     from vapo_megatron.engine.schedule import forward_backward
@@ -67,11 +86,11 @@ def megatron_response_logprobs(model, arch, tokens: list[list[int]], prompt_lens
     targets = torch.roll(ids, -1, dims=1)
 
     def output_fn(logits, mb):
-        lp, _ = megatron_vocab_logprobs_entropy(logits, mb["targets"], arch.vocab_size)
+        lp, _ = megatron_vocab_logprobs_entropy(logits, mb.targets, arch.vocab_size)
         return lp.detach()
 
-    out = forward_backward(model, [dict(input_ids=ids, targets=targets)], None, forward_only=True,
-                           output_fn=output_fn)
+    out = forward_backward(model, [MicroBatch(input_ids=ids, targets=targets)], None, forward_only=True,
+                           output_fn=output_fn, groups=groups)
     if not out:
         return None
     # logits at position t score token t+1: the response token j sits at prompt_len + j
@@ -92,7 +111,8 @@ def weighted_outputs_and_grads(built, arch, role: str, ids, w_logits, w_values, 
 
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     w_pad = torch.nn.functional.pad(w_logits, (0, arch.padded_vocab_size(tp_size) - arch.vocab_size))
-    micro = [dict(input_ids=ids[i], w=w_pad[i].chunk(tp_size, -1)[tp_rank], wv=w_values[i]) for i in rows]
+    micro = [MicroBatch(input_ids=ids[i]) for i in rows]
+    weights = [w_values[i] if role == "critic" else w_pad[i].chunk(tp_size, -1)[tp_rank] for i in rows]
 
     def gather_output(out, mb):
         if role == "critic":
@@ -101,12 +121,14 @@ def weighted_outputs_and_grads(built, arch, role: str, ids, w_logits, w_values, 
         dist.all_gather(parts, out.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
         return torch.cat(parts, -1)[..., : arch.vocab_size]
 
-    outputs = forward_backward(built.model, micro, None, forward_only=True, output_fn=gather_output)
+    outputs = forward_backward(built.model, micro, None, forward_only=True, output_fn=gather_output,
+                               groups=built.groups)
+    pending = iter(weights)  # the schedule computes the losses in micro-batch order
 
     def loss_fn(out, mb):
-        loss = (out * (mb["wv"] if role == "critic" else mb["w"])).sum()
+        loss = (out * next(pending)).sum()
         return loss, {"loss": loss.detach()}
 
     built.model.zero_grad_buffer()
-    forward_backward(built.model, micro, loss_fn)
+    forward_backward(built.model, micro, loss_fn, groups=built.groups)
     return outputs, full_state_dict(built.model, arch, role, getter=lambda p: p.main_grad)

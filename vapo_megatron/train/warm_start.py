@@ -22,9 +22,8 @@ from typing import Any
 import torch
 
 from vapo_megatron.algorithms import explained_variance_mc, masked_mean, monte_carlo_returns
-from vapo_megatron.data.rl_batch import RLBatch, resp_pos_of
+from vapo_megatron.data.rl_batch import RLBatch
 
-Batch = RLBatch | dict[str, Any]
 """An RL batch, or a dict with the fields read (`input_ids`, `seq_lens`, `resp_pos`, `resp_mask`, `scores`,
 `prompt_index`)."""
 
@@ -72,10 +71,10 @@ class HFValueModel(torch.nn.Module):
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.score(hidden).squeeze(-1).float()
 
-    def response_values(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+    def response_values(self, batch: RLBatch, rows: torch.Tensor) -> torch.Tensor:
         """V(s_t) [len(rows), R] of the response tokens of ``rows`` of an RL batch."""
-        values = self(batch["input_ids"][rows], batch["seq_lens"][rows])
-        return values.gather(1, resp_pos_of(batch, rows, values.shape[1]))
+        values = self(batch.input_ids[rows], batch.seq_lens[rows])
+        return values.gather(1, batch.response_positions(rows, values.shape[1]))
 
 
 def sample_scored_batch(cfg: Any, settings: WarmStartSettings) -> RLBatch:
@@ -118,26 +117,26 @@ def sample_scored_batch(cfg: Any, settings: WarmStartSettings) -> RLBatch:
     return batch
 
 
-def split_rows(batch: Batch, held_out_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_rows(batch: RLBatch, held_out_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices (fit, held out), split by prompt: all responses of a held-out prompt stay out of the fit."""
-    prompts = batch["prompt_index"].unique()
+    prompts = batch.prompt_index.unique()
     order = prompts[torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))]
     held = order[:int(round(held_out_fraction * len(prompts)))]
-    is_held = torch.isin(batch["prompt_index"], held)
+    is_held = torch.isin(batch.prompt_index, held)
     return (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
 
 
 @torch.no_grad()
-def ev_mc_of(model: HFValueModel, batch: Batch, rows: torch.Tensor, chunk: int = 64) -> tuple[float, torch.Tensor]:
+def ev_mc_of(model: HFValueModel, batch: RLBatch, rows: torch.Tensor, chunk: int = 64) -> tuple[float, torch.Tensor]:
     """ev_mc of the model on ``rows`` and the values it gives them ([len(rows), R])."""
     if len(rows) == 0:
-        return float("nan"), torch.zeros(0, batch["resp_mask"].shape[1])
+        return float("nan"), torch.zeros(0, batch.resp_mask.shape[1])
     values = torch.cat([model.response_values(batch, rows[i:i + chunk]) for i in range(0, len(rows), chunk)])
-    ev = explained_variance_mc(values, batch["scores"][rows], batch["resp_mask"][rows]).item()
+    ev = explained_variance_mc(values, batch.scores[rows], batch.resp_mask[rows]).item()
     return ev, values
 
 
-def fit_critic(model: HFValueModel, batch: Batch, rows: torch.Tensor, settings: WarmStartSettings,
+def fit_critic(model: HFValueModel, batch: RLBatch, rows: torch.Tensor, settings: WarmStartSettings,
                log: Callable[[str], None] = print) -> list[float]:
     """Adam on 0.5 (V - G)^2 (token mean) over random mini-batches of ``rows``; returns the loss of every step
     and logs the mean loss of every 50 steps."""
@@ -148,8 +147,8 @@ def fit_critic(model: HFValueModel, batch: Batch, rows: torch.Tensor, settings: 
     t0 = time.time()
     for step in range(settings.steps):
         idx = rows[torch.randint(len(rows), (min(settings.batch_size, len(rows)),), generator=gen)]
-        mask = batch["resp_mask"][idx]
-        target = monte_carlo_returns(batch["scores"][idx], mask).float()
+        mask = batch.resp_mask[idx]
+        target = monte_carlo_returns(batch.scores[idx], mask).float()
         loss = 0.5 * masked_mean((model.response_values(batch, idx) - target) ** 2, mask)
         opt.zero_grad()
         loss.backward()
@@ -186,7 +185,7 @@ class WarmStartResult:
 
     report: dict
     model: HFValueModel
-    batch: Batch
+    batch: RLBatch
 
 
 def warm_start_critic(cfg: Any, settings: WarmStartSettings, out_dir: str | Path) -> WarmStartResult:
@@ -195,11 +194,11 @@ def warm_start_critic(cfg: Any, settings: WarmStartSettings, out_dir: str | Path
     fit_rows, held_rows = split_rows(batch, settings.held_out_fraction, settings.seed)
     model = HFValueModel(cfg.model.hf_dir, seed=settings.seed)
     before = ev_mc_of(model, batch, held_rows)[0]
-    accuracy = (batch["scores"] >= cfg.algorithm.reward_correct).float().mean().item()
-    print(f"[warm start critic] {len(batch['scores'])} responses, accuracy {accuracy:.3f}; fitting on "
+    accuracy = (batch.scores >= cfg.algorithm.reward_correct).float().mean().item()
+    print(f"[warm start critic] {len(batch.scores)} responses, accuracy {accuracy:.3f}; fitting on "
           f"{len(fit_rows)}, held-out ev_mc before {before:.3f}", flush=True)
     losses = fit_critic(model, batch, fit_rows, settings)
-    report = {"settings": settings.__dict__, "responses": len(batch["scores"]), "fit_responses": len(fit_rows),
+    report = {"settings": settings.__dict__, "responses": len(batch.scores), "fit_responses": len(fit_rows),
               "held_out_responses": len(held_rows), "accuracy": accuracy, "ev_mc_held_out_before": before,
               "ev_mc_fit": ev_mc_of(model, batch, fit_rows)[0], "ev_mc_held_out": ev_mc_of(model, batch, held_rows)[0],
               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}

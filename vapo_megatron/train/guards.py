@@ -47,7 +47,7 @@ class DivergenceGuard:
         """Raise DivergenceError naming every check the step failed (collective; same result on every rank)."""
         problems = self._weight_problems(engines) + self._grad_problems(metrics)
         c = self.cfg
-        kl = metrics.get("approx_kl")
+        kl = metrics.get("policy/approx_kl")
         if c.max_approx_kl > 0 and kl is not None and kl > c.max_approx_kl:
             problems.append(f"policy approx_kl {kl:.3g} > train.max_approx_kl={c.max_approx_kl}")
         diff = rollout_logprob_diff
@@ -75,8 +75,8 @@ class DivergenceGuard:
 
     def _grad_problems(self, metrics: Mapping[str, float]) -> list[str]:
         factor, problems = self.cfg.grad_norm_spike, []
-        for role in ("actor", "critic"):
-            norm = metrics.get(f"grad_norm_{role}")
+        for role in ("policy", "critic"):
+            norm = metrics.get(f"{role}/grad_norm")
             if norm is None or not math.isfinite(norm):
                 continue  # a non-finite norm is the engine's skipped step
             history = self._grad_history.setdefault(role, deque(maxlen=_WINDOW))

@@ -1,6 +1,6 @@
 """Token-level credit, made visible: the first wrong step of a response (a reward's ``first_error_span``) mapped
 to response tokens, the advantage those tokens get against the rest of the wrong response (metrics), and the
-responses picked for the credit picture (rendered by :mod:`vapo_megatron.credit_render`).
+responses picked for the credit picture (rendered by :mod:`vapo_megatron.report.credit_render`).
 
 Characters to tokens: a reward sees the response decoded with ``skip_special_tokens=True``; the character offsets
 of token k are found by decoding the prefixes ``ids[:k]`` the same way. That is robust for byte-level BPE (a
@@ -10,22 +10,18 @@ It assumes that decoding a prefix gives a prefix of the text, which holds for bo
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vapo_megatron.algorithms import first_error_credit
-from vapo_megatron.data.rl_batch import RLBatch, resp_pos_of
+from vapo_megatron.data.rl_batch import RLBatch
 from vapo_megatron.rewards.registry import first_error_span
 
 TokenSpan = tuple[int, int]
 """``[first_token, end_token)`` of a response's first wrong step, in response-token positions."""
-BatchView = RLBatch | Mapping[str, Any]
-"""The step's batch (or a dict with the fields read, as the tests build)."""
-
-
 def _prefix_chars(tokenizer: Any, ids: Sequence[int], k: int, text: str, partial: bool) -> int:
     """How many characters of ``text`` the first ``k`` tokens complete (common prefix of their decoding), plus
     one if ``partial`` and they end inside a character (a trailing replacement character)."""
@@ -77,29 +73,29 @@ def error_token_mask(spans: Sequence[TokenSpan | None], mask: torch.Tensor) -> t
     return out & mask.bool()
 
 
-def credit_metrics(batch: BatchView) -> dict[str, float]:
+def credit_metrics(batch: RLBatch) -> dict[str, float]:
     """``credit_first_error_adv`` / ``credit_rest_wrong_adv`` (mean advantage on the first wrong step's tokens /
     on the other tokens of the same wrong responses), ``credit_first_error_ratio`` (first / rest, only when rest
     < 0), ``credit_first_error_gap`` (per-response mean difference: 0 for value-free advantages) and
     ``credit_error_spans`` (wrong responses with a span); nothing when no wrong response has a span."""
-    spans = batch.get("first_error_tokens")
+    spans = batch.first_error_tokens if batch.has("first_error_tokens") else None
     if not spans:
         return {}
-    wrong = ~batch["is_correct"].bool()
-    err = error_token_mask(spans, batch["resp_mask"]) & wrong[:, None]
+    wrong = ~batch.is_correct.bool()
+    err = error_token_mask(spans, batch.resp_mask) & wrong[:, None]
     if not err.any():
         return {}
-    c = first_error_credit(batch["advantages"], batch["resp_mask"], err)
+    c = first_error_credit(batch.advantages, batch.resp_mask, err)
     return {"credit_first_error_adv": c["first"].item(), "credit_rest_wrong_adv": c["rest"].item(),
             "credit_first_error_ratio": c["ratio"].item(), "credit_first_error_gap": c["gap"].item(),
             "credit_error_spans": c["rows"].item()}
 
 
-def pick_responses(batch: BatchView, count: int = 4) -> list[int]:
+def pick_responses(batch: RLBatch, count: int = 4) -> list[int]:
     """Rows worth showing: the first correct response, then wrong ones (those with a first-wrong-step span
     first), then anything else, up to ``count``; deterministic (batch order)."""
-    correct = batch["is_correct"].bool().tolist()
-    spans = batch.get("first_error_tokens") or [None] * len(correct)
+    correct = batch.is_correct.bool().tolist()
+    spans = (batch.first_error_tokens if batch.has("first_error_tokens") else None) or [None] * len(correct)
     rows = [i for i, c in enumerate(correct) if c][:1]
     rows += [i for i, c in enumerate(correct) if not c and spans[i] is not None]
     rows += [i for i, c in enumerate(correct) if not c and spans[i] is None]
@@ -107,21 +103,21 @@ def pick_responses(batch: BatchView, count: int = 4) -> list[int]:
     return rows[:count]
 
 
-def write_credit_report(run_dir: str | os.PathLike, step: int, batch: BatchView, tokenizer: Any,
+def write_credit_report(run_dir: str | os.PathLike, step: int, batch: RLBatch, tokenizer: Any,
                         count: int = 4) -> tuple[Path, Path]:
     """``<run_dir>/credit/step_XXXX.png`` and ``.html``: a few responses of this step's batch, their tokens
     coloured by advantage and by value; returns both paths. Rank 0 only (callers check)."""
-    from vapo_megatron.credit_render import CreditRow, render_html, render_png
+    from vapo_megatron.report.credit_render import CreditRow, render_html, render_png
 
     rows = []
-    spans = batch.get("first_error_tokens") or [None] * len(batch["lengths"])
+    spans = (batch.first_error_tokens if batch.has("first_error_tokens") else None) or [None] * batch.n
     for i in pick_responses(batch, count):
-        n = int(batch["lengths"][i])
-        ids = batch["input_ids"][i, resp_pos_of(batch, [i])[0, :n] + 1].tolist()
-        values = batch["old_values"][i, :n].tolist() if "old_values" in batch else None
-        rows.append(CreditRow(index=i, tokens=token_texts(tokenizer, ids), advantages=batch["advantages"][i, :n]
-                              .tolist(), values=values, score=float(batch["scores"][i]),
-                              correct=bool(batch["is_correct"][i]), error_span=spans[i]))
+        n = int(batch.lengths[i])
+        ids = batch.input_ids[i, batch.response_positions([i])[0, :n] + 1].tolist()
+        values = batch.old_values[i, :n].tolist() if batch.has("old_values") else None
+        rows.append(CreditRow(index=i, tokens=token_texts(tokenizer, ids), advantages=batch.advantages[i, :n]
+                              .tolist(), values=values, score=float(batch.scores[i]),
+                              correct=bool(batch.is_correct[i]), error_span=spans[i]))
     out = Path(run_dir) / "credit"
     out.mkdir(parents=True, exist_ok=True)
     return render_png(rows, out / f"step_{step:04d}.png", step), render_html(rows, out / f"step_{step:04d}.html", step)

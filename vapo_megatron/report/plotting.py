@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PANELS = (("accuracy", "val_accuracy"), ("reward_mean",), ("value_loss",), ("ev_mc", "explained_variance"),
-          ("response_length_mean",), ("entropy",))
+PANELS = (("accuracy", "val_accuracy"), ("reward_mean",), ("critic/value_loss",), ("ev_mc", "explained_variance"),
+          ("response_length_mean",), ("policy/entropy",))
 
 
 def plot_curves(rows: list[dict], path: str | Path) -> Path:

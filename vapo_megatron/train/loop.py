@@ -14,7 +14,7 @@ Departures from the paper, each also noted where it happens:
 - no KL penalty (the paper states none);
 - optional truncated importance sampling (`algorithm.tis_cap`, off by default): the PPO term of each token is
   weighted by min(p_trainer_old / p_vllm, cap), for the mismatch between vLLM's and Megatron's numerics
-  (`engine/objectives.py: actor_loss_fn`);
+  (`engine/objectives.py: actor_objective`);
 - optional routing replay for MoE policies (`algorithm.routing_replay`, off by default): the experts vLLM routed
   each token to are recorded after generation and the policy's old-log-prob and update forwards use them
   (rollout/routing.py, models/moe.py). The recording is a prefill of each finished sequence, not the decode
@@ -38,28 +38,22 @@ from vapo_megatron.algorithms import (
 from vapo_megatron.config import VapoConfig
 from vapo_megatron.data.rl_batch import RLBatch
 from vapo_megatron.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from vapo_megatron.engine.objectives import actor_objective, critic_objective, minibatch_counts
 from vapo_megatron.engine.offload import rollout_offloader
-from vapo_megatron.guards import DivergenceGuard
 from vapo_megatron.timing import StepTimer
-from vapo_megatron.trainer_parts import (
-    MetricsLogger,
-    Scoring,
-    batch_metrics,
-    build_engines,
-    minibatch_counts,
-    minibatch_order,
-    score_rollout,
-    value_pretrain_stop,
-)
+from vapo_megatron.train.build import build_parts
+from vapo_megatron.train.controls import minibatch_order, value_pretrain_stop
+from vapo_megatron.train.guards import DivergenceGuard
+from vapo_megatron.train.metrics import MetricsLogger, batch_metrics
+from vapo_megatron.train.scoring import Scoring, score_rollout, validation_accuracy
 
 
 class Trainer:
     def __init__(self, cfg: VapoConfig, resume: bool = False):
         self.cfg, self.resume = cfg, resume
-        parts = build_engines(cfg)
+        self.parts = parts = build_parts(cfg)
         self.rollout_engine, self.actor, self.critic = parts.rollout_engine, parts.actor, parts.critic
-        self.arch, self.tokenizer, self.loader, self.val = parts.arch, parts.tokenizer, parts.loader, parts.val
-        self.rewards, self.layouts = parts.rewards, parts.layouts
+        self.arch, self.tokenizer, self.loader = parts.arch, parts.tokenizer, parts.loader
         self.pad_multiple = math.lcm(cfg.policy_parallel.seq_multiple(), cfg.critic_parallel.seq_multiple())
         self.log = MetricsLogger(cfg) if dist.get_rank() == 0 else None
         self.nonfinite_in_row = 0
@@ -68,7 +62,8 @@ class Trainer:
         self.offload = rollout_offloader([self.actor, self.critic], cfg.rollout.offload_megatron_during_rollout)
         self.guard = DivergenceGuard(cfg.train, cfg.checkpoint.run_dir)
         self.timer = StepTimer()  # one step's timings (t_* metrics)
-        self.scoring = Scoring(self.tokenizer, self.rewards, cfg.reward, cfg.algorithm, cfg.rollout.max_response_length)
+        self.scoring = Scoring(self.tokenizer, parts.rewards, cfg.reward, cfg.algorithm,
+                               cfg.rollout.max_response_length)
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -226,33 +221,21 @@ class Trainer:
                 self._guard(step_metrics)
                 for k, v in step_metrics.items():
                     runs.setdefault(k, []).append(v)
-        out = {k: (sum(v) if k.endswith("_skipped") else sum(v) / len(v)) for k, v in runs.items()}
-        out["critic_optimizer_steps"], out["actor_optimizer_steps"] = (len(runs.get(k, [])) for k in
-                                                                       ("value_loss", "policy_loss"))
+        out = {k: (sum(v) if k.endswith("/skipped") else sum(v) / len(v)) for k, v in runs.items()}
+        for role in ("critic", "policy"):
+            out[f"{role}/optimizer_steps"] = len(runs.get(f"{role}/grad_norm", []))
         if keep is not None:
             out["filtered_frac"] = 1.0 - keep.float().mean().item()
         return out
 
     def _critic_step(self, mb: RLBatch) -> dict[str, float]:
-        from vapo_megatron.engine.objectives import critic_loss_fn
-
         with self.timer("critic_update"):
-            m = self.critic.train_step(mb, critic_loss_fn(self.cfg.algorithm, minibatch_counts(mb)))
-        moe = {f"{k}_critic": v for k, v in m.items() if k.startswith("moe_")}  # router metrics of a MoE critic
-        return dict(value_loss=m["value_loss"], grad_norm_critic=m["grad_norm"], critic_skipped=m["skipped"],
-                    padding_waste_critic=m["padding_waste"], **moe)
+            return self.critic.train_step(mb, critic_objective(self.cfg.algorithm, minibatch_counts(mb)))
 
     def _actor_step(self, amb: RLBatch) -> dict[str, float]:
-        from vapo_megatron.engine.objectives import actor_loss_fn
-
         with self.timer("actor_update"):
-            m = self.actor.train_step(amb, actor_loss_fn(self.cfg.algorithm, minibatch_counts(amb),
-                                                         self.arch.vocab_size))
-        out = {k: m[k] for k in ("policy_loss", "clip_frac_low", "clip_frac_high", "approx_kl", "entropy",
-                                 "tis_ratio_mean", "tis_capped_frac") if k in m}
-        out.update({k: v for k, v in m.items() if k.startswith("moe_")})  # router metrics of a MoE policy
-        return dict(out, nll_loss=m.get("nll_loss", 0.0), grad_norm_actor=m["grad_norm"], actor_skipped=m["skipped"],
-                    padding_waste_actor=m["padding_waste"])
+            return self.actor.train_step(amb, actor_objective(self.cfg.algorithm, minibatch_counts(amb),
+                                                              self.arch.vocab_size))
 
     def _actor_rows(self, batch: RLBatch) -> torch.Tensor | None:
         """DAPO's dynamic-sampling filter (algorithm.filter_uniform_groups): responses of groups whose rewards are
@@ -269,16 +252,15 @@ class Trainer:
                                                bucket_bytes=self.cfg.rollout.bucket_bytes)
 
     def validate(self) -> float:
-        from vapo_megatron.trainer_parts import validation_accuracy
-
         with self.offload.offloaded():
             self._wake()
-            return validation_accuracy(self.rollout_engine, self.val, self.scoring, self.cfg.eval, self.cfg.train.seed)
+            return validation_accuracy(self.rollout_engine, self.parts.val, self.scoring, self.cfg.eval,
+                                       self.cfg.train.seed)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
     def _guard(self, out: dict) -> None:
         """NaN/inf guard: a skipped step is counted; too many in a row stop the run with a clear message."""
-        skipped = out.get("actor_skipped", 0.0) + out.get("critic_skipped", 0.0)
+        skipped = out.get("policy/skipped", 0.0) + out.get("critic/skipped", 0.0)
         self.nonfinite_in_row = self.nonfinite_in_row + 1 if skipped else 0
         if self.nonfinite_in_row > self.cfg.train.max_nonfinite_in_row:
             raise FloatingPointError(f"{self.nonfinite_in_row} optimizer steps in a row had a non-finite loss or "
@@ -301,7 +283,7 @@ class Trainer:
 
     def show_credit(self, batch: RLBatch, step: int) -> None:
         """The credit picture of a few responses of this step's batch (rank 0; needs advantages)."""
-        from vapo_megatron.credit import write_credit_report
+        from vapo_megatron.report.credit import write_credit_report
 
         if self.log:
             write_credit_report(self.cfg.checkpoint.run_dir, step, batch, self.tokenizer)

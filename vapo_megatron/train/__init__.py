@@ -1,0 +1,1 @@
+"""The training loop and what it calls, one file per phase (docs/architecture.md)."""
