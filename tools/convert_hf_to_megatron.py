@@ -12,7 +12,6 @@ vapo_megatron/convert/hf_to_megatron.py); the output directory appears only once
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -31,25 +30,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vapo_megatron.convert.summary import run_converter
+
     args = parse_args(argv)
-    os.environ.setdefault("VAPO_FORCE_CPU", "1")  # conversion is I/O: keep it off the GPU and NCCL
-    from vapo_megatron import platform
 
-    platform.install_shims()  # entry point: before anything imports megatron-core (CPU only)
-    from vapo_megatron.convert.hf_io import MissingShardError, MissingTensorError, TruncatedShardError
-    from vapo_megatron.convert.hf_to_megatron import convert_hf_to_megatron
-    from vapo_megatron.convert.mapping import ShapeMismatchError
-    from vapo_megatron.models.hf_config import UnsupportedModelError
+    def user_errors() -> tuple:
+        from vapo_megatron.convert.hf_io import MissingShardError, MissingTensorError, TruncatedShardError
+        from vapo_megatron.convert.mapping import ShapeMismatchError
+        from vapo_megatron.models.hf_config import UnsupportedModelError
 
-    try:
-        summary = convert_hf_to_megatron(args.hf_dir, args.out_dir, role=args.role, dtype=args.dtype,
-                                         seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
-    except (UnsupportedModelError, MissingShardError, TruncatedShardError, MissingTensorError, ShapeMismatchError,
-            FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(summary.format(), file=sys.stderr)
-    return 0
+        return (UnsupportedModelError, MissingShardError, TruncatedShardError, MissingTensorError,
+                ShapeMismatchError, FileExistsError, FileNotFoundError)
+
+    def convert():
+        from vapo_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+
+        return convert_hf_to_megatron(args.hf_dir, args.out_dir, role=args.role, dtype=args.dtype, seed=args.seed,
+                                      overwrite=args.overwrite, progress=not args.no_progress)
+
+    return run_converter(convert, user_errors)
 
 
 if __name__ == "__main__":  # required: megatron's checkpointing may start multiprocessing helpers

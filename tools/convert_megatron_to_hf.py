@@ -13,7 +13,6 @@ only once complete.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -43,24 +42,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vapo_megatron.convert.summary import run_converter
+
     args = parse_args(argv)
-    os.environ.setdefault("VAPO_FORCE_CPU", "1")  # conversion is I/O: keep it off the GPU and NCCL
-    from vapo_megatron import platform
 
-    platform.install_shims()  # entry point: before anything imports megatron-core (CPU only)
-    from vapo_megatron.convert.mapping import ShapeMismatchError
-    from vapo_megatron.convert.megatron_to_hf import convert_megatron_to_hf
-    from vapo_megatron.models.hf_config import UnsupportedModelError
+    def user_errors() -> tuple:
+        from vapo_megatron.convert.mapping import ShapeMismatchError
+        from vapo_megatron.models.hf_config import UnsupportedModelError
 
-    try:
-        summary = convert_megatron_to_hf(args.megatron_dir, args.out_dir, hf_assets=args.hf_assets, role=args.role,
-                                         dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                                         overwrite=args.overwrite, progress=not args.no_progress)
-    except (UnsupportedModelError, ShapeMismatchError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(summary.format(), file=sys.stderr)
-    return 0
+        return UnsupportedModelError, ShapeMismatchError, FileNotFoundError, FileExistsError
+
+    def convert():
+        from vapo_megatron.convert.megatron_to_hf import convert_megatron_to_hf
+
+        return convert_megatron_to_hf(args.megatron_dir, args.out_dir, hf_assets=args.hf_assets, role=args.role,
+                                      dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                                      overwrite=args.overwrite, progress=not args.no_progress)
+
+    return run_converter(convert, user_errors)
 
 
 if __name__ == "__main__":  # required: megatron's checkpointing may start multiprocessing helpers

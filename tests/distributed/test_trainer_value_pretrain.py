@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vapo_megatron.data.synthetic import SyntheticDifficulty, write_synthetic_task
-from vapo_megatron.models.tiny import save_tiny_hf_model
+from vapo_megatron.testing.assets import tiny_task_assets
 from vapo_megatron.testing.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -35,10 +34,7 @@ def _run_body(overrides: list[str], resume: bool):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    save_tiny_hf_model(root / "model", "qwen2", seed=0)
-    write_synthetic_task(root / "data", num_train=64, num_val=4, num_demonstrations=8, seed=0,
-                         difficulty=SyntheticDifficulty(min_steps=1, max_steps=2))
+    root = tiny_task_assets(tmp_path_factory.mktemp("assets"), num_val=4)
     (root / "reward.py").write_text(REWARD)
     return root
 

@@ -78,13 +78,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.detach().double(), expected.detach().double(), rtol=1e-5, atol=1e-7)
 
 
+RAGGED_BATCH = dict(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 5), length=st.integers(0, 12),
+                    agg=st.sampled_from(AGGS))
+"""The random ragged batches (and aggregation mode) every reference test draws."""
+
+
 # ----------------------------------------------------------------------------------------------- policy
 @FAST
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    batch=st.integers(1, 5),
-    length=st.integers(0, 12),
-    agg=st.sampled_from(AGGS),
+    **RAGGED_BATCH,
     dual_clip=st.sampled_from([None, 3.0]),
 )
 def test_policy_loss_matches_reference(seed, batch, length, agg, dual_clip):
@@ -149,10 +151,7 @@ def test_policy_loss_tolerates_garbage_padding_and_rejects_bad_dual_clip():
 # ----------------------------------------------------------------------------------------------- TIS
 @FAST
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    batch=st.integers(1, 5),
-    length=st.integers(0, 12),
-    agg=st.sampled_from(AGGS),
+    **RAGGED_BATCH,
     cap=st.sampled_from([1.0, 1.5, 3.0]),
 )
 def test_truncated_is_weighted_policy_loss_matches_reference(seed, batch, length, agg, cap):
@@ -202,10 +201,7 @@ def test_truncated_is_weights_are_constants_and_cap_is_checked():
 # ----------------------------------------------------------------------------------------------- value
 @FAST
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    batch=st.integers(1, 5),
-    length=st.integers(0, 12),
-    agg=st.sampled_from(AGGS),
+    **RAGGED_BATCH,
     clip=st.sampled_from([None, 0.2]),
 )
 def test_value_loss_matches_reference(seed, batch, length, agg, clip):

@@ -190,3 +190,35 @@ def warm_start(model_dir: str | Path, sft_rows: list[dict], steps: int, batch: i
         if step % 50 == 0 or step == steps - 1:
             print(f"[warm start] step {step:4d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     model.save_pretrained(model_dir)
+
+
+def add_prepare_arguments(ap, *, out: str, sft_steps: int) -> None:
+    """The arguments every demo's prepare.py shares: the output folder and the warm start's settings."""
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--sft-steps", type=int, default=sft_steps)
+    ap.add_argument("--sft-batch", type=int, default=32)
+    ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def prepare_demo_assets(args, write_data, model_kwargs: dict | None = None, done_note: str = "") -> None:
+    """A demo's assets under `args.out` (from `add_prepare_arguments` plus the demo's own arguments):
+    `write_data(data_dir)` writes the task (train / val prompts and `sft.jsonl` demonstrations), then a tiny
+    Qwen2-shaped model (`model_kwargs` for `save_tiny_hf_model`) is warm-started on the demonstrations. A
+    `READY` file (the arguments as JSON) is written last; when it exists nothing is rebuilt."""
+    import json
+
+    import torch
+
+    out = Path(args.out)
+    if (out / "READY").exists():
+        print(f"[prepare] {out} is ready (delete it to rebuild)")
+        return
+    torch.manual_seed(args.seed)
+    write_data(out / "data")
+    model_dir = out / "model"
+    save_tiny_hf_model(model_dir, "qwen2", seed=args.seed, **(model_kwargs or {}))
+    sft = [json.loads(line) for line in (out / "data" / "sft.jsonl").read_text().splitlines()]
+    warm_start(model_dir, sft, args.sft_steps, args.sft_batch, args.sft_lr, args.seed)
+    (out / "READY").write_text(json.dumps(vars(args)))
+    print(f"[prepare] done: {out}{done_note}")
