@@ -66,7 +66,7 @@ def _body(hf_dir: str) -> dict:
         for role in ("actor", "critic"):
             assert set(padded[role]) == set(packed[role]), (name, role, set(padded[role]) ^ set(packed[role]))
             diffs.update({f"{role}.{k}": abs(v - packed[role][k]) for k, v in padded[role].items()
-                          if k not in ("lr", "padding_waste")})
+                          if k.split("/")[1] not in ("lr", "padding_waste")})
         diffs["grads"] = max((a - b).abs().max().item() for a, b in zip(padded["grads"], packed["grads"]))
         report[name] = {"diffs": diffs, "n_micro": packed["n_micro"], "packed": (padded["packed"], packed["packed"]),
                         "waste": {m: (r["actor"]["policy/padding_waste"], r["critic"]["critic/padding_waste"])

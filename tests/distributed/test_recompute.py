@@ -42,7 +42,7 @@ def _body(hf_dir: str, tp: int) -> dict:
         out[(mode, layers)] = (metrics, grads, calls["n"])
     ref_metrics, ref_grads, ref_calls = out.pop(("none", 1))
     assert ref_calls == 0
-    return {key: {"metrics": max(abs(m[k] - ref_metrics[k]) for k in ref_metrics if k != "lr"),
+    return {key: {"metrics": max(abs(m[k] - ref_metrics[k]) for k in ref_metrics if k != "policy/lr"),
                   "grads": max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)), "checkpoints": n}
             for key, (m, grads, n) in out.items()}
 

@@ -56,7 +56,7 @@ def _body(hf_dir: str, pp: int) -> dict:
     diffs = {k: ((fixed[k] - tokens[k]) * mask).abs().max().item() for k in ("logprobs", "values")}
     for role in ("actor", "critic"):
         diffs.update({f"{role}.{k}": abs(v - tokens[role][k]) for k, v in fixed[role].items()
-                      if k not in ("lr", "padding_waste")})
+                      if k.split("/")[1] not in ("lr", "padding_waste")})
     diffs["grads"] = max((a - b).abs().max().item() for a, b in zip(fixed["grads"], tokens["grads"]))
     waste = {m: (r["actor"]["policy/padding_waste"], r["critic"]["critic/padding_waste"]) for m, r in
              (("fixed", fixed), ("tokens", tokens))}
