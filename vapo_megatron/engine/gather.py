@@ -108,15 +108,20 @@ class ShmExchange:
 
 
 _SHM_CACHE: dict[tuple, ShmExchange] = {}
-_SAME_HOST: dict[tuple, bool] = {}
+_SHM_FITS: dict[tuple, bool] = {}
 
 
-def _same_host(group, ranks: tuple[int, ...]) -> bool:
-    if ranks not in _SAME_HOST:
-        hosts: list = [None] * len(ranks)
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        _SAME_HOST[ranks] = len(set(hosts)) == 1
-    return _SAME_HOST[ranks]
+def _shm_fits(group, ranks: tuple[int, ...], slot_bytes: int) -> bool:
+    """Every rank of `group` is on this host and /dev/shm has room, twice over, for all of the group's slots
+    (a tmpfs that runs out while being written kills the writer with SIGBUS: containers often mount 64 MB)."""
+    key = (ranks, slot_bytes)
+    if key not in _SHM_FITS:
+        stat = os.statvfs("/dev/shm")
+        seen: list = [None] * len(ranks)
+        dist.all_gather_object(seen, (socket.gethostname(), stat.f_bavail * stat.f_frsize), group=group)
+        need = 2 * len(ranks) * 2 * slot_bytes
+        _SHM_FITS[key] = len({host for host, _ in seen}) == 1 and min(free for _, free in seen) >= need
+    return _SHM_FITS[key]
 
 
 def tp_exchange(group, device: torch.device, slot_bytes: int) -> GlooExchange | ShmExchange:
@@ -124,7 +129,7 @@ def tp_exchange(group, device: torch.device, slot_bytes: int) -> GlooExchange | 
     the group calls it with the same arguments). Shared memory is kept per group across calls."""
     ranks = tuple(dist.get_process_group_ranks(group))
     if (device.type != "cpu" or len(ranks) == 1 or os.environ.get(SHM_ENV, "1") == "0"
-            or not os.path.isdir("/dev/shm") or not _same_host(group, ranks)):
+            or not os.path.isdir("/dev/shm") or not _shm_fits(group, ranks, slot_bytes)):
         return GlooExchange(group)
     key = (ranks, slot_bytes)
     if key not in _SHM_CACHE:
