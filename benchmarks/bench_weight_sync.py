@@ -24,7 +24,7 @@ import torch
 from vapo_megatron.models.tiny import save_tiny_hf_model
 from vapo_megatron.testing.dist import run_distributed
 
-BUCKETS = (1 << 20, 16 << 20, 256 << 20)
+BUCKETS_MB = (1, 16, 256)
 
 
 def _best(fn, repeats: int) -> float:
@@ -68,7 +68,7 @@ def _setup(hf_dir: str, tp: int):
     return engine, arch, hf, build_model(arch, parallel, "policy", hf_get=hf.__getitem__, ddp=False).model
 
 
-def _body(hf_dir: str, tp: int, repeats: int, phases: bool):
+def _body(hf_dir: str, tp: int, repeats: int, phases: bool, buckets: list[int]):
     from vapo_megatron.engine.export import iter_hf_tensors
 
     engine, arch, hf, model = _setup(hf_dir, tp)
@@ -77,7 +77,7 @@ def _body(hf_dir: str, tp: int, repeats: int, phases: bool):
     def sync(bucket):
         nonlocal stats
         stats = engine.update_weights(iter_hf_tensors(model, arch), bucket_bytes=bucket)
-    for bucket in BUCKETS:
+    for bucket in buckets:
         sync_s = _best(lambda: sync(bucket), repeats)  # noqa: B023 - used at once
         rows.append((f"sync {bucket >> 20}M", stats.buckets, stats.bytes, sync_s, *_copies(hf, repeats)))
     if phases:
@@ -86,13 +86,13 @@ def _body(hf_dir: str, tp: int, repeats: int, phases: bool):
                 pass
         rows.append(("export", 0, stats.bytes, _best(export, repeats), *_copies(hf, repeats)))
         gathered = [(k, v.clone()) for k, v in iter_hf_tensors(model, arch)]
-        push_s = _best(lambda: engine.update_weights(iter(gathered), bucket_bytes=BUCKETS[-1]), repeats)
+        push_s = _best(lambda: engine.update_weights(iter(gathered), bucket_bytes=buckets[-1]), repeats)
         rows.append(("push", stats.buckets, stats.bytes, push_s, *_copies(hf, repeats)))
     engine.shutdown()
     return rows
 
 
-def _broadcast_body(hf_dir: str, repeats: int):
+def _broadcast_body(hf_dir: str, repeats: int, bucket: int):
     import torch.distributed as dist
 
     from vapo_megatron.engine.export import iter_hf_tensors
@@ -108,11 +108,11 @@ def _broadcast_body(hf_dir: str, repeats: int):
         nonlocal version
         version += 1
         if dist.get_rank() == 0:
-            push_weights(transport, iter_hf_tensors(model, arch), BUCKETS[-1], version=version)
+            push_weights(transport, iter_hf_tensors(model, arch), bucket, version=version)
         else:
             transport.receive()
     seconds = _best(send, repeats)
-    rows = [("broadcast 256M", 2, sum(t.numel() * t.element_size() for t in hf.values()), seconds,
+    rows = [(f"broadcast {bucket >> 20}M", -1, sum(t.numel() * t.element_size() for t in hf.values()), seconds,
              *_copies(hf, repeats))]
     engine.shutdown()
     return rows
@@ -125,14 +125,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--phases", action="store_true", help="also time the trainer side and the engine side alone")
     ap.add_argument("--no-broadcast", action="store_true")
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="trainer TP sizes to run")
+    ap.add_argument("--buckets", type=int, nargs="+", default=list(BUCKETS_MB), help="bucket sizes, MB")
     args = ap.parse_args()
+    buckets = [mb << 20 for mb in args.buckets]
     hf_dir = str(save_tiny_hf_model(tempfile.mkdtemp() + "/m", "qwen2", hidden_size=args.hidden,
                                     num_heads=args.hidden // 32, num_kv_heads=args.hidden // 64,
                                     intermediate_size=4 * args.hidden, num_layers=args.layers, vocab_size=4096))
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab 4096 (fp32)", flush=True)
-    runs = [(tp, _body, (hf_dir, tp, args.repeats, args.phases)) for tp in (1, 2)]
+    runs = [(tp, _body, (hf_dir, tp, args.repeats, args.phases, buckets)) for tp in args.tp]
     if not args.no_broadcast:
-        runs.append((1, _broadcast_body, (hf_dir, args.repeats)))
+        runs.append((1, _broadcast_body, (hf_dir, args.repeats, buckets[-1])))
     lines = [f"{'trainer TP':>10s} {'what':>15s} {'buckets':>8s} {'MB':>7s} {'s':>7s} {'clone s':>8s} "
              f"{'copy_ s':>8s} {'/clone':>7s} {'/copy_':>7s}"]
     for tp, body, body_args in runs:
