@@ -1,17 +1,17 @@
 """Bring a model's TP/PP-sharded parameters (or gradients) back to whole Megatron tensors, one at a time.
 
 Used by weight sync (to vLLM), HF export and the layout-equivalence tests. Peak extra memory is one full
-tensor: nothing is materialised for the whole model at once.
+tensor (plus, under TP, one run of up to RUN_BYTES of shards): nothing is materialised for the whole model.
 
 TP shards travel in one of two ways (`tp_exchange`):
-- `ShmExchange`, on CPU when every rank of the group is on this host: each rank copies its shard into a
-  shared-memory slot of its own and reads its peers' slots in place (one barrier per tensor, two slots used in
-  turn). Measured on the 2-core CPU machine, 64 MB gathered over 2 ranks: 0.058 s against 0.121 s for gloo's
-  `all_gather_into_tensor` and 0.170 s for a list `all_gather` + `cat` (gloo sends even local ranks' bytes
-  through TCP loopback).
+- `ShmExchange`, on CPU when every rank of the group is on this host: each rank copies its shards into a
+  shared-memory slot of its own and reads its peers' slots in place (one barrier per run of consecutive
+  tensors up to RUN_BYTES, two slots used in turn). Measured on the 2-core CPU machine, 64 MB gathered over
+  2 ranks: 0.058 s against 0.121 s for gloo's `all_gather_into_tensor` and 0.170 s for a list `all_gather`
+  + `cat` (gloo sends even local ranks' bytes through TCP loopback).
 - `GlooExchange`, everywhere else (NCCL on GPU too): `all_gather_into_tensor` into one buffer.
-Both give the shards as views (`exchange.shards(shard)`), valid until the exchange is used twice more: callers
-copy out of them (merge_tp, export.shards_to_hf) before asking for the next tensor.
+Both give the shards as views (`exchange.shards_many(shards)`), valid until the exchange is used twice more:
+callers copy out of them (merge_tp, export.shards_to_hf) before asking for the next tensor.
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ from vapo_megatron.convert.mapping import (
 from vapo_megatron.models.hf_config import ModelArch
 from vapo_megatron.parallel.layout import RoleGroups, current_groups
 
+RUN_BYTES = 64 * 1024 * 1024
+"""Consecutive TP shards moved in one exchange (one barrier), up to this many bytes per rank."""
 SHM_ENV = "VAPO_SHM_GATHER"
 """Set to 0 to send TP shards through the process group even where shared memory would do."""
 
@@ -67,6 +69,9 @@ class GlooExchange:
         dist.all_gather_into_tensor(flat, shard.reshape(-1), group=self.group)
         return [part.view(shard.shape) for part in flat.chunk(self.size)]
 
+    def shards_many(self, shards: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        return [self.shards(shard) for shard in shards]
+
 
 class ShmExchange:
     """TP shards through shared memory (/dev/shm) between the ranks of `group`, all on this host.
@@ -93,18 +98,28 @@ class ShmExchange:
         self.slot = 0
 
     def shards(self, shard: torch.Tensor) -> list[torch.Tensor]:
-        nbytes = shard.numel() * shard.element_size()
-        if nbytes > self.slot_bytes:
-            raise ValueError(f"shard of {nbytes} bytes does not fit a slot of {self.slot_bytes}")
-        offset = self.slot * self.slot_bytes
+        return self.shards_many([shard])[0]
+
+    def shards_many(self, shards: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Every rank's piece of each of `shards` (one barrier for all of them: a gloo barrier costs about
+        1.3 ms here, against 0.1 ms for copying a 1 MB shard)."""
+        offsets, end = [], self.slot * self.slot_bytes
+        for shard in shards:
+            offsets.append(end)
+            end += -(-shard.numel() * shard.element_size() // 64) * 64
+        if end > (self.slot + 1) * self.slot_bytes:
+            raise ValueError(f"shards of {end - offsets[0]} bytes do not fit a slot of {self.slot_bytes}")
         self.slot ^= 1
 
-        def view(buffer: torch.Tensor) -> torch.Tensor:
+        def view(buffer: torch.Tensor, shard: torch.Tensor, offset: int) -> torch.Tensor:
+            nbytes = shard.numel() * shard.element_size()
             return buffer[offset: offset + nbytes].view(shard.dtype).view(shard.shape)
 
-        view(self.buffers[self.rank]).copy_(shard)
+        for shard, offset in zip(shards, offsets):
+            view(self.buffers[self.rank], shard, offset).copy_(shard)
         dist.barrier(group=self.group)
-        return [shard if r == self.rank else view(b) for r, b in enumerate(self.buffers)]
+        return [[shard if r == self.rank else view(b, shard, offset) for r, b in enumerate(self.buffers)]
+                for shard, offset in zip(shards, offsets)]
 
 
 _SHM_CACHE: dict[tuple, ShmExchange] = {}
@@ -170,7 +185,7 @@ def iter_gathered(model: torch.nn.Module, arch: ModelArch, role: str = "policy",
     ep_group = groups.pg.ep
     ep, ep_rank = ep_group.size(), ep_group.rank()
     ep_ranks = dist.get_process_group_ranks(ep_group) if ep > 1 else None
-    slot = _largest_shard_bytes(local, dtype)
+    slot = max(RUN_BYTES, _largest_shard_bytes(local, dtype))
     exchanges = {"tp": tp_exchange(groups.pg.tp, some.device, slot)}
     if arch.is_moe:
         exchanges["etp"] = tp_exchange(groups.pg.expt_tp, some.device, slot)
@@ -181,13 +196,36 @@ def iter_gathered(model: torch.nn.Module, arch: ModelArch, role: str = "policy",
             return [shard]
         return exchanges[kind].shards(shard)
 
-    for pm in param_maps(arch, role):
+    def dense_here(pm: ParamMap) -> bool:
+        return ep_owner(pm, arch, ep) is None and stages_of(pm, arch, pp, role)[0] == stage
+
+    def gather_run(maps: list[ParamMap]) -> dict[str, list[torch.Tensor]]:
+        """The TP shards of `maps[0]` and of the dense parameters after it on this stage, up to RUN_BYTES."""
+        run, size = [], 0
+        for pm in maps:
+            if not dense_here(pm):
+                break
+            if pm.tp_dim is None:
+                continue
+            shard = local[stage_local_name(pm, arch, pp, stage)]
+            shard = shard if shard.dtype == dtype else shard.to(dtype)
+            size += -(-shard.numel() * shard.element_size() // 64) * 64  # as ShmExchange lays them out
+            if run and size > slot:
+                break
+            run.append((pm.name, shard))
+        return dict(zip((name for name, _ in run), exchanges["tp"].shards_many([t for _, t in run])))
+
+    maps = param_maps(arch, role)
+    batch: dict[str, list[torch.Tensor]] = {}
+    for i, pm in enumerate(maps):
         owner = stages_of(pm, arch, pp, role)[0]
         parts = None
         if stage == owner:
             expert_owner = ep_owner(pm, arch, ep)
             if expert_owner is None:
-                parts = gather(pm, local[stage_local_name(pm, arch, pp, stage)], "tp")
+                if pm.tp_dim is not None and exchanges["tp"].size > 1 and pm.name not in batch:
+                    batch = gather_run(maps[i:])
+                parts = batch.pop(pm.name, None) or gather(pm, local[stage_local_name(pm, arch, pp, stage)], "tp")
             else:
                 if ep_rank == expert_owner:
                     parts = gather(pm, local[stage_local_name(pm, arch, pp, stage, ep)], "etp")
