@@ -102,17 +102,18 @@ def _broadcast_body(hf_dir: str, repeats: int, bucket: int):
 
     engine, arch, hf, model = _setup(hf_dir, 1)  # trainer TP=1 on each rank: rank 0's model is the source
     transport = BroadcastTransport(dist.group.WORLD, src=0, receiver=ColocatedTransport(engine))
-    version = 0
+    version, nbuckets = 0, [0]
 
     def send():
         nonlocal version
         version += 1
         if dist.get_rank() == 0:
-            push_weights(transport, iter_hf_tensors(model, arch), bucket, version=version)
+            nbuckets[0] = push_weights(transport, iter_hf_tensors(model, arch), bucket, version=version).buckets
         else:
             transport.receive()
     seconds = _best(send, repeats)
-    rows = [(f"broadcast {bucket >> 20}M", -1, sum(t.numel() * t.element_size() for t in hf.values()), seconds,
+    dist.broadcast_object_list(nbuckets, src=0)
+    rows = [(f"broadcast {bucket >> 20}M", nbuckets[0], sum(t.numel() * t.element_size() for t in hf.values()), seconds,
              *_copies(hf, repeats))]
     engine.shutdown()
     return rows

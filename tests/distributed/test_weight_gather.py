@@ -68,7 +68,6 @@ def test_hf_tensors_are_the_source_at_tp2(hf_dirs, family):
     assert problems == [[], []]
 
 
-@pytest.mark.slow
 def test_hf_tensors_are_the_source_at_tp2_pp2(hf_dirs):
     problems = run_distributed(_compare, 4, hf_dirs["qwen2"], [dict(tp=2, pp=2)], timeout=600)
     assert problems == [[]] * 4
