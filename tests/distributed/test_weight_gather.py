@@ -18,6 +18,15 @@ FAMILIES = {"qwen2": {}, "llama": dict(tie_word_embeddings=False), "qwen3": {},
             "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, mlp_only_layers=[1])}
 
 
+def _shm_room() -> bool:
+    import os
+
+    if not os.path.isdir("/dev/shm"):
+        return False
+    stat = os.statvfs("/dev/shm")
+    return stat.f_bavail * stat.f_frsize >= 2 << 30  # the exchange wants 2 x ranks x 2 slots of 64 MB
+
+
 def _compare(hf_dir: str, layouts: list[dict]) -> list[str]:
     import os
 
@@ -25,9 +34,9 @@ def _compare(hf_dir: str, layouts: list[dict]) -> list[str]:
 
     from vapo_megatron.engine.build import build_model
     from vapo_megatron.engine.export import iter_hf_tensors
-    from vapo_megatron.engine.gather import SHM_ENV
+    from vapo_megatron.engine.gather import SHM_ENV, tp_exchange
     from vapo_megatron.models.hf_config import load_arch
-    from vapo_megatron.parallel.layout import ParallelConfig, initialize
+    from vapo_megatron.parallel.layout import ParallelConfig, current_groups, initialize
 
     arch = load_arch(hf_dir)
     hf = load_file(f"{hf_dir}/model.safetensors")
@@ -38,6 +47,10 @@ def _compare(hf_dir: str, layouts: list[dict]) -> list[str]:
         model = build_model(arch, parallel, "policy", hf_get=hf.__getitem__, ddp=False).model
         for shm in ("1", "0"):
             os.environ[SHM_ENV] = shm
+            exchange = type(tp_exchange(current_groups("policy").pg.tp, torch.device("cpu"), 1 << 20)).__name__
+            wanted = "ShmExchange" if shm == "1" and parallel.tp > 1 and _shm_room() else "GlooExchange"
+            if exchange != wanted:
+                problems.append(f"{layout} shm={shm}: TP shards went through {exchange}, not {wanted}")
             got = {name: t.clone() for name, t in iter_hf_tensors(model, arch)}
             expected = {n: t for n, t in hf.items() if not (arch.tie_word_embeddings and n == "lm_head.weight")}
             if sorted(got) != sorted(expected):

@@ -131,9 +131,12 @@ def _shm_fits(group, ranks: tuple[int, ...], slot_bytes: int) -> bool:
     (a tmpfs that runs out while being written kills the writer with SIGBUS: containers often mount 64 MB)."""
     key = (ranks, slot_bytes)
     if key not in _SHM_FITS:
-        stat = os.statvfs("/dev/shm")
+        free = 0
+        if os.path.isdir("/dev/shm"):
+            stat = os.statvfs("/dev/shm")
+            free = stat.f_bavail * stat.f_frsize
         seen: list = [None] * len(ranks)
-        dist.all_gather_object(seen, (socket.gethostname(), stat.f_bavail * stat.f_frsize), group=group)
+        dist.all_gather_object(seen, (socket.gethostname(), free), group=group)
         need = 2 * len(ranks) * 2 * slot_bytes
         _SHM_FITS[key] = len({host for host, _ in seen}) == 1 and min(free for _, free in seen) >= need
     return _SHM_FITS[key]
@@ -144,7 +147,7 @@ def tp_exchange(group, device: torch.device, slot_bytes: int) -> GlooExchange | 
     the group calls it with the same arguments). Shared memory is kept per group across calls."""
     ranks = tuple(dist.get_process_group_ranks(group))
     if (device.type != "cpu" or len(ranks) == 1 or os.environ.get(SHM_ENV, "1") == "0"
-            or not os.path.isdir("/dev/shm") or not _shm_fits(group, ranks, slot_bytes)):
+            or not _shm_fits(group, ranks, slot_bytes)):
         return GlooExchange(group)
     key = (ranks, slot_bytes)
     if key not in _SHM_CACHE:
