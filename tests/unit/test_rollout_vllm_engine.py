@@ -121,8 +121,28 @@ def test_partial_push_raises_and_leaves_other_layers(engine, models):
     """A strict push that sets only some parameters names the missing ones; layers that got nothing keep
     their weights (vLLM restores their kernel tensors)."""
     norm_only = [(n, t) for n, t in models["old"].state_dict().items() if n == "model.norm.weight"]
+    held = engine.weight_version
     with pytest.raises(ValueError, match="left .* vLLM parameters unset"):
-        engine.update_weights(iter(norm_only))
+        engine.update_weights(iter(norm_only), version=held + 100)
+    assert engine.weight_version == held, "a partial push must not claim the new policy version"
+    out = engine.generate(PROMPTS[:2], SamplingConfig(temperature=0.0, max_tokens=6))
+    assert max_logprob_error(models["old"], PROMPTS, out) < TOL
+
+
+def test_push_records_the_policy_version(engine, models):
+    """A complete push records the version the caller passes (stats and `weight_version`); without one the
+    version held goes up by one. A stream that fails mid-push leaves the version held."""
+    stats = engine.update_weights(iter(models["old"].state_dict().items()), version=41)
+    assert stats.version == engine.weight_version == 41
+    assert engine.update_weights(iter(models["old"].state_dict().items())).version == 42 == engine.weight_version
+
+    def failing():
+        yield from list(models["new"].state_dict().items())[:4]
+        raise RuntimeError("trainer died mid-push")
+    with pytest.raises(RuntimeError, match="mid-push"):
+        engine.update_weights(failing(), version=43)
+    assert engine.weight_version == 42
+    _push(engine, models["old"])  # the failed push left the first layers' new weights in
     out = engine.generate(PROMPTS[:2], SamplingConfig(temperature=0.0, max_tokens=6))
     assert max_logprob_error(models["old"], PROMPTS, out) < TOL
 

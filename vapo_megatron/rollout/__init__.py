@@ -2,7 +2,9 @@
 
 - `sampler`: `SamplingConfig`, `RolloutOutput`, per-response seeds, `generate_distributed` (data-parallel spread).
 - `vllm_engine`: `RolloutEngine` (vLLM in-process; external launcher under torchrun).
-- `weight_sync`: buckets and the worker-side reload session used by `RolloutEngine.update_weights`.
+- `weight_sync`: buckets and `push_weights`, which drives a transport for one policy version.
+- `transports`: one file per way of moving weights (`colocated`: in-process vLLM, used by
+  `RolloutEngine.update_weights`; `broadcast`: from a trainer export rank over a process group; `memory`).
 - `generate`: the generation-only entry point (`generate_main`).
 - `reference`: Hugging Face forward log-probs, to check the engine against.
 

@@ -37,6 +37,7 @@ import torch
 
 from vapo_megatron.rollout import weight_sync
 from vapo_megatron.rollout.sampler import FINISH_REASONS, RolloutOutput, SamplingConfig, group_requests
+from vapo_megatron.rollout.transports.colocated import ColocatedTransport
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class RolloutEngine:
         engine = RolloutEngine("path/to/hf_model", RolloutEngineConfig(dtype="float32"))
         out = engine.generate([[1, 5, 6]], SamplingConfig(n=4, max_tokens=32, seed=7))
         engine.sleep(); ...train...; engine.wake_up()
-        engine.update_weights(trainer_hf_named_tensors())   # lazily, in buckets
+        engine.update_weights(trainer_hf_named_tensors(), version=step)   # lazily, in buckets
     """
 
     def __init__(self, model_dir: str | Path, config: RolloutEngineConfig | None = None, **overrides) -> None:
@@ -127,6 +128,8 @@ class RolloutEngine:
         _check_cpu_moe(self.model_dir)
         self.tensor_parallel_size = self.config.tensor_parallel_size
         self._sleep_notice_given = False
+        self.weight_version = 0
+        """Policy version of the weights served: 0 for the checkpoint's, then what the last complete push said."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self._owns_process_group = not torch.distributed.is_initialized()
         # vLLM's CPU worker pins torch to one thread and replaces torch.set_num_threads; undone in shutdown()
@@ -221,33 +224,19 @@ class RolloutEngine:
             response_ids=response_ids, rollout_logprobs=logprobs, finish_reason=finish)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                       bucket_bytes: int = weight_sync.DEFAULT_BUCKET_BYTES, *,
-                       strict: bool = True) -> weight_sync.WeightUpdateStats:
+                       bucket_bytes: int = weight_sync.DEFAULT_BUCKET_BYTES, *, strict: bool = True,
+                       version: int | None = None) -> weight_sync.WeightUpdateStats:
         """Load Hugging Face-named full tensors into the live engine, `bucket_bytes` at a time, then drop the
-        prefix cache (its keys/values came from the old weights).
+        prefix cache (its keys/values came from the old weights), through the colocated transport
+        (rollout/transports/colocated.py).
 
         The iterator is consumed lazily, one bucket at a time. Under vLLM TP every rank of the engine pushes
         the same full tensors (each keeps its shard). With `strict`, a push that leaves any vLLM parameter
-        unset raises (the engine's weights are then undefined)."""
-        start = time.perf_counter()
-        self._rpc(weight_sync.begin_weight_update)
-        loaded: set[str] = set()
-        nbytes = ntensors = nbuckets = 0
-        try:
-            for bucket in weight_sync.iter_buckets(named_tensors, bucket_bytes):
-                loaded |= self._rpc(weight_sync.load_weight_bucket, bucket)
-                nbuckets += 1
-                ntensors += len(bucket)
-                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        finally:
-            expected = self._rpc(weight_sync.finish_weight_update)
-            self.llm.reset_prefix_cache()
-        missing = sorted(expected - loaded)
-        if strict and missing:
-            raise ValueError(f"weight push left {len(missing)} of {len(expected)} vLLM parameters unset, e.g. "
-                             f"{missing[:5]}")
-        return weight_sync.WeightUpdateStats(bytes=nbytes, tensors=ntensors, buckets=nbuckets,
-                                             seconds=time.perf_counter() - start)
+        unset raises (the engine's weights are then undefined). `version`: the policy version these weights
+        are (default: the one held plus 1), recorded in `weight_version` once the push is complete."""
+        version = self.weight_version + 1 if version is None else version
+        return weight_sync.push_weights(ColocatedTransport(self, strict=strict), named_tensors, bucket_bytes,
+                                        version=version)
 
     def _rpc(self, fn, *args):
         # in-process, one worker per engine object: the external launcher runs only this rank's worker

@@ -1,55 +1,48 @@
-"""Moving trainer weights into a live vLLM engine: buckets on the trainer side, a reload session on the worker.
+"""Driving a weight push: the trainer's stream of HF-named whole tensors, cut into buckets, through a
+`WeightTransport` (rollout/transports/) for one policy version.
 
-A push is one *session*: begin (every vLLM layer is set up to buffer incoming checkpoint-format weights),
-one RPC per bucket (`model.load_weights(bucket)`: HF names, vLLM's own name mapping, fusing of q/k/v and
-gate/up, TP sharding), finish (layers that got all their weights were already processed as they completed;
-the rest are processed now, and vLLM's kernel repacking, e.g. oneDNN on CPU, runs again). This mirrors what
-vLLM's own weight-transfer engines do (`initialize_layerwise_reload` ... `finalize_layerwise_reload`).
+    stats = push_weights(ColocatedTransport(engine), actor.iter_hf_tensors(), bucket_bytes, version=step)
 
-Why not `collective_rpc("reload_weights", ...)` per bucket: each such call is a whole session of its own, and
-a fused vLLM layer whose parts (say q_proj | k_proj, v_proj) fall into different buckets is finalised with the
-missing parts uninitialised. Measured on vLLM 0.32 CPU: buckets of 3 tensors gave NaN logits; the session
-below gives log-probs equal to a Hugging Face forward of the new weights.
-
-Memory: a layer's tensors are held by vLLM until the layer has all of them, so push tensors grouped by layer
-(the trainer's natural order) to keep at most about one bucket plus one layer alive.
-
-The worker-side functions run inside the engine's worker through `LLM.collective_rpc(fn)`, which needs the
-engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by `RolloutEngine`).
+`RolloutEngine.update_weights` is this with the colocated transport. Where the time goes, and what was tried,
+is in docs/weight_sync.md.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from vapo_megatron.rollout.transports.base import Bucket, WeightTransport
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class WeightUpdateStats:
-    """What one `RolloutEngine.update_weights` call moved."""
+    """What one push moved."""
 
     bytes: int
     """Bytes of tensor data pushed."""
     tensors: int
     """Number of named tensors pushed."""
     buckets: int
-    """Number of RPCs that carried tensors."""
+    """Number of buckets (RPCs, broadcasts) that carried tensors."""
     seconds: float
-    """Wall time of the whole push, prefix-cache reset included."""
+    """Wall time of the whole push, the receiver's finishing (prefix-cache reset) included."""
+    version: int
+    """The policy version pushed."""
 
 
-def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
     """Group a stream of (name, tensor) into lists of about `bucket_bytes`, consuming the stream lazily.
 
     A bucket is flushed as soon as it reaches `bucket_bytes`; a single tensor larger than that is a bucket of
     its own. Order is preserved."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
-    bucket: list[tuple[str, torch.Tensor]] = []
+    bucket: Bucket = []
     size = 0
     for name, tensor in named_tensors:
         bucket.append((name, tensor.detach()))
@@ -61,36 +54,22 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
         yield bucket
 
 
-# ---- worker side: called as `llm.collective_rpc(fn, args=...)`; `worker` is vLLM's Worker ----------------
-
-def begin_weight_update(worker) -> None:
-    """Put every layer of the worker's model into buffered reload mode."""
-    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-    initialize_layerwise_reload(worker.model_runner.get_model())
-
-
-def load_weight_bucket(worker, bucket: list[tuple[str, torch.Tensor]]) -> set[str]:
-    """Feed one bucket of HF-named tensors to the model's loader; returns the vLLM parameter names it set."""
-    from vllm.config import set_current_vllm_config
-
-    with set_current_vllm_config(worker.vllm_config):
-        return set(worker.model_runner.get_model().load_weights(iter(bucket)))
-
-
-def finish_weight_update(worker) -> set[str]:
-    """Process the layers still pending and restore the kernel tensors; returns the model's parameter names
-    (to check that the push was complete)."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-    from vapo_megatron import platform
-
-    model = worker.model_runner.get_model()
-    with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(model, worker.model_config)
-        if not platform.has_cuda():
-            from vapo_megatron.platform.cpu import repack_vllm_cpu_moe
-
-            repack_vllm_cpu_moe(model)
-    return {name for name, _ in model.named_parameters()}
+def push_weights(transport: WeightTransport, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, *, version: int) -> WeightUpdateStats:
+    """One session of `transport` for policy `version`: begin, every bucket of the (lazily consumed) stream,
+    finish. If the stream or a push fails, the session is closed as incomplete and the error re-raised."""
+    start = time.perf_counter()
+    nbytes = ntensors = nbuckets = 0
+    transport.begin(version)
+    try:
+        for bucket in iter_buckets(named_tensors, bucket_bytes):
+            transport.push(bucket)
+            nbuckets += 1
+            ntensors += len(bucket)
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+    except BaseException:
+        transport.finish(complete=False)
+        raise
+    transport.finish()
+    return WeightUpdateStats(bytes=nbytes, tensors=ntensors, buckets=nbuckets,
+                             seconds=time.perf_counter() - start, version=version)
