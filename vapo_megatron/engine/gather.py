@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from vapo_megatron.convert.dist_ckpt import unwrap
 from vapo_megatron.convert.mapping import (
     ParamMap,
     ep_owner,
@@ -41,17 +42,11 @@ SHM_ENV = "VAPO_SHM_GATHER"
 """Set to 0 to send TP shards through the process group even where shared memory would do."""
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def local_tensors(model: torch.nn.Module, getter: Callable[[torch.nn.Parameter], torch.Tensor] | None = None
                   ) -> dict[str, torch.Tensor]:
     """This rank's parameters by local name (through DDP wrappers); `getter` picks e.g. `p.main_grad`."""
     getter = getter or (lambda p: p.detach())
-    return {name: getter(p) for name, p in _unwrap(model).named_parameters()}
+    return {name: getter(p) for name, p in unwrap(model).named_parameters()}
 
 
 # ---- moving TP shards -------------------------------------------------------------------------------------
