@@ -190,7 +190,7 @@ class RLBatch:
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RLBatch))
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(RLBatch) if f.metadata.get("per_row", True))
-MICRO_FIELDS = ("old_logprobs", "old_values", "advantages", "returns", "is_correct", "rollout_logprobs")
+MICRO_FIELDS = ("old_logprobs", "old_values", "advantages", "returns", "is_correct", "truncated", "rollout_logprobs")
 """The per-row fields a micro-batch carries besides the tokens: what the losses read."""
 
 
@@ -215,6 +215,7 @@ class MicroBatch:
     advantages: Optional[Tensor] = None
     returns: Optional[Tensor] = None
     is_correct: Optional[Tensor] = None
+    truncated: Optional[Tensor] = None
     cu_seqlens: Optional[Tensor] = None
     cu_seqlens_padded: Optional[Tensor] = None
     rollout_logprobs: Optional[Tensor] = None

@@ -55,12 +55,22 @@ class Objective:
         return loss, metrics
 
 
+def positive_examples(is_correct: torch.Tensor, truncated: torch.Tensor | None) -> torch.Tensor:
+    """[n] bool: the responses the positive-example NLL trains on: correct and not cut off at the length limit.
+    A correct answer followed by re-checking until the limit scores as correct, but imitating it teaches the
+    policy not to stop, against DAPO's overlong penalty (issue 25); the paper's NLL is over correct samples and
+    is silent on truncation. `truncated` None (a batch without it): every correct response."""
+    positive = is_correct.bool()
+    return positive if truncated is None else positive & ~truncated.bool().to(positive.device)
+
+
 def minibatch_counts(mb: RLBatch) -> dict[str, torch.Tensor]:
     """Global normalisers of one optimizer step. Every rank holds the whole mini-batch, so these are global
     without communication (each engine computes only its DP slice with them)."""
     mask = mb.resp_mask
+    positive = positive_examples(mb.is_correct, mb.truncated if mb.has("truncated") else None)
     return {"tokens": count_tokens(mask).double(), "seqs": count_seqs(mask).double(),
-            "correct_tokens": count_correct_tokens(mask, mb.is_correct).double()}
+            "correct_tokens": count_correct_tokens(mask, positive).double()}
 
 
 def at_response(t: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
@@ -101,7 +111,7 @@ def actor_objective(alg: AlgorithmConfig, counts: dict[str, torch.Tensor], vocab
                                     agg=alg.loss_agg, global_tokens=counts["tokens"], global_seqs=counts["seqs"])
         metrics.update(tis_metrics)
         if alg.positive_lm_coef > 0:
-            nll, nll_metrics = positive_lm_loss(lp, mask, mb.is_correct,
+            nll, nll_metrics = positive_lm_loss(lp, mask, positive_examples(mb.is_correct, mb.truncated),
                                                 global_correct_tokens=counts["correct_tokens"])
             loss = loss + alg.positive_lm_coef * nll
             metrics.update(nll_metrics)

@@ -42,7 +42,7 @@ from vapo_megatron.engine.objectives import actor_objective, critic_objective, m
 from vapo_megatron.engine.offload import rollout_offloader
 from vapo_megatron.timing import StepTimer
 from vapo_megatron.train.build import build_parts
-from vapo_megatron.train.controls import minibatch_order, value_pretrain_stop
+from vapo_megatron.train.controls import actor_rows_masked, minibatch_order, value_pretrain_stop
 from vapo_megatron.train.guards import DivergenceGuard
 from vapo_megatron.train.metrics import MetricsLogger, batch_metrics
 from vapo_megatron.train.scoring import Scoring, score_rollout, validation_accuracy
@@ -79,7 +79,7 @@ class Trainer:
             self.timer.start()
             batch = self.rollout(self.loader.next_batch())                    # RLBatch: responses + rewards
             self.old_logprobs_and_values(batch)                               # + old_logprobs, old_values
-            self.advantages(batch)                                            # + advantages, returns, lam_policy
+            self.advantages(batch, phase)                                     # + advantages, returns, lam_policy
             self.guard.before_update(self._engines())
             metrics = {**batch_metrics(batch), **self.update(batch, phase, step)}  # critic and actor updates
             self.guard.after_update(step, metrics, self._engines(), metrics["rollout_logprob_diff"])  # not synced yet
@@ -181,18 +181,21 @@ class Trainer:
             with self.timer("critic_forward"):
                 batch.old_values = self.critic.forward(batch, lambda out, mb: response_values(out, mb))
 
-    def advantages(self, batch: RLBatch) -> None:
+    def advantages(self, batch: RLBatch, phase: str = "ppo") -> None:
         """`advantages` (GRPO: group-normalised scores; else decoupled GAE, which also sets `returns` and
-        `lam_policy`)."""
+        `lam_policy`). In value pretraining the critic's targets are always the lambda = 1 Monte-Carlo returns
+        (docs/VAPO.md, component 1), whatever `lam_critic` and `couple_gae` say: those settings are PPO-phase
+        ablations, and "without decoupled GAE" must change one thing only."""
         alg, mask = self.cfg.algorithm, batch.resp_mask
         if alg.advantage == "grpo":
             batch.advantages = group_normalized_advantages(batch.scores, mask, group_size=self.cfg.rollout.n)
             return
         rewards = token_rewards_from_scores(batch.scores, mask)
         values = batch.old_values * mask
-        gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=alg.lam_critic,
+        pretrain = phase == "value_pretrain"
+        gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=1.0 if pretrain else alg.lam_critic,
                             lam_policy=None if alg.length_adaptive else alg.lam_policy,
-                            alpha=alg.alpha if alg.length_adaptive else None, coupled=alg.couple_gae)
+                            alpha=alg.alpha if alg.length_adaptive else None, coupled=alg.couple_gae and not pretrain)
         advantages = whiten_advantages(gae.advantages, mask) if alg.whiten_advantages else gae.advantages
         batch.advantages, batch.returns, batch.lam_policy = advantages, gae.returns, gae.lam_policy
 
@@ -215,8 +218,8 @@ class Trainer:
                 idx = order[start:start + cfg.train.mini_batch_size]
                 mb = batch.rows(idx)
                 step_metrics = self._critic_step(mb) if epoch < critic_passes else {}
-                amb = mb if keep is None else mb.rows(keep[idx].nonzero().squeeze(1))
-                if epoch < actor_passes and amb.n:
+                amb = mb if keep is None else actor_rows_masked(mb, keep[idx])
+                if epoch < actor_passes and amb.resp_mask.any():
                     step_metrics.update(self._actor_step(amb))
                 self._guard(step_metrics)
                 for k, v in step_metrics.items():
