@@ -37,8 +37,9 @@ from vapo_megatron.algorithms import (
 )
 from vapo_megatron.config import VapoConfig
 from vapo_megatron.data.rl_batch import RLBatch
-from vapo_megatron.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from vapo_megatron.engine.checkpoint import load_checkpoint, save_checkpoint
 from vapo_megatron.engine.offload import rollout_offloader
+from vapo_megatron.engine.resume import select_resume_checkpoint  # issue 23
 from vapo_megatron.guards import DivergenceGuard
 from vapo_megatron.timing import StepTimer
 from vapo_megatron.trainer_parts import (
@@ -131,7 +132,7 @@ class Trainer:
     def _restore(self) -> tuple[int, int]:
         """Models, optimizers, RNG, data position and sampling seeds of the newest complete checkpoint;
         FileNotFoundError naming the directory when there is none."""
-        ckpt = resolve_checkpoint(self.cfg.checkpoint.run_dir)
+        ckpt = select_resume_checkpoint(self.cfg.checkpoint.run_dir, self.resume)  # issue 23: verified, or refused
         state = load_checkpoint(ckpt, self._engines(), trust=self.cfg.checkpoint.trust_checkpoints)
         self.loader.load_state_dict(state["loader"])
         self._seed_counter = state["seed_counter"]
