@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from vapo_megatron.convert import atomic
 from vapo_megatron.convert.safe_load import load_torch_file, restricted_dcp_load
@@ -390,25 +391,28 @@ def _write_manifest(tmp: Path) -> None:
     dist.barrier()
 
 
-def _save_failed(exc: BaseException, step: int, where: Path, run_dir: str | Path) -> BaseException:
-    """A failed write of megatron's save (torch DCP wraps the writer's OSError, e.g. "No space left on device", in
-    a RuntimeError "Worker failure ..."): a CheckpointError naming the step, the directory and the OS error, and
-    the checkpoint a --resume would continue from. Other failures stay as they are."""
+def _save_failed(exc: BaseException, step: int, where: Path, run_dir: str | Path) -> CheckpointError:
+    """A save that failed while writing (a full disk: torch DCP wraps the writer's error, e.g. "No space left on
+    device" or torch's "unexpected pos ...", in a RuntimeError "Worker failure ..."), as one CheckpointError naming
+    the step, the directory, the error's last line, the free space there and the checkpoint a --resume would
+    continue from (the traceback stays behind --debug)."""
     chain, seen = [], exc
     while seen is not None and len(chain) < 10:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     os_error = next((e for e in chain if isinstance(e, OSError)), None)
-    text = str(exc)
-    if os_error is None and not any(k in text for k in ("No space left", "Disk quota", "File too large",
-                                                        "Errno")):
-        return exc
-    reason = f"{type(os_error).__name__}: {os_error}" if os_error is not None else text.strip().splitlines()[-1]
+    lines = [x.strip() for x in str(os_error or exc).splitlines() if x.strip()]
+    reason = f"{type(os_error or exc).__name__}: {lines[-1] if lines else ''}"
+    try:
+        free = f"; free space there: {shutil.disk_usage(Path(run_dir)).free / 2**20:.0f} MiB"
+    except OSError:
+        free = ""
     newest = latest_checkpoint(run_dir)
     after = (f"the newest complete checkpoint is still {newest} (this save left only a temporary directory, "
              f"removed by the next save); free space and continue from it with --resume") if newest else \
         "there is no complete checkpoint of this run yet"
-    return CheckpointError(f"saving the checkpoint of step {step} failed while writing {where}: {reason}; {after}")
+    return CheckpointError(f"saving the checkpoint of step {step} failed while writing {where} ({reason}{free}); "
+                           f"{after}")
 
 
 def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, ModelEngine], trainer_state: dict,
@@ -441,7 +445,8 @@ def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, ModelE
             raise ValueError(f"engine under key {role!r} is the {engines[role].role!r} engine")
         try:
             _save_role(engines[role], tmp / role)
-        except Exception as exc:  # noqa: BLE001 - a write that failed (disk full) becomes one clear message
+        except (Exception, CheckpointException) as exc:  # a failed write (disk full): one clear message
+            # (torch DCP's CheckpointException derives from BaseException)
             raise _save_failed(exc, int(step), tmp / role, run_dir) from exc
 
     rng_dir = tmp / RNG_DIR
