@@ -12,7 +12,9 @@ def _train_parser() -> argparse.ArgumentParser:
                     "Run under torchrun for several processes.")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.eps_high=0.28")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, choices=("latest", "previous"),
+                   help="continue from the newest checkpoint in the run dir, after verifying its checksums; "
+                        "--resume=previous: from the newest older one that verifies (each skipped one is printed)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run dir that holds checkpoints or metrics, deleting them (without it, "
                         "such a run dir is refused unless --resume is given)")
@@ -70,10 +72,40 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    for key in ("model.hf_dir", "model.critic_hf_dir"):  # before anything reads the model or builds one
+        _check_model_dir(key, getattr(cfg.model, key.split(".")[1]))
     validate(cfg, world, load_arch(cfg.model.hf_dir) if cfg.model.hf_dir else None)
-    preflight(cfg, resume=args.resume, overwrite=args.overwrite, is_rank0=_rank() == 0)
-    train(cfg, resume=args.resume)
+    preflight(cfg, resume=bool(args.resume), overwrite=args.overwrite, is_rank0=_rank() == 0)
+    resume = args.resume
+    if resume:  # verified before any model is built; the trainer loads exactly this checkpoint
+        from vapo_megatron.engine.resume import select_resume_checkpoint
+        from vapo_megatron.parallel.layout import init_distributed
+
+        init_distributed()
+        resume = select_resume_checkpoint(cfg.checkpoint.run_dir, resume)
+    train(cfg, resume=resume)
     return 0
+
+
+def _check_model_dir(key: str, hf_dir: str | None) -> None:
+    """A PreflightError when the model directory is missing or holds no config.json or no safetensors weights
+    (a traceback used to come from the first reader, after the models were partly built)."""
+    from pathlib import Path
+
+    from vapo_megatron.convert.hf_io import INDEX_FILE, SINGLE_FILE
+    from vapo_megatron.errors import PreflightError
+
+    if not hf_dir:
+        return
+    path = Path(hf_dir)
+    if not path.is_dir():
+        raise PreflightError(f"{key}={hf_dir!r} does not exist (or is not a directory)")
+    if not (path / "config.json").is_file():
+        raise PreflightError(f"{key}={hf_dir!r} is not a Hugging Face model directory (no config.json)")
+    if not ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()):
+        other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        raise PreflightError(f"{key}={hf_dir!r} has no weights: neither {SINGLE_FILE} nor {INDEX_FILE}"
+                             + (f" (found {other}: convert them to safetensors first)" if other else ""))
 
 
 def _install_platform_shims() -> None:
@@ -104,7 +136,9 @@ def train_main(argv: list[str] | None = None) -> int:
     import os
 
     _install_platform_shims()
-    args = _train_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # a bare --resume never takes the next word as its value (`--resume train.steps=10` keeps the override)
+    args = _train_parser().parse_intermixed_args(["--resume=latest" if a == "--resume" else a for a in argv])
     if args.config is None and not args.overrides:  # overrides alone are a whole config (defaults + overrides)
         _train_parser().print_help()
         return 0

@@ -26,3 +26,8 @@ class DivergenceError(UserError):
 
 class UnsafeCheckpointError(UserError):
     """A checkpoint file that would run code when loaded, refused unless checkpoint.trust_checkpoints is set."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: incomplete, damaged (its manifest's checksums), or not matching the engines
+    it is loaded into; also a save that could not be written (e.g. the disk is full)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,9 +54,10 @@ def _command(assets: Path, run_dir: Path, reward: str, *extra: str, steps: int =
             "logging.tensorboard=false", *extra]
 
 
-def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("VAPO_DEBUG", None)
+def _run(cmd: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`cmd` in the repository with the worktree's package, no debug mode, and `env`'s variables on top."""
+    base = {k: v for k, v in os.environ.items() if k not in ("VAPO_DEBUG", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    env = {**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -140,3 +142,49 @@ def test_absurd_lr_is_stopped_before_the_destroyed_weights_are_saved(assets, tmp
     assert res.returncode == 1, (res.stdout + res.stderr)[-3000:]
     assert "step 1 diverged" in res.stderr and "train.max_weight_norm_ratio" in res.stderr, res.stderr[-3000:]
     assert not list((run_dir / "checkpoints").glob("step_*")), "the diverged state was checkpointed"
+
+
+@pytest.mark.parametrize("case", ["missing", "no_weights"])
+def test_model_dir_problems_get_one_error_line_before_any_model_is_built(assets, tmp_path, case):
+    """Issue 23: a missing model directory, or one without weights, gave a traceback (without weights only
+    after the models were built)."""
+    model = tmp_path / "model"
+    if case == "no_weights":
+        shutil.copytree(assets / "model", model)
+        (model / "model.safetensors").unlink()
+    cmd = [c if not c.startswith("model.hf_dir=") else f"model.hf_dir={model}"
+           for c in _command(assets, tmp_path / "run", f"{assets / 'verl_reward.py'}:compute_score")]
+    start = time.monotonic()
+    res = _run(cmd)
+    assert res.returncode == 1, (res.stdout + res.stderr)[-3000:]
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"model.hf_dir={str(model)!r}" in errors[0], errors[0]
+    assert ("does not exist" if case == "missing" else "has no weights") in errors[0], errors[0]
+    assert time.monotonic() - start < 30, "the check came after building the models"
+
+
+def _small_file_limit(limit: int):
+    """The child's files cannot grow past `limit` bytes (EFBIG "File too large", as a full disk gives ENOSPC)."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_failed_checkpoint_write_gets_one_error_line(assets, tmp_path):
+    """Issue 23: a disk that fills during a save stopped the run with megatron's raw "RuntimeError: Worker
+    failure ..." traceback. The checkpoint files of the tiny model are about 7.5 MB, nothing else the run
+    writes is, so with files capped at 6 MB the first save fails in megatron's writer."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("VAPO_DEBUG", None)
+    cmd = _command(assets, tmp_path / "run", f"{assets / 'verl_reward.py'}:compute_score")
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                         preexec_fn=_small_file_limit(6 << 20))
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1, (res.stdout + res.stderr)[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "saving the checkpoint of step 1 failed" in errors[0] and "free space there" in errors[0], errors[0]
+    assert "no complete checkpoint of this run yet" in errors[0], errors[0]

@@ -107,3 +107,28 @@ def test_configuration_errors_are_raised_early(tmp_path):
         RewardManager(f"{tmp_path}/missing.py:f")
     with pytest.raises(TypeError, match="cannot be sent to a worker process"):
         RewardManager(lambda response, ground_truth, **kw: 1.0)
+
+
+def test_stops_once_the_failure_limit_is_certain_and_leaves_no_worker(user_reward):
+    """Issue 23: 8 hanging calls took 8 timeouts before the run could stop, and a worker was seen alive after the
+    run. With `max_failed=2` scoring stops at the third failure (the limit is then certainly crossed), the
+    unscored rest counts as failed, and no worker process is left running. A failure pinpoints
+    RewardManager.score's early stop."""
+    import psutil
+
+    items = [RewardItem("hang", "1") for _ in range(8)]
+    with RewardManager(user_reward, timeout_s=1.0, failure_score=-1.0, startup_timeout_s=60) as manager:
+        manager.start()
+        pids = [w.process.pid for w in manager._workers]
+        start = time.monotonic()
+        results = manager.score(items, max_failed=2)
+        elapsed = time.monotonic() - start
+        assert results.stats.num_timeouts == 3, results.stats
+        assert results.stats.num_failed == 8 and results.status.count("not_scored") == 5, results.status
+        assert results.scores == [-1.0] * 8
+        assert elapsed < 6, f"scoring went on after the failure limit was crossed ({elapsed:.1f} s)"
+        assert not manager._workers, "workers kept after the early stop"
+        for pid in pids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        again = manager.score([RewardItem("5", "5")])  # a later batch starts fresh workers
+        assert again.scores == [1.0]

@@ -88,3 +88,38 @@ def test_torch_dist_metadata_with_code_is_refused_and_a_clean_one_loads(tmp_path
     with pytest.raises(UnsafeCheckpointError, match="os.system|posix.system"), restricted_dcp_load():
         dcp.load({"weight": torch.zeros(4)}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
     assert not marker.exists(), "a torch_dist .metadata file ran code"
+
+
+def test_truncated_metadata_is_damaged_not_unsafe(tmp_path):
+    """Issue 23: a truncated .metadata was reported as an unsafe pickle with advice to trust the checkpoint."""
+    from vapo_megatron.errors import CheckpointError
+
+    _save_dcp(tmp_path / "ckpt", [{"note": "plain"}])
+    meta = tmp_path / "ckpt" / ".metadata"
+    os.truncate(meta, meta.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match="is damaged: it does not unpickle") as info, restricted_dcp_load():
+        dcp.load({"weight": torch.zeros(4)}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    assert "trust_checkpoints" not in str(info.value)
+
+
+@pytest.mark.parametrize("force", ["1", None])
+def test_legacy_common_pt_never_runs_even_when_torch_is_told_to_unpickle(tmp_path, monkeypatch, force):
+    """Issue 23: megatron-core's loader reads a legacy common.pt with torch.load and no weights_only, so with
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 a planted one ran its code. Inside restricted_dcp_load it is loaded
+    weights_only=True, whatever the environment says; outside, megatron's own call runs it (shown first)."""
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    _save_dcp(tmp_path / "ckpt", [{"note": "plain"}])
+    (tmp_path / "ckpt" / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1, '
+                                                     '"common_backend": "torch", "common_backend_version": 1}')
+    marker = tmp_path / "pwned"
+    torch.save({"args": Malicious(marker)}, tmp_path / "ckpt" / "common.pt")
+    if force:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", force)
+        load_common_state_dict(str(tmp_path / "ckpt"))  # megatron's own loading
+        assert marker.exists(), "the probe is not real: megatron's loader did not run the planted pickle"
+        marker.unlink()
+    with pytest.raises(UnsafeCheckpointError, match="common.pt"), restricted_dcp_load():
+        load_common_state_dict(str(tmp_path / "ckpt"))
+    assert not marker.exists(), "a planted common.pt ran code"
+    assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == force, "the environment was not restored"

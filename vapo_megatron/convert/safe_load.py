@@ -11,13 +11,23 @@ run code. What is loaded how:
   :func:`restricted_dcp_load` the first is read by an unpickler that only builds torch's DCP metadata classes,
   ``torch.Size`` and dtypes, and the second with ``weights_only=True``.
 
+* megatron-core's legacy ``common.pt`` (``dist_checkpointing.strategies.common.load_common`` calls ``torch.load``
+  without ``weights_only``, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns into a plain unpickling): inside
+  :func:`restricted_dcp_load` it is loaded with an explicit ``weights_only=True`` (the variable only overrides calls
+  that do not say), and the variable itself is removed from the environment for the duration of the block, so no
+  ``torch.load`` on that path can be switched to running code. (The trainer never writes a ``common.pt``; its
+  manifest refuses one before any of this runs: engine/manifest.py.)
+
 Anything else is refused with :class:`~vapo_megatron.errors.UnsafeCheckpointError` unless the caller trusts the
-checkpoint (``checkpoint.trust_checkpoints``), which restores torch's own, unrestricted loading.
+checkpoint (``checkpoint.trust_checkpoints``), which restores torch's own, unrestricted loading. A file that is
+not a pickle at all (truncated, damaged) is a :class:`~vapo_megatron.errors.CheckpointError` naming it: trusting
+the checkpoint would not help.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +35,17 @@ from typing import Any
 
 import torch
 
-from vapo_megatron.errors import UnsafeCheckpointError
+from vapo_megatron.errors import CheckpointError, UnsafeCheckpointError
 
 _TRUST_HINT = ("if you made this checkpoint yourself or trust its origin, set checkpoint.trust_checkpoints=true "
                "(such a file can run code when loaded)")
 _DCP_MODULE = "torch.distributed.checkpoint"
 _PLAIN_BUILTINS = frozenset({"set", "frozenset", "slice", "complex", "bytearray", "range"})
+_NO_WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle that asks for a global outside the allowlist (as opposed to one that is damaged)."""
 
 
 def load_torch_file(path: str | Path, *, trust: bool = False, map_location: Any = "cpu") -> Any:
@@ -69,7 +84,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return obj
         elif module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
             return obj  # storage_meta.checkpoint_id
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        raise _ForbiddenGlobal(f"global {module}.{name} is not allowed")
 
 
 class _RestrictedPickleModule:
@@ -80,14 +95,17 @@ class _RestrictedPickleModule:
 
     @staticmethod
     def load(file: Any, **kwargs: Any) -> Any:
+        where = getattr(file, "name", "a torch_dist .metadata file")
         try:
             return _RestrictedUnpickler(file).load()
-        except pickle.UnpicklingError as e:
-            where = getattr(file, "name", "a torch_dist .metadata file")
+        except _ForbiddenGlobal as e:
             raise _refuse(f"{where}: {e}; refused. {_TRUST_HINT}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+            raise _damaged(f"{where} is damaged: it does not unpickle ({type(e).__name__}: {e}); it was truncated "
+                           "or overwritten after it was saved") from None
 
 
-_REFUSALS: list[UnsafeCheckpointError] = []
+_REFUSALS: list[Exception] = []
 
 
 def _refuse(message: str) -> UnsafeCheckpointError:
@@ -96,6 +114,26 @@ def _refuse(message: str) -> UnsafeCheckpointError:
     error = UnsafeCheckpointError(message)
     _REFUSALS.append(error)
     return error
+
+
+def _damaged(message: str) -> CheckpointError:
+    error = CheckpointError(message)
+    _REFUSALS.append(error)
+    return error
+
+
+def _weights_only_load_common(checkpoint_dir: Any) -> Any:
+    """megatron-core's ``load_common`` (a legacy ``common.pt``) with ``weights_only=True`` said explicitly."""
+    from megatron.core.dist_checkpointing.mapping import CheckpointingException
+
+    path = Path(checkpoint_dir) / "common.pt"
+    if not path.is_file():
+        raise CheckpointingException(f"Common file {path} does not exist")
+    try:
+        return load_torch_file(path, trust=False)
+    except UnsafeCheckpointError as e:
+        _REFUSALS.append(e)
+        raise
 
 
 def _safe_load_bytes(self: Any, read_item: Any, value: io.BytesIO) -> None:
@@ -120,11 +158,16 @@ def restricted_dcp_load(trust: bool = False) -> Iterator[None]:
     if trust:
         yield
         return
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies import common
     from torch.distributed.checkpoint import default_planner, filesystem
 
-    saved = filesystem.pickle, default_planner.DefaultLoadPlanner.load_bytes
+    saved = (filesystem.pickle, default_planner.DefaultLoadPlanner.load_bytes, serialization.load_common,
+             common.load_common)
+    forced = os.environ.pop(_NO_WEIGHTS_ONLY_ENV, None)  # no torch.load in the block may default to pickle
     filesystem.pickle = _RestrictedPickleModule()
     default_planner.DefaultLoadPlanner.load_bytes = _safe_load_bytes
+    serialization.load_common = common.load_common = _weights_only_load_common
     _REFUSALS.clear()
     try:
         yield
@@ -134,4 +177,7 @@ def restricted_dcp_load(trust: bool = False) -> Iterator[None]:
         raise
     finally:
         _REFUSALS.clear()
-        filesystem.pickle, default_planner.DefaultLoadPlanner.load_bytes = saved
+        (filesystem.pickle, default_planner.DefaultLoadPlanner.load_bytes, serialization.load_common,
+         common.load_common) = saved
+        if forced is not None:
+            os.environ[_NO_WEIGHTS_ONLY_ENV] = forced

@@ -21,6 +21,11 @@ the new complete checkpoint or none under the final name: `latest_checkpoint` on
 named `step_XXXXXXXX` that holds `DONE`. Older checkpoints are deleted (rotation) only after the new one is
 in place. torch_dist stores tensors in global coordinates, so a role may be resumed at another TP/PP layout.
 
+Integrity: the commit step writes `manifest.json` (engine/manifest.py: every file's size and checksum) before
+`DONE`; `load_checkpoint` verifies it first and refuses a damaged, truncated, incomplete or unlisted file, naming
+it. engine/resume.py picks what `--resume` loads: the newest complete checkpoint, or with `--resume=previous` the
+newest older one that verifies (each skipped one printed, never silently).
+
 Resuming is exact: with the optimizer state (Adam moments and per-parameter `step`), `steps_taken` (LR warmup)
 and the RNG states restored, k steps + save + load + m steps equal k + m uninterrupted steps.
 """
@@ -39,9 +44,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from vapo_megatron.convert import atomic
 from vapo_megatron.convert.safe_load import load_torch_file, restricted_dcp_load
+from vapo_megatron.engine import manifest as mf
+from vapo_megatron.engine.optim_resume import adopt_current_param_groups, compare_settings, optimizer_settings
+from vapo_megatron.errors import CheckpointError
 
 if TYPE_CHECKING:
     from vapo_megatron.engine.model_engine import ModelEngine
@@ -59,10 +68,6 @@ _STALE_RE = re.compile(r"^(step_\d{8}\.tmp-.+|\.step_\d{8}\.(old|partial|trash)|
 # DistributedOptimizer format that loads at any DP size (the default one fails with the torch-Adam fallback:
 # "flattened_range is not supported").
 _DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: incomplete, or not matching the engines it is loaded into."""
 
 
 # ---- locating checkpoints (no megatron, no collectives) ---------------------------------------------------
@@ -207,15 +212,19 @@ def _ensure_adam_state(optimizer) -> None:
 _DO_PATCHED = False
 
 
+def _loaded_parts(optimizer, loaded: Any) -> list[tuple[Any, Any]]:
+    """(inner optimizer, its part of the loaded optimizer state) pairs (chained: {index: state})."""
+    inner = _inner_optimizers(optimizer)
+    return list(zip(inner, [loaded] if len(inner) == 1 else [loaded[k] for k in sorted(loaded)]))
+
+
 def _fill_zero_common_step(optimizer, loaded: Any) -> None:
     """FP32Optimizer / Float16Optimizer save Adam's step once, as `common_step`, but only `if step:`
     (megatron/core/optimizer/optimizer.py:1376 and :1187), i.e. not when it is 0 (a role that has not stepped
     yet). Loading such a checkpoint leaves the moments without `step`, and torch's Adam.__setstate__ raises
     KeyError 'step'. Put the 0 back so that `_restore_common_per_param_step` (optimizer.py:1347) gives every
     parameter its own step, as for any other step."""
-    inner = _inner_optimizers(optimizer)
-    parts = [loaded] if len(inner) == 1 else [loaded[k] for k in sorted(loaded)]  # chained: {index: state}
-    for opt, sd in zip(inner, parts):
+    for opt, sd in _loaded_parts(optimizer, loaded):
         if getattr(opt, "is_stub_optimizer", False) or _is_distributed(opt) or not _is_torch_adam(opt):
             continue
         osd = sd["optimizer"] if "state" not in sd and "optimizer" in sd else sd  # Float16 nests it
@@ -345,7 +354,8 @@ def _meta(step: int, engines: Mapping[str, ModelEngine]) -> dict:
         par = eng.parallel
         roles[role] = {"tp": par.tp, "pp": par.pp, "cp": par.cp, "sequence_parallel": par.sequence_parallel,
                        "steps_taken": eng.steps_taken,
-                       "distributed_optimizer": _uses_distributed_optimizer(eng.optimizer)}
+                       "distributed_optimizer": _uses_distributed_optimizer(eng.optimizer),
+                       "optimizer": optimizer_settings(eng)}
     return {"format": FORMAT, "version": 1, "step": step, "world_size": dist.get_world_size(), "roles": roles}
 
 
@@ -356,6 +366,53 @@ def _rotate(root: Path, keep_last: int, newest: Path) -> None:
         trash = root / f".{old.name}.trash"
         old.rename(trash)  # no longer looks like a checkpoint from here on, even if rmtree is interrupted
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_manifest(tmp: Path) -> None:
+    """The commit step's checksums (collective): rank 0 lists the files, every rank hashes its share of them
+    (engine/manifest.py), rank 0 writes manifest.json."""
+    listing: Any = None
+    if dist.get_rank() == 0:
+        names = mf.checkpoint_files(tmp)
+        listing = (names, [(tmp / n).stat().st_size for n in names])
+    names, sizes = _agree(listing)
+    mine = [names[i] for i in mf.share(names, sizes, dist.get_rank(), dist.get_world_size())]
+    try:
+        entries: Any = mf.hash_entries(tmp, mine)
+    except OSError as exc:
+        entries = exc
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, entries)
+    failed = next((p for p in parts if isinstance(p, BaseException)), None)
+    if failed is not None:
+        raise CheckpointError(f"could not checksum the checkpoint in {tmp}: {failed}")
+    if dist.get_rank() == 0:
+        mf.write_manifest_file(tmp, {k: v for p in parts for k, v in p.items()}, mf.default_algorithm())
+    dist.barrier()
+
+
+def _save_failed(exc: BaseException, step: int, where: Path, run_dir: str | Path) -> CheckpointError:
+    """A save that failed while writing (a full disk: torch DCP wraps the writer's error, e.g. "No space left on
+    device" or torch's "unexpected pos ...", in a RuntimeError "Worker failure ..."), as one CheckpointError naming
+    the step, the directory, the error's last line, the free space there and the checkpoint a --resume would
+    continue from (the traceback stays behind --debug)."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    os_error = next((e for e in chain if isinstance(e, OSError)), None)
+    lines = [x.strip() for x in str(os_error or exc).splitlines() if x.strip()]
+    reason = f"{type(os_error or exc).__name__}: {lines[-1] if lines else ''}"
+    try:
+        free = f"; free space there: {shutil.disk_usage(Path(run_dir)).free / 2**20:.0f} MiB"
+    except OSError:
+        free = ""
+    newest = latest_checkpoint(run_dir)
+    after = (f"the newest complete checkpoint is still {newest} (this save left only a temporary directory, "
+             f"removed by the next save); free space and continue from it with --resume") if newest else \
+        "there is no complete checkpoint of this run yet"
+    return CheckpointError(f"saving the checkpoint of step {step} failed while writing {where} ({reason}{free}); "
+                           f"{after}")
 
 
 def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, ModelEngine], trainer_state: dict,
@@ -386,7 +443,11 @@ def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, ModelE
     for role in sorted(engines):
         if engines[role].role != role:
             raise ValueError(f"engine under key {role!r} is the {engines[role].role!r} engine")
-        _save_role(engines[role], tmp / role)
+        try:
+            _save_role(engines[role], tmp / role)
+        except (Exception, CheckpointException) as exc:  # a failed write (disk full): one clear message
+            # (torch DCP's CheckpointException derives from BaseException)
+            raise _save_failed(exc, int(step), tmp / role, run_dir) from exc
 
     rng_dir = tmp / RNG_DIR
     if dist.get_rank() == 0:
@@ -394,17 +455,22 @@ def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, ModelE
     dist.barrier()
     rng = capture_rng_state()
     rng["megatron_tracker_roles"] = {role: _clone(engines[role].groups.rng_states) for role in sorted(engines)}
-    torch.save(rng, rng_dir / f"rank_{dist.get_rank():05d}.pt")
-
-    result: Any = final
-    if dist.get_rank() == 0:
-        try:
+    failed: Any = None
+    try:
+        torch.save(rng, rng_dir / f"rank_{dist.get_rank():05d}.pt")
+        if dist.get_rank() == 0:
             torch.save(dict(trainer_state, step=int(step)), tmp / TRAINER_STATE_FILE)
             (tmp / META_FILE).write_text(json.dumps(_meta(int(step), engines), indent=2) + "\n")
-        except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            result = exc
-    dist.barrier()  # every rank has written its shards and RNG file
-    if dist.get_rank() == 0 and not isinstance(result, BaseException):
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        failed = _save_failed(exc, int(step), tmp, run_dir)
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, failed)  # also the barrier: every rank has written its files
+    failed = next((v for v in views if v is not None), None)
+    if failed is not None:
+        raise failed
+    result: Any = final
+    _write_manifest(tmp)
+    if dist.get_rank() == 0:
         try:
             _write_atomic(tmp / DONE_FILE, f"{int(step)}\n")
             atomic.commit(tmp, final)  # the rename: from here on the checkpoint is complete and visible
@@ -412,7 +478,7 @@ def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, ModelE
             if keep_last is not None and keep_last > 0:
                 _rotate(root, keep_last, final)
         except Exception as exc:  # noqa: BLE001
-            result = exc
+            result = _save_failed(exc, int(step), final, run_dir)
     return Path(_agree(result if not isinstance(result, Path) else str(result)))
 
 
@@ -436,21 +502,69 @@ def _load_role(engine: ModelEngine, role_dir: Path) -> None:
         loaded = dist_checkpointing.load(_sharded_state_dict(engine, is_loading=True), str(role_dir))
         module.load_state_dict(loaded["model"])
         _fill_zero_common_step(engine.optimizer, loaded["optimizer"])
+        adopt_current_param_groups(engine.role, _loaded_parts(engine.optimizer, loaded["optimizer"]))
         with torch.no_grad():  # the distributed optimizer copies into fp32 main params (views of leaf params)
             engine.optimizer.load_state_dict(loaded["optimizer"])
         _restore_per_param_step(engine.optimizer)
 
 
+_VERIFIED: set[tuple] = set()  # checkpoints this process verified (path, manifest mtime and size)
+
+
+def _verified_key(ckpt: Path) -> tuple | None:
+    try:
+        st = (ckpt / mf.MANIFEST_FILE).stat()
+    except OSError:
+        return None
+    return str(ckpt.resolve()), st.st_mtime_ns, st.st_size
+
+
+def checkpoint_problems(ckpt: str | Path) -> list[str]:
+    """What is wrong with the bytes of checkpoint `ckpt` (engine/manifest.py), [] when it verifies. Collective:
+    rank 0 reads the manifest and checks names and sizes, every rank hashes its share of the files."""
+    ckpt = Path(ckpt)
+    key = _verified_key(ckpt)
+    if key is not None and _agree(key in _VERIFIED):
+        return []
+    head: Any = None
+    if dist.get_rank() == 0:
+        manifest, problem = mf.read_manifest(ckpt)
+        head = (None, [problem]) if manifest is None else (manifest, mf.structural_problems(ckpt, manifest))
+    manifest, problems = _agree(head)
+    if not problems:
+        names = sorted(manifest["files"])
+        sizes = [manifest["files"][n]["size"] for n in names]
+        mine = [names[i] for i in mf.share(names, sizes, dist.get_rank(), dist.get_world_size())]
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mf.content_problems(ckpt, manifest, mine))
+        problems = sorted(p for part in parts for p in part)
+    if not problems and key is not None:
+        _VERIFIED.add(key)
+    return problems
+
+
+def refusal(ckpt: Path, problems: list[str], offer: str = "") -> CheckpointError:
+    """The error for a checkpoint that does not verify (the first problems, then `offer`)."""
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    return CheckpointError(f"checkpoint {ckpt} does not verify, refused (nothing of it was loaded): {shown}"
+                           + (f". {offer}" if offer else ""))
+
+
 def load_checkpoint(path: str | Path, engines: Mapping[str, ModelEngine], *, map_location: Any = "cpu",
-                    restore_rng: bool = True, trust: bool = False) -> dict:
+                    restore_rng: bool = True, trust: bool = False, verify: bool = True) -> dict:
     """Restore model + optimizer (+ `steps_taken`) of every engine and, by default, this rank's RNG states from
     the checkpoint `path` (or the newest one of the run directory `path`); return the saved trainer state
     (with its "step"). Collective: call on every rank. Nothing in the files runs code unless `trust`
-    (convert/safe_load.py; UnsafeCheckpointError otherwise).
+    (convert/safe_load.py; UnsafeCheckpointError otherwise). With `verify` (default), nothing is read before the
+    checkpoint's manifest verifies (`checkpoint_problems`; CheckpointError naming the damaged files otherwise).
 
     Raises FileNotFoundError ("no checkpoint in <run_dir>/checkpoints") when there is none, CheckpointError for
     an incomplete checkpoint or when its roles differ from `engines`."""
     ckpt = resolve_checkpoint(path)
+    if verify:
+        problems = checkpoint_problems(ckpt)
+        if problems:
+            raise refusal(ckpt, problems)
     meta = read_meta(ckpt)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt}/{META_FILE} is not a {FORMAT} file")
@@ -458,6 +572,11 @@ def load_checkpoint(path: str | Path, engines: Mapping[str, ModelEngine], *, map
     if saved_roles != roles:
         raise CheckpointError(f"checkpoint {ckpt} holds roles {saved_roles}, the trainer has {roles} "
                               f"(algorithm.use_critic changed?)")
+    changes = [compare_settings(role, meta["roles"][role].get("optimizer"), optimizer_settings(engines[role]))
+               for role in roles]  # before anything loads: a change that cannot carry over is refused here
+    for line in filter(None, changes):
+        if dist.get_rank() == 0:
+            print(f"resume: {line}", flush=True)
     for role in roles:
         if engines[role].role != role:
             raise ValueError(f"engine under key {role!r} is the {engines[role].role!r} engine")

@@ -63,6 +63,8 @@ class RewardStats:
     """Calls that raised, returned a non-score, or whose worker died."""
     num_timeouts: int = 0
     """Calls stopped after ``timeout_s`` (their worker was killed and replaced)."""
+    num_not_scored: int = 0
+    """Items never scored because the batch's failure limit was already crossed (``score(max_failed=...)``)."""
     num_worker_restarts: int = 0
     seconds: float = 0.0
     error_examples: list[str] = field(default_factory=list)
@@ -72,7 +74,7 @@ class RewardStats:
 
     @property
     def num_failed(self) -> int:
-        return self.num_errors + self.num_timeouts
+        return self.num_errors + self.num_timeouts + self.num_not_scored
 
     def as_metrics(self, prefix: str = "reward/") -> dict[str, float]:
         return {f"{prefix}num_errors": float(self.num_errors), f"{prefix}num_timeouts": float(self.num_timeouts),
@@ -190,6 +192,7 @@ class RewardManager:
             check_reward_signature(fn, self.reward_kwargs)
         self._printed_kinds: set[tuple[str, str]] = set()
         self._jobs: list[tuple[int, str, tuple]] = []
+        self._max_failed: int | None = None
         self.failure_score = float(self.reward_kwargs.get("incorrect_score", 0.0) if failure_score is None
                                    else failure_score)
         self.timeout_s, self.num_workers, self.startup_timeout_s = timeout_s, num_workers, startup_timeout_s
@@ -200,15 +203,18 @@ class RewardManager:
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
 
-    def score(self, items: Sequence[RewardItem]) -> RewardResults:
-        """Score every item; never raises for a failing reward call (see the module docstring)."""
+    def score(self, items: Sequence[RewardItem], *, max_failed: int | None = None) -> RewardResults:
+        """Score every item; never raises for a failing reward call (see the module docstring). With
+        ``max_failed``, stop as soon as more than that many calls failed (the batch is then certainly a systematic
+        failure): the workers are killed at once (no hung call outlives the decision; a later batch starts fresh
+        ones) and the unscored items count as ``not_scored`` failures."""
         start = time.monotonic()
         n = len(items)
         results = RewardResults(scores=[self.failure_score] * n, status=["ok"] * n, extras=[{} for _ in range(n)],
                                 stats=RewardStats(num_items=n))
         jobs = [(pos, self._key(item), (item.response, item.ground_truth, item.prompt, item.data_source,
                                         item.extra)) for pos, item in enumerate(items)]
-        self._jobs = jobs
+        self._jobs, self._max_failed = jobs, max_failed
         if self.in_process:
             self._score_in_process(jobs, results)
         elif jobs:
@@ -291,6 +297,9 @@ class RewardManager:
             if worker.ready and worker.pending:
                 self._dispatch(worker, results)
         while any(w.pending for w in self._workers):
+            if self._max_failed is not None and results.stats.num_failed > self._max_failed:
+                self._abandon(results)
+                return
             busy = [w for w in self._workers if w.pending]
             timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             for conn in wait([w.conn for w in busy], timeout=timeout):
@@ -299,6 +308,15 @@ class RewardManager:
             for w in busy:
                 if w.pending and now >= w.deadline and not w.conn.poll(0):
                     self._on_deadline(w, results)
+
+    def _abandon(self, results: RewardResults) -> None:
+        """The failure limit is crossed: the rest of the batch is not scored and every worker is stopped now."""
+        for w in self._workers:
+            for pos, _, _ in w.pending:
+                results.scores[pos], results.status[pos] = self.failure_score, "not_scored"
+                results.stats.num_not_scored += 1
+            w.pending.clear()
+        _shutdown(self._workers)
 
     def _dispatch(self, worker: _Worker, results: RewardResults) -> None:
         try:
@@ -383,8 +401,9 @@ def systematic_failure(stats: RewardStats, max_failed_fraction: float) -> str | 
     first = stats.first_failure or {}
     item = {k: (v[:300] + "..." if isinstance(v, str) and len(v) > 300 else v)
             for k, v in first.get("item", {}).items()}
+    skipped = f", not scored after the limit was crossed {stats.num_not_scored}" if stats.num_not_scored else ""
     return (f"the reward function failed on {failed} of {n} responses (errors {stats.num_errors}, timeouts "
-            f"{stats.num_timeouts}; limit reward.max_failed_fraction={max_failed_fraction}), so training would "
-            f"only see failure scores.\n  function: {first.get('function', '?')}\n  error: "
+            f"{stats.num_timeouts}{skipped}; limit reward.max_failed_fraction={max_failed_fraction}), so training "
+            f"would only see failure scores.\n  function: {first.get('function', '?')}\n  error: "
             f"{first.get('message', '?')}\n  first failing item: {item}\n"
             + (first.get("traceback") or "").rstrip())

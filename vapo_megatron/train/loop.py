@@ -23,6 +23,7 @@ Departures from the paper, each also noted where it happens:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,9 +38,10 @@ from vapo_megatron.algorithms import (
 )
 from vapo_megatron.config import VapoConfig
 from vapo_megatron.data.rl_batch import RLBatch
-from vapo_megatron.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from vapo_megatron.engine.checkpoint import load_checkpoint, save_checkpoint
 from vapo_megatron.engine.objectives import actor_objective, critic_objective, minibatch_counts
 from vapo_megatron.engine.offload import rollout_offloader
+from vapo_megatron.engine.resume import select_resume_checkpoint
 from vapo_megatron.timing import StepTimer
 from vapo_megatron.train.build import build_parts
 from vapo_megatron.train.controls import actor_rows_masked, minibatch_order, value_pretrain_stop
@@ -49,7 +51,7 @@ from vapo_megatron.train.scoring import Scoring, score_rollout, validation_accur
 
 
 class Trainer:
-    def __init__(self, cfg: VapoConfig, resume: bool = False):
+    def __init__(self, cfg: VapoConfig, resume: bool | str | Path = False):
         self.cfg, self.resume = cfg, resume
         self.parts = parts = build_parts(cfg)
         self.rollout_engine, self.actor, self.critic = parts.rollout_engine, parts.actor, parts.critic
@@ -126,7 +128,7 @@ class Trainer:
     def _restore(self) -> tuple[int, int]:
         """Models, optimizers, RNG, data position and sampling seeds of the newest complete checkpoint;
         FileNotFoundError naming the directory when there is none."""
-        ckpt = resolve_checkpoint(self.cfg.checkpoint.run_dir)
+        ckpt = select_resume_checkpoint(self.cfg.checkpoint.run_dir, self.resume)  # issue 23: verified, or refused
         state = load_checkpoint(ckpt, self._engines(), trust=self.cfg.checkpoint.trust_checkpoints)
         self.loader.load_state_dict(state["loader"])
         self._seed_counter = state["seed_counter"]
@@ -298,7 +300,7 @@ class Trainer:
         return row
 
 
-def train(cfg: VapoConfig, resume: bool = False) -> dict:
+def train(cfg: VapoConfig, resume: bool | str | Path = False) -> dict:
     from vapo_megatron.parallel.layout import init_distributed
 
     platform.setup()

@@ -30,7 +30,7 @@ def score_responses(tokenizer: Any, rewards: Any, max_failed_fraction: float, pr
                             prompt=prompts[int(p)].text, data_source=prompts[int(p)].record.data_source,
                             extra=prompts[int(p)].record.metadata)
                  for txt, p in zip(texts, out.prompt_index)]
-        res = rewards.score(items)
+        res = rewards.score(items, max_failed=int(max_failed_fraction * len(items)))  # stop once the limit is crossed
         fatal = systematic_failure(res.stats, max_failed_fraction)
         spans = error_token_spans(tokenizer, out.response_ids, texts, res.extras) if with_spans and not fatal \
             else None

@@ -1,7 +1,7 @@
 """Critic warm start, standing in for the paper's reward-model initialisation: sample responses of the initial
 policy for the training prompts (vLLM), score them with the configured verifier, fit a critic (the policy's trunk
 plus a fresh scalar ``score`` head, plain PyTorch on the HF model) on Monte-Carlo targets, and write it as a HF
-directory that ``model.critic_hf_dir`` loads (trainer_parts._critic_hf_get reads its ``score`` head).
+directory that ``model.critic_hf_dir`` loads (train/build.py critic_hf_get reads its ``score`` head).
 
 Departure from the paper: VAPO initialises the critic from a reward model and then pretrains it on the policy's
 samples; here the warm start itself is that value pretraining, done offline on more samples than a few trainer
