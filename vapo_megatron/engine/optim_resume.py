@@ -38,7 +38,7 @@ def optimizer_settings(engine: Any) -> dict[str, Any]:
         cfg = engine.optimizer.chained_optimizers[0].config
     out = {k: getattr(cfg, k) for k in ("optimizer", "lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1",
                                         "adam_beta2", "adam_eps", "bf16")}
-    out["warmup_steps"] = int(getattr(engine, "warmup_steps", 0))
+    out["warmup_steps"] = int(engine.optim.warmup_steps)
     out["distributed_optimizer"] = _uses_distributed_optimizer(engine.optimizer)
     return out
 
