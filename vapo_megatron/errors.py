@@ -31,3 +31,8 @@ class UnsafeCheckpointError(UserError):
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: incomplete, damaged (its manifest's checksums), or not matching the engines
     it is loaded into; also a save that could not be written (e.g. the disk is full)."""
+
+
+class CriticNotReadyError(UserError):
+    """Value pretraining ended at its step cap with the critic explaining less than the threshold, and
+    algorithm.critic_unready is "stop"."""
