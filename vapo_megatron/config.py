@@ -113,11 +113,12 @@ class AlgorithmConfig:
     mc_advantage: Literal["gae", "step"] = "gae"
     """With value_source "mc": "gae" runs (length-adaptive) GAE on the step values as on a critic's; "step" is
     VinePPO's one-step form, every token of a step gets V(next boundary) - V(its boundary)."""
-    critic_unready: Literal["lengthen", "continue", "stop"] = "lengthen"
+    critic_unready: Literal["lengthen", "group", "continue", "stop"] = "lengthen"
     """When value pretraining ends at its cap with ev_mc below value_pretrain_ev_threshold: "lengthen" (default)
-    trains PPO at lambda_policy = 1 (the critic is only a baseline) until a step's ev_mc reaches the threshold
-    again, then returns to the configured horizon; "stop" ends the run with an error; "continue" is the paper's
-    behaviour, the configured horizon whatever the critic explains. A departure from the paper, logged."""
+    trains PPO at lambda_policy = 1 (the critic only as a baseline) until a step's ev_mc reaches the threshold
+    again, then returns to the configured horizon; "group" uses the group-normalised advantages of GRPO (the
+    critic ignored by the policy, still trained) until then; "stop" ends the run with an error; "continue" is the
+    paper's behaviour, the configured horizon whatever the critic explains. A departure from the paper, logged."""
     filter_uniform_groups: bool = False
     """Drop groups whose responses all score the same (DAPO dynamic sampling; off in VAPO)."""
     overlong_buffer: int = 0

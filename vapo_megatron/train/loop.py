@@ -218,6 +218,8 @@ class Trainer:
         if mc and alg.mc_advantage == "step":  # VinePPO's one-step form: V(next boundary) - V(boundary)
             raw = (self._mc_step.next_values - self._mc_step.values) * mask
         advantages = whiten_advantages(raw, mask) if alg.whiten_advantages else raw
+        if lengthen and alg.critic_unready == "group" and not pretrain:  # departure: GRPO's baseline until ready
+            advantages = group_normalized_advantages(batch.scores, mask, group_size=self.cfg.rollout.n)
         batch.advantages, batch.returns, batch.lam_policy = advantages, gae.returns, gae.lam_policy
 
     def update(self, batch: RLBatch, phase: str, step: int) -> dict:
@@ -322,8 +324,10 @@ class Trainer:
                                       "algorithm.value_pretrain_steps, or set critic_unready=lengthen")
         self.critic_ready = False
         if self.log:
-            print(f"{message}: PPO trains at lambda_policy = 1 (the critic only as a baseline) until a step's ev_mc "
-                  f"reaches the threshold again (algorithm.critic_unready=lengthen)", flush=True)
+            how = ("with group-normalised advantages (the critic ignored by the policy, still trained)"
+                   if alg.critic_unready == "group" else "at lambda_policy = 1 (the critic only as a baseline)")
+            print(f"{message}: PPO trains {how} until a step's ev_mc reaches the threshold again "
+                  f"(algorithm.critic_unready={alg.critic_unready})", flush=True)
 
     def _critic_readiness(self, metrics: dict) -> None:
         """While the horizon is lengthened, give the configured one back once a PPO step's ev_mc (values before
