@@ -14,7 +14,10 @@ from pathlib import Path
 from vapo_megatron.ablation.report import finished_rows
 
 PANELS = (("reward_mean", "training reward"), ("policy/entropy", "policy entropy"),
-          ("response_length_mean", "response length (tokens)"), ("ev_mc", "critic ev_mc"))
+          ("response_length_mean", "response length (tokens)"), ("ev_mc", "critic ev_mc"),
+          ("ev_oracle", "critic ev_oracle (vs Monte-Carlo values)"))
+SPARSE = {"ev_oracle"}
+"""Keys logged every few steps only (the probe): plotted unsmoothed."""
 CREDIT_KEYS = ("credit_first_error_adv", "credit_rest_wrong_adv", "credit_first_error_gap")
 
 
@@ -55,7 +58,7 @@ def curve_band(runs: list[list[dict]], key: str, window: int) -> tuple[list[int]
 
 
 def plot_curves(out: Path, variants: Sequence[str], path: Path, window: int = 5) -> Path:
-    """Write the four-panel figure for ``variants`` to ``path``."""
+    """Write the figure (one panel per PANELS entry) for ``variants`` to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +68,7 @@ def plot_curves(out: Path, variants: Sequence[str], path: Path, window: int = 5)
     for variant in variants:
         runs = variant_runs(out, variant)
         for ax, (key, _) in zip(axes, PANELS):
-            steps, mean, lo, hi = curve_band(runs, key, window)
+            steps, mean, lo, hi = curve_band(runs, key, 1 if key in SPARSE else window)
             if steps:
                 line, = ax.plot(steps, mean, label=f"{variant} ({len(runs)} seeds)")
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
