@@ -108,17 +108,11 @@ class AlgorithmConfig:
     use_critic: bool = True
     """Train a critic; must be true for "gae" with value_source "critic", and false for "grpo"."""
     value_source: Literal["critic", "mc"] = "critic"
-    """Values that GAE runs on: the critic's, or Monte-Carlo estimates from step boundaries (`mc.*`, VinePPO-style,
-    values/mc.py). "mc" needs advantage "gae" and works with or without a critic."""
+    """Values GAE runs on: the critic's, or Monte-Carlo estimates at step boundaries ("mc": `mc.*`, values/mc.py)."""
     mc_advantage: Literal["gae", "step"] = "gae"
-    """With value_source "mc": "gae" runs (length-adaptive) GAE on the step values as on a critic's; "step" is
-    VinePPO's one-step form, every token of a step gets V(next boundary) - V(its boundary)."""
+    """With value_source "mc": "gae" on the step values, or "step", VinePPO's V(next boundary) - V(boundary)."""
     critic_unready: Literal["lengthen", "group", "continue", "stop"] = "lengthen"
-    """When value pretraining ends at its cap with ev_mc below value_pretrain_ev_threshold: "lengthen" (default)
-    trains PPO at lambda_policy = 1 (the critic only as a baseline) until a step's ev_mc reaches the threshold
-    again, then returns to the configured horizon; "group" uses the group-normalised advantages of GRPO (the
-    critic ignored by the policy, still trained) until then; "stop" ends the run with an error; "continue" is the
-    paper's behaviour, the configured horizon whatever the critic explains. A departure from the paper, logged."""
+    """Value pretraining capped below its EV threshold: "lengthen" (lambda 1), "group" (GRPO), "stop" or "continue"."""
     filter_uniform_groups: bool = False
     """Drop groups whose responses all score the same (DAPO dynamic sampling; off in VAPO)."""
     overlong_buffer: int = 0
@@ -147,8 +141,7 @@ class MonteCarloConfig:
     max_steps: int = 16
     """Most boundaries per response (evenly thinned beyond it); the response start is always one."""
     probe_every: int = 0
-    """Every this many steps (value pretraining and PPO), Monte-Carlo values for `probe_rows` responses and
-    `ev_oracle`, the critic's explained variance against them at the boundaries; 0 never."""
+    """Every this many steps: Monte-Carlo values of `probe_rows` responses and `ev_oracle`; 0 never."""
     probe_rows: int = 8
     """Responses of the probe (spread over the batch's groups)."""
     probe_k: int = 4
