@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from vapo_megatron.ablation.report import finished_rows
+from vapo_megatron.ablation.report import finished_rows, is_finite_number
 
 PANELS = (("reward_mean", "training reward"), ("policy/entropy", "policy entropy"),
           ("response_length_mean", "response length (tokens)"), ("ev_mc", "critic ev_mc"),
@@ -25,10 +25,6 @@ def ppo_rows(run_dir: Path) -> list[dict] | None:
     """The PPO-phase rows of a finished run's metrics.jsonl (None when the run has no DONE file)."""
     rows = finished_rows(run_dir)
     return None if rows is None else [r for r in rows if r.get("phase") == "ppo"]
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def smooth(xs: Sequence[float], window: int) -> list[float]:
@@ -47,7 +43,7 @@ def curve_band(runs: list[list[dict]], key: str, window: int) -> tuple[list[int]
     """(steps, mean, min, max) over seeds of the smoothed per-step ``key``; steps where a seed lacks it are cut."""
     series = []
     for rows in runs:
-        points = [(i + 1, r[key]) for i, r in enumerate(rows) if _finite(r.get(key))]
+        points = [(i + 1, r[key]) for i, r in enumerate(rows) if is_finite_number(r.get(key))]
         if points:
             series.append(dict(zip([s for s, _ in points], smooth([v for _, v in points], window))))
     if not series:
@@ -88,7 +84,7 @@ def plot_curves(out: Path, variants: Sequence[str], path: Path, window: int = 5)
 def credit_summary(runs: list[list[dict]]) -> dict[str, float] | None:
     """Means over every PPO step of every seed of the first-wrong-step credit metrics, and the ratio of the mean
     advantage on the first wrong step to that on the rest of the wrong responses; None without such rows."""
-    sums = {k: [r[k] for rows in runs for r in rows if _finite(r.get(k))] for k in CREDIT_KEYS}
+    sums = {k: [r[k] for rows in runs for r in rows if is_finite_number(r.get(k))] for k in CREDIT_KEYS}
     if not sums["credit_first_error_adv"] or not sums["credit_rest_wrong_adv"]:
         return None
     out = {k: statistics.fmean(v) for k, v in sums.items() if v}

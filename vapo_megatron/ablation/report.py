@@ -85,23 +85,26 @@ def read_run(run_dir: Path) -> RunResult | None:
                      pretrain_steps=pretrain, mc_samples=mc)
 
 
-def _finite_mean(rows: list[dict], key: str, phase: str) -> float | None:
-    xs = [r[key] for r in rows if r["phase"] == phase and isinstance(r.get(key), (int, float))
-          and math.isfinite(r[key])]
-    return statistics.fmean(xs) if xs else None
+def is_finite_number(value: Any) -> bool:
+    """A logged metric that is a real number (not missing, not NaN or inf)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _finite(rows: list[dict], key: str, phase: str) -> list[float]:
+    """The finite values of ``key`` in the rows of ``phase``, in order."""
+    return [r[key] for r in rows if r["phase"] == phase and is_finite_number(r.get(key))]
 
 
 def _ev_mc(rows: list[dict]) -> tuple[float | None, float | None, float | None, float | None]:
     """ev_mc at the end of value pretraining, over the last PPO steps and over all PPO steps, and ev_oracle over the
     PPO steps; None where the rows have none. Only ev_mc is used: `explained_variance` is against each variant's
     own critic targets, not comparable."""
-    def finite(r: dict) -> bool:
-        return isinstance(r.get("ev_mc"), (int, float)) and math.isfinite(r["ev_mc"])
+    def mean(xs: list[float]) -> float | None:
+        return statistics.fmean(xs) if xs else None
 
-    pretrain = [r["ev_mc"] for r in rows if r["phase"] == "value_pretrain" and finite(r)]
-    ppo = [r["ev_mc"] for r in rows if r["phase"] == "ppo" and finite(r)][-EV_MC_LAST:]
-    return ((pretrain[-1] if pretrain else None), (statistics.fmean(ppo) if ppo else None),
-            _finite_mean(rows, "ev_mc", "ppo"), _finite_mean(rows, "ev_oracle", "ppo"))
+    pretrain, ppo = _finite(rows, "ev_mc", "value_pretrain"), _finite(rows, "ev_mc", "ppo")
+    return ((pretrain[-1] if pretrain else None), mean(ppo[-EV_MC_LAST:]), mean(ppo),
+            mean(_finite(rows, "ev_oracle", "ppo")))
 
 
 def write_manifest(out: Path, base: str, specs: Sequence[RunSpec], command: str, task: str = "") -> dict[str, Any]:

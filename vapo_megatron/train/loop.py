@@ -206,9 +206,9 @@ class Trainer:
             batch.advantages = group_normalized_advantages(batch.scores, mask, group_size=self.cfg.rollout.n)
             return
         rewards = token_rewards_from_scores(batch.scores, mask)
-        mc = alg.value_source == "mc" and not phase == "value_pretrain"  # a critic still pretrains on returns
-        values = (self._mc_step.values if mc else batch.old_values) * mask
         pretrain = phase == "value_pretrain"
+        mc = alg.value_source == "mc" and not pretrain  # a critic still pretrains on returns
+        values = (self._mc_step.values if mc else batch.old_values) * mask
         lengthen = not self.critic_ready and not mc  # departure: lambda_policy = 1 while the critic explains too little
         adaptive = alg.length_adaptive and not lengthen
         gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=1.0 if pretrain else alg.lam_critic,
