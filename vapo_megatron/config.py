@@ -111,8 +111,10 @@ class AlgorithmConfig:
     """Values GAE runs on: the critic's, or Monte-Carlo estimates at step boundaries ("mc": `mc.*`, values/mc.py)."""
     mc_advantage: Literal["gae", "step"] = "gae"
     """With value_source "mc": "gae" on the step values, or "step", VinePPO's V(next boundary) - V(boundary)."""
-    critic_unready: Literal["lengthen", "group", "continue", "stop"] = "lengthen"
-    """Value pretraining capped below its EV threshold: "lengthen" (lambda 1), "group" (GRPO), "stop" or "continue"."""
+    critic_unready: Literal["lengthen", "group", "continue", "stop"] = "stop"
+    """Pretraining capped below its EV threshold: "stop" (saved), "lengthen" (lambda 1), "group" (GRPO), "continue"."""
+    mc_critic_weight: float = 0.0
+    """Critic targets w * V_mc + (1 - w) * return at every step (> 0: `mc.k` continuations per boundary, values/mc)."""
     filter_uniform_groups: bool = False
     """Drop groups whose responses all score the same (DAPO dynamic sampling; off in VAPO)."""
     overlong_buffer: int = 0
@@ -508,8 +510,14 @@ def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:
                  "algorithm.value_source='mc' (Monte-Carlo values)")
     if a.value_source == "mc" and a.advantage != "gae":
         p.append(f"algorithm.value_source='mc' needs algorithm.advantage='gae', got {a.advantage!r}")
+    if not 0.0 <= a.mc_critic_weight <= 1.0:
+        p.append(f"algorithm.mc_critic_weight {a.mc_critic_weight} must be within [0, 1]")
+    elif a.mc_critic_weight and not a.use_critic:
+        p.append("algorithm.mc_critic_weight > 0 blends Monte-Carlo values into the critic's targets: needs "
+                 "algorithm.use_critic=true")
     m = cfg.mc
-    if m.step_delimiter in (None, "") and m.step_tokens < 1 and (a.value_source == "mc" or m.probe_every):
+    uses_mc = a.value_source == "mc" or m.probe_every or a.mc_critic_weight
+    if m.step_delimiter in (None, "") and m.step_tokens < 1 and uses_mc:
         p.append("mc.step_delimiter is empty and mc.step_tokens < 1: Monte-Carlo values need step boundaries")
     if min(m.k, m.every_step, m.max_steps, m.probe_rows, m.probe_k) < 1 or m.probe_every < 0:
         p.append(f"mc.k {m.k}, every_step {m.every_step}, max_steps {m.max_steps}, probe_rows {m.probe_rows} and "

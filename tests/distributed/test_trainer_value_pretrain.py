@@ -78,11 +78,11 @@ def test_ev_threshold_stops_value_pretraining_and_resume_continues(assets, tmp_p
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 * max(1.0, abs(a)), (key, a, b)
 
 
-def _unready_body(overrides: list[str]):
+def _unready_body(overrides: list[str], resume: bool = False):
     from vapo_megatron.errors import CriticNotReadyError
 
     try:
-        return "finished", _run_body(overrides, False)
+        return "finished", _run_body(overrides, resume)
     except CriticNotReadyError as e:
         import torch.distributed as dist
 
@@ -90,10 +90,12 @@ def _unready_body(overrides: list[str]):
         return "stopped", str(e)
 
 
-def test_critic_not_ready_lengthens_the_horizon_or_stops(assets, tmp_path):
-    """Value pretraining that ends at its cap below the ev_mc threshold (unreachable here): by default PPO trains
-    at lambda_policy = 1 and logs critic_ready = 0 (algorithm.critic_unready=lengthen); with "stop" the run ends
-    with CriticNotReadyError naming the cap, the ev_mc and the threshold, before any PPO step."""
+def test_critic_not_ready_stops_saved_then_pretrains_on_or_lengthens(assets, tmp_path):
+    """Value pretraining that ends at its cap below the ev_mc threshold (unreachable here). By default
+    (algorithm.critic_unready=stop) the run writes the step's row and a checkpoint, then stops with
+    CriticNotReadyError naming the cap, the threshold and both ways on; --resume with a larger cap pretrains on
+    up to it (and stops again); --resume with critic_unready=lengthen trains PPO at lambda_policy = 1 and logs
+    critic_ready = 0."""
     run_dir = tmp_path / "run"
     overrides = [
         f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "rollout.num_prompts=4", "rollout.n=2",
@@ -104,13 +106,43 @@ def test_critic_not_ready_lengthens_the_horizon_or_stops(assets, tmp_path):
         f"reward.name={assets / 'reward.py'}:reward", f"checkpoint.run_dir={run_dir}",
         "checkpoint.export_hf_at_end=false", "logging.progress_bar=false", "logging.tensorboard=false",
     ]
-    outcome, _ = run_distributed(_unready_body, 1, overrides, timeout=600)[0]
+    outcome, message = run_distributed(_unready_body, 1, overrides, timeout=600)[0]
+    assert outcome == "stopped" and "cap at step 1" in message and "threshold 1000" in message, message
+    assert "--resume" in message and "critic_unready=lengthen" in message, message
     rows = _rows(run_dir)
-    assert outcome == "finished" and [r["phase"] for r in rows] == ["value_pretrain", "ppo", "ppo"]
-    assert rows[0]["value_pretrain_stop"] == "step_cap" and rows[0]["lam_policy_mean"] < 1
-    assert all(r["lam_policy_mean"] == 1.0 and r["critic_ready"] == 0.0 for r in rows[1:]), rows[1:]
-    stop = tmp_path / "stop"
-    outcome, message = run_distributed(_unready_body, 1, [*overrides, f"checkpoint.run_dir={stop}",
-                                                          "algorithm.critic_unready=stop"], timeout=600)[0]
-    assert outcome == "stopped" and "cap of 1 steps" in message and "threshold 1000" in message, message
-    assert [r["phase"] for r in _rows(stop)] == [], "the stop comes before the row of the step is written"
+    assert [r["phase"] for r in rows] == ["value_pretrain"] and rows[0]["critic_ready"] == 0.0
+    assert rows[0]["value_pretrain_stop"] == "step_cap"
+    assert (run_dir / "checkpoints" / "step_00000001" / "DONE").exists(), "the pretrained critic was not saved"
+
+    outcome, message = run_distributed(_unready_body, 1, [*overrides, "algorithm.value_pretrain_steps=2"], True,
+                                       timeout=600)[0]
+    assert outcome == "stopped" and "cap at step 2" in message, message
+    assert [r["phase"] for r in _rows(run_dir)] == ["value_pretrain"] * 2
+
+    outcome, _ = run_distributed(_unready_body, 1, [*overrides, "algorithm.value_pretrain_steps=2",
+                                                    "algorithm.critic_unready=lengthen"], True, timeout=600)[0]
+    rows = _rows(run_dir)
+    assert outcome == "finished" and [r["phase"] for r in rows] == ["value_pretrain"] * 2 + ["ppo"] * 2
+    assert all(r["lam_policy_mean"] == 1.0 and r["critic_ready"] == 0.0 for r in rows[2:]), rows[2:]
+
+
+def test_critic_fits_monte_carlo_values_in_pretraining_and_ppo(assets, tmp_path):
+    """algorithm.mc_critic_weight=1: Monte-Carlo values of every boundary are estimated at every step, value
+    pretraining included (mc_requests = K x boundaries x rows), and their own ev_mc is logged beside the critic's
+    (the blend of the critic's targets itself: tests/unit/test_mc_critic_targets.py)."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "rollout.num_prompts=4", "rollout.n=2",
+        "rollout.max_prompt_length=64", "rollout.max_response_length=16", "rollout.cpu_kv_cache_bytes=134217728",
+        "train.steps=1", "train.mini_batch_size=8", "train.micro_batch_size=4", "algorithm.value_pretrain_steps=1",
+        "algorithm.mc_critic_weight=1.0", "mc.k=2", "mc.step_delimiter=null", "mc.step_tokens=4",
+        "actor_optim.lr=1e-4", "critic_optim.lr=1e-4", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
+        f"reward.name={assets / 'reward.py'}:reward", f"checkpoint.run_dir={run_dir}",
+        "checkpoint.export_hf_at_end=false", "logging.progress_bar=false", "logging.tensorboard=false",
+    ]
+    run_distributed(_run_body, 1, overrides, False, timeout=600)
+    rows = _rows(run_dir)
+    assert [r["phase"] for r in rows] == ["value_pretrain", "ppo"]
+    for r in rows:
+        assert r["mc_requests"] == 2 * 8 * r["mc_boundaries"] and r["mc_tokens"] > 0, r
+        assert "mc_ev_mc" in r and math.isfinite(r["critic/value_loss"])

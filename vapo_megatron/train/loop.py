@@ -140,13 +140,29 @@ class Trainer:
         self._seed_counter = state["seed_counter"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
         self.critic_ready = state.get("critic_ready", True)  # checkpoints before issue 25 have no such field
+        pretrain = self._resume_unready(state["step"], state["pretrain"])
         if self.log:
             self.log.truncate_after(state["step"])
         self.sync_weights()  # vLLM still holds the initial weights
         if dist.get_rank() == 0:
             print(f"resumed from {ckpt} (step {state['step']}); continuing at step "
                   f"{state['step'] + 1}", flush=True)
-        return state["step"], state["pretrain"]
+        return state["step"], pretrain
+
+    def _resume_unready(self, step: int, pretrain: int) -> int:
+        """The value-pretraining cap of a run resumed at the end of a pretraining that left the critic not ready
+        (critic_unready=stop saved it there): a larger `value_pretrain_steps` now pretrains on up to it; else the
+        configured `critic_unready` applies to the saved critic, as it would have at the cap."""
+        alg = self.cfg.algorithm
+        if self.critic_ready or step != pretrain:
+            return pretrain
+        if alg.value_pretrain_steps > pretrain:
+            if dist.get_rank() == 0:
+                print(f"the critic was not ready at step {step}: value pretraining goes on up to "
+                      f"algorithm.value_pretrain_steps={alg.value_pretrain_steps}", flush=True)
+            return alg.value_pretrain_steps
+        self._critic_not_ready(step, {"ev_mc": math.nan}, saved=True)
+        return pretrain
 
     # ---- phases ------------------------------------------------------------------------------------------
     def rollout(self, prompts: list, step: int = 0, phase: str = "ppo") -> RLBatch:
@@ -220,7 +236,10 @@ class Trainer:
         advantages = whiten_advantages(raw, mask) if alg.whiten_advantages else raw
         if lengthen and alg.critic_unready == "group" and not pretrain:  # departure: GRPO's baseline until ready
             advantages = group_normalized_advantages(batch.scores, mask, group_size=self.cfg.rollout.n)
-        batch.advantages, batch.returns, batch.lam_policy = advantages, gae.returns, gae.lam_policy
+        returns, w = gae.returns, alg.mc_critic_weight
+        if w > 0:  # departure (issue 25, VinePPO's values): the critic also fits Monte-Carlo step values
+            returns = (w * self._mc_step.values + (1.0 - w) * returns) * mask
+        batch.advantages, batch.returns, batch.lam_policy = advantages, returns, gae.lam_policy
 
     def update(self, batch: RLBatch, phase: str, step: int) -> dict:
         """Mini-batch critic and actor updates; metrics are means over the mini-batches (skips: sums).
@@ -302,27 +321,39 @@ class Trainer:
             return pretrain
         metrics["value_pretrain_stop"] = reason
         alg = self.cfg.algorithm
+        self.critic_ready = reason != "step_cap" or alg.value_pretrain_ev_threshold is None
         if self.log:
             print(f"value pretraining stops after step {step} ({reason}: ev_mc {metrics.get('ev_mc', math.nan):.4f}, "
                   f"threshold {alg.value_pretrain_ev_threshold}, cap {pretrain}); "
                   f"{self.cfg.train.steps} PPO steps follow", flush=True)
-        if reason == "step_cap" and alg.value_pretrain_ev_threshold is not None and alg.critic_unready != "continue":
+        if not self.critic_ready:
             self._critic_not_ready(step, metrics)
         return step
 
-    def _critic_not_ready(self, step: int, metrics: dict) -> None:
-        """Value pretraining hit its cap with ev_mc below the threshold: stop, or lengthen the horizon
-        (algorithm.critic_unready; a departure from the paper, which goes on at the short horizon)."""
+    def _critic_not_ready(self, step: int, metrics: dict, saved: bool = False) -> None:
+        """Value pretraining hit its cap (step `step`) with ev_mc below the threshold: stop, lengthen the horizon,
+        GRPO's advantages or the paper's horizon (algorithm.critic_unready; a departure from the paper, which goes
+        on at the short horizon). `saved`: the run resumed from the checkpoint saved at that cap."""
         from vapo_megatron.errors import CriticNotReadyError
 
-        alg = self.cfg.algorithm
-        message = (f"the critic is not ready: value pretraining reached its cap of {alg.value_pretrain_steps} steps "
-                   f"with ev_mc {metrics.get('ev_mc', math.nan):.4f} below algorithm.value_pretrain_ev_threshold "
+        alg, ev = self.cfg.algorithm, metrics.get("ev_mc", math.nan)
+        message = (f"the critic is not ready: value pretraining reached its cap at step {step} with ev_mc "
+                   f"{'(saved)' if saved else f'{ev:.4f}'} below algorithm.value_pretrain_ev_threshold "
                    f"{alg.value_pretrain_ev_threshold}")
-        if alg.critic_unready == "stop":
-            raise CriticNotReadyError(f"{message}; stopping (algorithm.critic_unready=stop). Raise "
-                                      "algorithm.value_pretrain_steps, or set critic_unready=lengthen")
-        self.critic_ready = False
+        if alg.critic_unready == "continue":  # the paper: the configured horizon whatever the critic explains
+            self.critic_ready = True
+            if self.log:
+                print(f"{message}: PPO goes on at the configured horizon (algorithm.critic_unready=continue)",
+                      flush=True)
+            return
+        if alg.critic_unready == "stop":  # the step's row and a checkpoint first: no pretraining is lost
+            if not saved:
+                self._emit(step, "value_pretrain", {**metrics, "critic_ready": 0.0, **self.timer.as_metrics()})
+                self.save(step, step)
+            raise CriticNotReadyError(
+                f"{message}; stopping (algorithm.critic_unready=stop) with the critic saved at step {step}. Go on "
+                f"with --resume and a larger algorithm.value_pretrain_steps to pretrain further, or with "
+                f"algorithm.critic_unready=lengthen|group|continue to start PPO on this critic")
         if self.log:
             how = ("with group-normalised advantages (the critic ignored by the policy, still trained)"
                    if alg.critic_unready == "group" else "at lambda_policy = 1 (the critic only as a baseline)")

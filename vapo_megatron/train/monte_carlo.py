@@ -1,5 +1,6 @@
-"""The loop's Monte-Carlo values (values/mc.py): the "mc" value source (every response of the step) and the
-critic probe (a few responses every `mc.probe_every` steps, `ev_oracle`)."""
+"""The loop's Monte-Carlo values (values/mc.py): the "mc" value source and the critic's Monte-Carlo targets
+(`algorithm.mc_critic_weight`; both: every response of the step) and the critic probe (a few responses every
+`mc.probe_every` steps, `ev_oracle`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 
+from vapo_megatron.algorithms import explained_variance_mc
 from vapo_megatron.config import VapoConfig
 from vapo_megatron.data.rl_batch import RLBatch
 from vapo_megatron.timing import StepTimer
@@ -28,7 +30,7 @@ class StepMC:
     """One step's Monte-Carlo results (all None when nothing ran)."""
 
     values: torch.Tensor | None = None
-    """[n, R] every token's step value (value_source "mc")."""
+    """[n, R] every token's step value (value_source "mc", or critic targets with mc_critic_weight > 0)."""
     next_values: torch.Tensor | None = None
     """[n, R] the next boundary's value (the response's reward for the last step)."""
     source: MCEstimate | None = None
@@ -44,7 +46,8 @@ class MonteCarlo:
 
         self.cfg, m = cfg, cfg.mc
         self.source = cfg.algorithm.value_source == "mc"
-        self.needed = self.source or m.probe_every > 0
+        self.targets = cfg.algorithm.mc_critic_weight > 0  # every step, value pretraining included
+        self.needed = self.source or self.targets or m.probe_every > 0
         delimiters = frozenset()
         if self.needed and m.step_delimiter:
             delimiters = delimiter_token_ids(tokenizer, m.step_delimiter)
@@ -55,8 +58,8 @@ class MonteCarlo:
 
     def run(self, engine: Any, batch: RLBatch, prompts: list, scoring: Any, step: int, next_seed: Callable[[], int],
             timer: StepTimer, *, with_critic: bool, source: bool = True) -> StepMC:
-        """Collective: the source's values for every row (when `source`: PPO steps), and the probe's when it is due
-        (only with a critic)."""
+        """Collective: every row's values (for the source when `source`: PPO steps; for the critic's targets at
+        every step), and the probe's when it is due (only with a critic)."""
         from vapo_megatron.train.scoring import continuation_scorer
 
         out, m = StepMC(), self.cfg.mc
@@ -70,7 +73,7 @@ class MonteCarlo:
                                    max_response_length=self.cfg.rollout.max_response_length, seed=next_seed(),
                                    temperature=self.cfg.rollout.temperature)
 
-        if self.source and source:
+        if (self.source and source) or self.targets:
             with timer("mc_values"):
                 out.source = estimate(list(range(batch.n)), m.k)
             out.values, out.next_values = token_values(out.source, batch.lengths.tolist(), batch.scores.tolist(),
@@ -92,4 +95,6 @@ class MonteCarlo:
                 out[f"{prefix}_boundaries"] = sum(map(len, est.boundaries)) / max(1, len(est.boundaries))
         if mc.probe is not None and batch.has("old_values"):
             out["ev_oracle"] = oracle_explained_variance(batch.old_values, mc.probe_rows, mc.probe)
+        if mc.values is not None:  # the Monte-Carlo values' own ev_mc: what a critic could explain of the return
+            out["mc_ev_mc"] = explained_variance_mc(mc.values, batch.scores, batch.resp_mask).item()
         return out
