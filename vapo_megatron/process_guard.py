@@ -4,7 +4,9 @@ What the trainer starts and why each now ends with it:
 
 * reward workers (rewards/manager.py): ask the kernel for SIGKILL when their parent dies
   (:func:`die_with_parent`, Linux ``PR_SET_PDEATHSIG``); a worker busy in a long reward call would otherwise run
-  on until that call ends;
+  on until that call ends. Each worker leads its own process group, and a worker that is stopped (timeout, early
+  stop, close) is stopped with that group, so a program a reward started ends too; after a kill -9 of the
+  trainer only the worker itself is the kernel's to kill (a reward's own programs then end when they end);
 * megatron-core's torch_dist writer collected its results through a ``multiprocessing.Manager().Queue()``, a
   server process (~280 MB) that survives a killed parent. Our saves are synchronous (writer threads in this
   process), so a thread-safe in-process queue serves the same purpose (:func:`avoid_checkpoint_manager_process`);

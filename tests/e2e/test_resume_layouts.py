@@ -23,6 +23,9 @@ factor of 6 (a mis-placed shard changes the logits, so the losses, by far more; 
 WEIGHT_TOL: after one more Adam step (lr 1e-3) the tensors differed by at most 9e-7; 1e-5 is 100 times below
 what one step changes (asserted: step 1 -> step 2 moves the weights by more than 1e-4).
 
+A mixture-of-experts role may not change EP (slow tier: a tiny Qwen3-MoE run at EP=1 resumed at EP=2 is refused
+with one `error:` line; megatron-core's expert optimizer state is laid out per expert group).
+
 A failure pinpoints engine/checkpoint.py (resharding model or optimizer state at load), the distributed
 optimizer's fully reshardable format, or the restore of the data position and sampling seeds."""
 from __future__ import annotations
@@ -95,7 +98,7 @@ def _resume(assets, uninterrupted: Path, tmp_path: Path, *layout: str) -> Path:
     res = _torchrun(_overrides(assets, run_dir, *layout), "--resume")
     assert f"{STEP1} (step 1); continuing at step 2" in res.stdout + res.stderr
     meta = json.loads((run_dir / "checkpoints" / STEP2 / "meta.json").read_text())
-    for setting in layout:  # the new checkpoint was written at the new layout
+    for setting in (x for x in layout if "_parallel." in x):  # the new checkpoint was written at the new layout
         section, field = setting.split("=")[0].split(".")
         assert meta["roles"][section.split("_")[0]][field] == 2, meta["roles"]
     return run_dir
@@ -163,3 +166,42 @@ def test_resume_policy_pp2_critic_tp2_and_same_layout(assets, uninterrupted, tmp
     _check_resumed(uninterrupted, _resume(assets, uninterrupted, tmp_path / "b", *LAYOUTS["policy_pp2_critic_tp2"]))
     for layout in LAYOUTS.values():
         _check_reload_exact(assets, uninterrupted, tmp_path / layout[0], *layout)
+
+
+@pytest.fixture(scope="module")
+def moe_assets(tmp_path_factory) -> Path:
+    """The tiny Qwen3-MoE of tests/distributed/test_trainer_moe.py (4 experts, top 2, one dense layer) and the
+    same task."""
+    from vapo_megatron.data.synthetic import SyntheticDifficulty, write_synthetic_task
+    from vapo_megatron.models.tiny import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("moe_assets")
+    save_tiny_hf_model(root / "model", "qwen3_moe", seed=0, hidden_size=64, num_heads=4, num_kv_heads=2,
+                       head_dim=32, intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=64, mlp_only_layers=[1], router_aux_loss_coef=0.01)
+    write_synthetic_task(root / "data", num_train=64, num_val=0, num_demonstrations=8, seed=0,
+                         difficulty=SyntheticDifficulty(min_steps=1, max_steps=2))
+    return root
+
+
+MOE = ("rollout.cpu_kv_cache_bytes=134217728",)
+
+
+@pytest.mark.slow
+def test_resume_moe_at_another_ep_is_refused_clearly(moe_assets, tmp_path):
+    """Resuming a mixture-of-experts run at another EP is not supported (engine/optim_resume.py
+    `check_expert_layout`: megatron chains a separate expert optimizer at EP > 1, whose state has other keys);
+    the run at EP=1 (both roles DP=2), resumed at EP=2, stops with one `error:` line naming the layouts and the
+    settings to resume with, before anything loads (it raised a KeyError traceback from megatron's loader)."""
+    run_dir = tmp_path / "run"
+    _torchrun(_overrides(moe_assets, run_dir, *MOE, "train.steps=1"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "vapo_megatron.cli", "--config", "/dev/null",
+           *_overrides(moe_assets, run_dir, *MOE, "train.steps=2", "policy_parallel.ep=2", "critic_parallel.ep=2"),
+           "--resume"]
+    res = _run(cmd, timeout=400)
+    assert res.returncode != 0
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert "ep=1, etp=1; this run has ep=2, etp=1" in errors[0] and "policy_parallel.ep=1" in errors[0], errors[0]
+    assert "KeyError" not in res.stderr

@@ -132,3 +132,66 @@ def test_stops_once_the_failure_limit_is_certain_and_leaves_no_worker(user_rewar
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         again = manager.score([RewardItem("5", "5")])  # a later batch starts fresh workers
         assert again.scores == [1.0]
+
+
+SUBPROCESS_REWARD = textwrap.dedent("""
+    import os
+    import subprocess
+
+    def sometimes_hangs(response, ground_truth, *, extra=None, **kwargs):
+        if response == "hang":  # hangs like a code-execution reward waiting on a program of its own
+            child = subprocess.Popen(["sleep", "120"])
+            open(os.path.join(extra["pid_dir"], f"{child.pid}"), "w").close()
+            child.wait()
+        return float(response == ground_truth)
+""")
+
+
+def _survivors(pids, before: set[int]) -> list[str]:
+    """The given pids and this process's new descendants that still run (zombies count as gone), after a
+    short grace for the kernel to deliver the kills. multiprocessing's resource tracker is not counted: it is this
+    process's own (started by the first spawn, shared by every later one) and ends with it."""
+    import psutil
+
+    def alive() -> list[str]:
+        out = []
+        procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]
+        procs += [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
+        for proc in procs:
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(proc.cmdline()):
+                    out.append(f"{proc.pid} {' '.join(proc.cmdline())[:80]}")
+            except psutil.NoSuchProcess:
+                pass
+        return out
+    deadline = time.monotonic() + 3
+    while (left := alive()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_reward_hanging_on_some_calls_leaves_no_process(tmp_path):
+    """Issue 23 item 8: a reward that hangs on some calls left a process alive after the run had ended. Here the
+    hanging calls wait on a program of their own (as a code-execution reward does); two workers time out and are
+    replaced mid-batch, a second batch runs, then the manager closes: no worker, replacement or process started
+    by a reward may survive. A failure pinpoints _Worker.kill (the worker's process group, terminate then kill)
+    or RewardManager.close."""
+    import psutil
+
+    path = tmp_path / "subprocess_reward.py"
+    path.write_text(SUBPROCESS_REWARD)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    extra = {"pid_dir": str(pid_dir)}
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    items = [RewardItem(r, "a", extra=extra) for r in ("a", "hang", "a", "b", "hang", "a")]
+    with RewardManager(f"{path}:sometimes_hangs", num_workers=2, timeout_s=1.0, failure_score=-1.0,
+                       startup_timeout_s=60) as manager:
+        results = manager.score(items)
+        assert results.status == ["ok", "timeout", "ok", "ok", "timeout", "ok"], results.status
+        assert results.scores == [1.0, -1.0, 1.0, 0.0, -1.0, 1.0]
+        assert manager.score(items[:1]).scores == [1.0]
+        workers = [w.process.pid for w in manager._workers]
+    started = [int(p.name) for p in pid_dir.iterdir()]
+    assert len(started) == 2
+    assert not _survivors(workers + started, before), _survivors(workers + started, before)

@@ -20,7 +20,8 @@ rank finished, and only then renames the directory into place. A crash at any po
 the new complete checkpoint or none under the final name: `latest_checkpoint` only ever returns a directory
 named `step_XXXXXXXX` that holds `DONE`. Older checkpoints are deleted (rotation) only after the new one is
 in place. torch_dist stores tensors in global coordinates, so a role may be resumed at another TP/PP/DP layout
-(tests/e2e/test_resume_layouts.py, through the CLI on 2 ranks).
+(tests/e2e/test_resume_layouts.py, through the CLI on 2 ranks); a mixture-of-experts role keeps its EP and expert
+TP (`optim_resume.check_expert_layout` says why).
 
 Integrity: the commit step writes `manifest.json` (engine/manifest.py: every file's size and checksum) before
 `DONE`; `load_checkpoint` verifies it first and refuses a damaged, truncated, incomplete or unlisted file, naming
@@ -50,7 +51,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from vapo_megatron.convert import atomic
 from vapo_megatron.convert.safe_load import load_torch_file, restricted_dcp_load
 from vapo_megatron.engine import manifest as mf
-from vapo_megatron.engine.optim_resume import adopt_current_param_groups, compare_settings, optimizer_settings
+from vapo_megatron.engine.optim_resume import (
+    adopt_current_param_groups,
+    check_expert_layout,
+    compare_settings,
+    optimizer_settings,
+)
 from vapo_megatron.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -353,7 +359,8 @@ def _meta(step: int, engines: Mapping[str, ModelEngine]) -> dict:
     roles = {}
     for role, eng in engines.items():
         par = eng.parallel
-        roles[role] = {"tp": par.tp, "pp": par.pp, "cp": par.cp, "sequence_parallel": par.sequence_parallel,
+        roles[role] = {"tp": par.tp, "pp": par.pp, "cp": par.cp, "ep": par.ep, "etp": par.etp,
+                       "sequence_parallel": par.sequence_parallel,
                        "steps_taken": eng.steps_taken,
                        "distributed_optimizer": _uses_distributed_optimizer(eng.optimizer),
                        "optimizer": optimizer_settings(eng)}
@@ -573,6 +580,7 @@ def load_checkpoint(path: str | Path, engines: Mapping[str, ModelEngine], *, map
     if saved_roles != roles:
         raise CheckpointError(f"checkpoint {ckpt} holds roles {saved_roles}, the trainer has {roles} "
                               f"(algorithm.use_critic changed?)")
+    check_expert_layout(ckpt, meta, engines)
     changes = [compare_settings(role, meta["roles"][role].get("optimizer"), optimizer_settings(engines[role]))
                for role in roles]  # before anything loads: a change that cannot carry over is refused here
     for line in filter(None, changes):

@@ -9,7 +9,7 @@ the user has checked by other means.
 
 The hash is BLAKE3 (multi-threaded, memory-mapped) when the `blake3` package is importable, else BLAKE2b from
 hashlib; the manifest names the one it used. Hashing is split over the ranks, file by file, both when writing and
-when verifying (`benchmarks/bench_checkpoint_hash.py` measures its cost against the save).
+when verifying (`benchmarks/bench_checksum.py` measures its cost against the save and the load).
 """
 from __future__ import annotations
 

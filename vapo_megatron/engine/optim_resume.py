@@ -12,7 +12,8 @@ sees them; only the saved `step` of a group (the distributed optimizer's Adam st
 
 What may change: lr (and the schedule: warmup_steps), weight_decay, clip_grad, adam_beta1/2, adam_eps. What may
 not (a clear CheckpointError): the optimizer's type, use_distributed_optimizer and the dtype of its state
-(model.dtype), whose saved state has another form.
+(model.dtype), whose saved state has another form; and a mixture-of-experts role's EP / expert TP
+(`check_expert_layout`).
 """
 from __future__ import annotations
 
@@ -98,3 +99,25 @@ def adopt_current_param_groups(role: str, parts: list[tuple[Any, Any]]) -> None:
             used[key] = i + 1
             now = current[key][i]
             group.update({k: v for k, v in now.items() if k not in _KEEP_SAVED})
+
+
+def check_expert_layout(ckpt: Any, meta: dict, engines: Mapping[str, Any]) -> None:
+    """Refuse a change of EP or expert TP for a mixture-of-experts role, before anything loads.
+
+    Why: megatron-core gives the expert parameters an optimizer of their own when they are expert-parallel (a
+    ChainedOptimizer: dense, experts), and a single one at EP = expert TP = 1. The two save their state under
+    other keys (`chained_<i>.` prefixes) and other structures (one set of parameter groups or one per inner
+    optimizer), so EP=1 -> EP=2 failed with a raw KeyError ('chained_0.optimizer.state.param...'). Mapping one
+    onto the other is not implemented; the model weights alone would reshard. Checkpoints saved before the
+    layout record had `ep` are not checked (their meta.json has none)."""
+    for role, eng in engines.items():
+        saved = meta["roles"].get(role, {})
+        if not eng.arch.is_moe or "ep" not in saved:
+            continue
+        was, now = (saved["ep"], saved.get("etp", 1)), (eng.parallel.ep, eng.parallel.etp)
+        if was != now:
+            raise CheckpointError(
+                f"checkpoint {ckpt} has the {role} at ep={was[0]}, etp={was[1]}; this run has ep={now[0]}, "
+                f"etp={now[1]}: resuming a mixture-of-experts role at another expert-parallel layout is not "
+                f"supported (its optimizer state is laid out per expert group); resume with "
+                f"{role}_parallel.ep={was[0]} {role}_parallel.etp={was[1]} (TP, PP and DP may change)")

@@ -18,8 +18,11 @@ when every reward used is safe: no process start-up, no pickling; they still can
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import pickle
+import signal
 import sys
 import time
 import traceback
@@ -100,11 +103,17 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _worker_main(conn: Connection, specs: dict[str, RewardSpec], reward_kwargs: dict[str, Any]) -> None:
+def _worker_main(conn: Connection, specs: dict[str, RewardSpec], reward_kwargs: dict[str, Any],
+                 parent_pid: int) -> None:
     """Worker loop: resolve the rewards, say ready, then score every received share item by item."""
     from vapo_megatron.process_guard import die_with_parent
 
+    # Its own process group, so that stopping the worker also stops what a reward started (a code-execution
+    # reward's program: killing the worker alone left such a process running after the run had ended).
+    os.setpgid(0, 0)
     die_with_parent()  # a kill -9 of the trainer must not leave a worker running a long reward call
+    if os.getppid() != parent_pid:  # the trainer died while this worker started, before the line above
+        return
     try:
         fns = {key: resolve_reward(spec) for key, spec in specs.items()}
     except BaseException as e:  # report any set-up failure instead of dying silently
@@ -132,8 +141,8 @@ class _Worker:
     def __init__(self, ctx: Any, specs: dict[str, RewardSpec], reward_kwargs: dict[str, Any]) -> None:
         self.conn, child = ctx.Pipe()
         # daemon: never outlive the trainer, even if close() is not reached.
-        self.process = ctx.Process(target=_worker_main, args=(child, specs, reward_kwargs), daemon=True,
-                                   name="vapo-reward-worker")
+        self.process = ctx.Process(target=_worker_main, args=(child, specs, reward_kwargs, os.getpid()),
+                                   daemon=True, name="vapo-reward-worker")
         self.process.start()
         child.close()
         self.ready = False
@@ -141,10 +150,47 @@ class _Worker:
         self.deadline = float("inf")
 
     def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
+        """Stop the worker and whatever its reward call started: SIGTERM to the worker's process group, up to
+        TERM_GRACE_S to exit, then SIGKILL to the group, to the worker and to every descendant seen before (one
+        that left the group); joined. A worker still starting (no group of its own yet) gets the same through
+        its pid."""
+        pid = self.process.pid
+        if pid is not None and self.process.exitcode is None:
+            descendants = _descendants(pid)  # now: once the worker is gone they are re-parented out of reach
+            _signal_group(pid, signal.SIGTERM, self.process)
+            self.process.join(timeout=TERM_GRACE_S)
+            _signal_group(pid, signal.SIGKILL, self.process)
+            for proc in descendants:
+                with contextlib.suppress(Exception):
+                    proc.kill()
         self.process.join(timeout=5)
         self.conn.close()
+
+
+TERM_GRACE_S = 1.0
+"""How long a stopped worker may take to exit after SIGTERM before it and its group get SIGKILL."""
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _signal_group(pid: int, sig: int, process: Any) -> None:
+    """`sig` to the process group the worker `pid` leads, or to the worker alone while it has none yet."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+            return
+    except OSError:  # gone already (or a zombie: getpgid of an exited, unreaped child)
+        pass
+    if process.exitcode is None:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
 
 
 def _shutdown(workers: list[_Worker]) -> None:

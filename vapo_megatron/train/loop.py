@@ -397,4 +397,9 @@ def train(cfg: VapoConfig, resume: bool | str | Path = False) -> dict:
 
     platform.setup()
     init_distributed()
-    return Trainer(cfg, resume=resume).run()
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run()
+    finally:  # every exit path (a stop, an error) ends the reward workers now, not at interpreter exit
+        if trainer.scoring.rewards is not None:
+            trainer.scoring.rewards.close()

@@ -66,7 +66,31 @@ def begin_weight_update(worker) -> None:
     """Put every layer of the worker's model into buffered reload mode."""
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-    initialize_layerwise_reload(worker.model_runner.get_model())
+    model = worker.model_runner.get_model()
+    initialize_layerwise_reload(model)
+    _expect_nothing_from_derived_layers(model)
+
+
+def _expect_nothing_from_derived_layers(model) -> None:
+    """Tell vLLM's reload session that a layer made only of non-persistent buffers gets no weights.
+
+    vLLM (0.32, reload/utils.py `get_layer_size`) counts every parameter and buffer of a layer as loadable,
+    non-persistent buffers included, which no checkpoint and no push holds. The rotary embedding is such a layer
+    (only `cos_sin_cache`, computed from the config), so `finalize_layerwise_reload` found it had loaded 0 of its
+    N elements and warned "RotaryEmbedding: Failed to load weights" on every sync, before restoring its kernel
+    tensors (the cache computed at start: the result was right, the message was noise). Setting the layer's
+    loadable count to 0 takes the same restore path without the warning (vLLM: "Always place, even when nothing
+    is loadable"). A layer with a parameter or a persistent buffer keeps vLLM's count, so a weight really
+    missing from a push still warns (and fails the strict check)."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    for layer in model.modules():
+        info = get_layerwise_info(layer)
+        derived = getattr(info, "kernel_non_persistent_buffers", None)
+        buffers = [name for name, b in layer._buffers.items() if b is not None]
+        if (info.can_load() and derived is not None and buffers and set(buffers) <= derived
+                and all(p is None for p in layer._parameters.values())):
+            info.load_numel_total = 0
 
 
 def load_weight_bucket(worker, bucket: Bucket) -> set[str]:
