@@ -74,7 +74,9 @@ def _train(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for key in ("model.hf_dir", "model.critic_hf_dir"):  # before anything reads the model or builds one
         _check_model_dir(key, getattr(cfg.model, key.split(".")[1]))
-    validate(cfg, world, load_arch(cfg.model.hf_dir) if cfg.model.hf_dir else None)
+    arch = load_arch(cfg.model.hf_dir) if cfg.model.hf_dir else None
+    critic_arch = load_arch(cfg.model.critic_hf_dir) if cfg.model.critic_hf_dir else None
+    validate(cfg, world, arch, critic_arch)
     preflight(cfg, resume=bool(args.resume), overwrite=args.overwrite, is_rank0=_rank() == 0)
     resume = args.resume
     if resume:  # verified before any model is built; the trainer loads exactly this checkpoint

@@ -554,5 +554,8 @@ def validate(cfg: VapoConfig, world_size: int, arch: Any = None, critic_arch: An
         critic_arch = arch
     problems = _bound_problems(cfg) + _layout_problems(cfg, world_size, arch, critic_arch)
     problems += _combination_problems(cfg, world_size)
+    if arch is not None and critic_arch is not None and critic_arch.vocab_size != arch.vocab_size:
+        problems.append(f"model.critic_hf_dir has a vocabulary of {critic_arch.vocab_size} tokens, the policy "
+                        f"{arch.vocab_size}: the critic must read the policy's tokens (the same tokenizer)")
     if problems:
         raise ConfigError(f"invalid config for world size {world_size} ({len(problems)} problems):", problems)

@@ -146,3 +146,33 @@ def test_critic_fits_monte_carlo_values_in_pretraining_and_ppo(assets, tmp_path)
     for r in rows:
         assert r["mc_requests"] == 2 * 8 * r["mc_boundaries"] and r["mc_tokens"] > 0, r
         assert "mc_ev_mc" in r and math.isfinite(r["critic/value_loss"])
+
+
+def test_critic_larger_than_the_policy(assets, tmp_path):
+    """model.critic_hf_dir of another size (issue 25 item 2): a critic twice as wide as the policy (6 layers
+    against 4), with the same tokenizer, is built at its own shape, pretrains and trains through PPO, and the run
+    resumes from its checkpoint. A failure pinpoints train/build.py critic_architecture or a place that builds the
+    critic at the policy's shape (before: a ShapeMismatchError on model.embed_tokens.weight)."""
+    from vapo_megatron.models.tiny import save_tiny_hf_model
+
+    big = tmp_path / "critic"
+    save_tiny_hf_model(big, "qwen2", seed=1, hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4,
+                       intermediate_size=512)
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"model.hf_dir={assets / 'model'}", f"model.critic_hf_dir={big}", "model.dtype=float32",
+        "rollout.num_prompts=4", "rollout.n=2", "rollout.max_prompt_length=64", "rollout.max_response_length=16",
+        "rollout.cpu_kv_cache_bytes=134217728", "train.steps=2", "train.mini_batch_size=8",
+        "train.micro_batch_size=4", "algorithm.value_pretrain_steps=1", "actor_optim.lr=1e-4", "critic_optim.lr=1e-4",
+        f"data.train_files=[{assets / 'data' / 'train.jsonl'}]", f"reward.name={assets / 'reward.py'}:reward",
+        f"checkpoint.run_dir={run_dir}", "checkpoint.save_every=1", "checkpoint.export_hf_at_end=false",
+        "logging.progress_bar=false", "logging.tensorboard=false",
+    ]
+    full = run_distributed(_run_body, 1, overrides, False, timeout=600)[0]
+    rows = _rows(run_dir)
+    assert [r["phase"] for r in rows] == ["value_pretrain", "ppo", "ppo"]
+    assert all(math.isfinite(r["critic/value_loss"]) and math.isfinite(r["value_mean"]) for r in rows)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000003")
+    resumed = run_distributed(_run_body, 1, overrides, True, timeout=600)[0]
+    for key in ("critic/value_loss", "value_mean", "policy/pg_loss"):
+        assert abs(full[key] - resumed[key]) <= 1e-6 * max(1.0, abs(full[key])), (key, full[key], resumed[key])

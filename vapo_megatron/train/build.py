@@ -51,6 +51,21 @@ def critic_hf_get(cfg: VapoConfig, arch: ModelArch) -> Callable[[str], torch.Ten
     return get
 
 
+def critic_architecture(cfg: VapoConfig, arch: ModelArch) -> ModelArch:
+    """The critic's shape: `model.critic_hf_dir`'s own (a critic of another size, e.g. larger than the policy), or
+    the policy's. It reads the policy's tokens, so its vocabulary must be the policy's (ValueError otherwise)."""
+    from vapo_megatron.models.hf_config import load_arch
+
+    if cfg.model.critic_hf_dir in (None, cfg.model.hf_dir):
+        return arch
+    critic = load_arch(cfg.model.critic_hf_dir)
+    if critic.vocab_size != arch.vocab_size:
+        raise ValueError(f"model.critic_hf_dir {cfg.model.critic_hf_dir} has a vocabulary of {critic.vocab_size} "
+                         f"tokens, the policy's {cfg.model.hf_dir} {arch.vocab_size}: the critic must read the "
+                         "policy's tokens (the same tokenizer)")
+    return critic
+
+
 def build_engines(cfg: VapoConfig) -> tuple[ModelArch, RoleLayouts, ModelEngine, ModelEngine | None]:
     """(arch, layouts, policy engine, critic engine or None) from the config, with the initial weights: the
     engines of `build_parts` without vLLM, data or rewards (tests load and save checkpoints with them)."""
@@ -60,12 +75,14 @@ def build_engines(cfg: VapoConfig) -> tuple[ModelArch, RoleLayouts, ModelEngine,
     from vapo_megatron.parallel.layout import RoleLayouts
 
     arch = load_arch(cfg.model.hf_dir)
+    critic_arch = critic_architecture(cfg, arch)
     layouts = RoleLayouts(cfg.policy_parallel, cfg.critic_parallel, seed=1234 + cfg.train.seed)
     execution = Execution.from_config(cfg)
     # weights stream into each rank's own shard, one parameter at a time: no rank holds the whole model
     actor = ModelEngine("policy", arch, layouts, cfg.actor_optim, execution, HFCheckpointReader(cfg.model.hf_dir).get,
                         routing_replay=cfg.algorithm.routing_replay)
-    critic = ModelEngine("critic", arch, layouts, cfg.critic_optim, execution, critic_hf_get(cfg, arch)) \
+    critic = ModelEngine("critic", critic_arch, layouts, cfg.critic_optim, execution,
+                         critic_hf_get(cfg, critic_arch)) \
         if cfg.algorithm.use_critic else None
     return arch, layouts, actor, critic
 
