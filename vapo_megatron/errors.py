@@ -31,3 +31,12 @@ class UnsafeCheckpointError(UserError):
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: incomplete, damaged (its manifest's checksums), or not matching the engines
     it is loaded into; also a save that could not be written (e.g. the disk is full)."""
+
+
+class RolloutRankError(RuntimeError):
+    """Separate placement: a rollout rank (or the trainer, seen from a rollout rank) died, hung past
+    rollout.rollout_timeout_s, or broke the protocol; the run stops instead of waiting forever."""
+
+
+class StalenessError(RuntimeError):
+    """Separate placement: a batch older than rollout.max_staleness policy versions reached the trainer."""

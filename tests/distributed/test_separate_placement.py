@@ -1,0 +1,114 @@
+"""Separate placement on CPU ranks (rank 0 trains, rank 1 runs only vLLM, weights by the broadcast transport over
+the bridge). k = 0: the same samples and metrics as colocated at the same seeds. k = 1: every trained batch at
+most 1 version old, and logged. A rollout rank that dies or hangs stops the run with RolloutRankError. A failure
+pinpoints rollout/placement.py (the split), rollout/async_pool.py (the protocol) or rollout/channel.py."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+
+from vapo_megatron.testing.assets import tiny_task_assets
+from vapo_megatron.testing.dist import DistributedTestError, run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+def _colocated_body(overrides):
+    from vapo_megatron.config import load_config
+    from vapo_megatron.train.loop import Trainer
+
+    return Trainer(load_config(None, overrides)).run()
+
+
+def _separate_body(overrides, fault=None):
+    from vapo_megatron.config import load_config
+    from vapo_megatron.rollout.async_pool import RolloutServer, serve_rollouts
+    from vapo_megatron.rollout.placement import split_world
+    from vapo_megatron.train.loop import Trainer
+
+    cfg = load_config(None, overrides)
+    pools = split_world(cfg)
+    if pools.role == "rollout":
+        if fault:
+            kind, at = fault
+            answer = RolloutServer._answer
+
+            def faulty(self, batch):
+                if batch == at:
+                    if kind == "die":
+                        import os
+                        os._exit(3)
+                    time.sleep(3600)
+                return answer(self, batch)
+
+            RolloutServer._answer = faulty
+        return serve_rollouts(cfg, pools)
+    return Trainer(cfg, pools=pools).run()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return tiny_task_assets(tmp_path_factory.mktemp("assets"), num_val=8)
+
+
+def _overrides(assets, run_dir, *extra):
+    return [f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "rollout.num_prompts=4", "rollout.n=2",
+            "rollout.max_prompt_length=64", "rollout.max_response_length=16", "rollout.cpu_kv_cache_bytes=134217728",
+            "train.steps=2", "train.mini_batch_size=4", "train.micro_batch_size=2", "algorithm.value_pretrain_steps=1",
+            "actor_optim.lr=1e-3", "critic_optim.lr=1e-3", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
+            "reward.name=synthetic", f"checkpoint.run_dir={run_dir}", "logging.progress_bar=false",
+            "logging.tensorboard=false", "checkpoint.export_hf_at_end=false", *extra]
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_separate_sync_equals_colocated(assets, tmp_path):
+    colocated = run_distributed(_colocated_body, 1, _overrides(assets, tmp_path / "a"), timeout=600)[0]
+    sep = run_distributed(_separate_body, 2, _overrides(assets, tmp_path / "b", "rollout.placement=separate",
+                                                       "rollout.rollout_ranks=1"), timeout=600)
+    separate, pool = sep
+    rows_a, rows_b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert len(rows_a) == len(rows_b) == 3
+    compared = [k for k, v in colocated.items() if isinstance(v, float) and not k.startswith("t_")]
+    assert {"policy/pg_loss", "critic/value_loss", "reward_mean", "rollout_logprob_diff"} <= set(compared)
+    for ra, rb in zip(rows_a, rows_b):
+        differ = [f"step {ra['step']} {k}: {rb.get(k)} vs {ra[k]}" for k in compared if k in ra
+                  and not (math.isnan(ra[k]) and math.isnan(rb[k]))
+                  and not abs(rb[k] - ra[k]) <= 1e-5 * max(1.0, abs(ra[k]))]
+        assert not differ, differ
+        assert rb["staleness_max"] == 0
+    assert pool["generated"] == 3 and pool["answered"] == 3
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_bounded_staleness(assets, tmp_path, k):
+    run_dir = tmp_path / "run"
+    results = run_distributed(_separate_body, 2, _overrides(
+        assets, run_dir, "rollout.placement=separate", "rollout.rollout_ranks=1", f"rollout.max_staleness={k}",
+        "algorithm.tis_cap=2.0", "train.steps=4"), timeout=900)
+    rows = _rows(run_dir)
+    stale = [r["staleness_max"] for r in rows]
+    assert max(stale) <= k, stale
+    assert stale[-1] == k, f"steps late in the run should train on k={k}-old samples: {stale}"
+    for r in rows:
+        assert math.isfinite(r["policy/pg_loss"] if "policy/pg_loss" in r else 0.0)
+        assert r["behaviour_weight_mean"] > 0
+    assert results[1]["generated"] == len(rows)  # never ahead past the last step
+
+
+@pytest.mark.parametrize("kind", ["die", "hang"])
+def test_rollout_rank_fault_stops_the_run(assets, tmp_path, kind):
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError) as e:
+        run_distributed(_separate_body, 2, _overrides(assets, tmp_path / "run", "rollout.placement=separate",
+                                                      "rollout.rollout_ranks=1", "rollout.rollout_timeout_s=20"),
+                        (kind, 2), timeout=300)
+    took = time.monotonic() - start
+    text = str(e.value)
+    assert "RolloutRankError" in text and ("died" in text if kind == "die" else "hung" in text), text[-2000:]
+    assert took < 280, took
