@@ -101,14 +101,64 @@ def test_bounded_staleness(assets, tmp_path, k):
     assert results[1]["generated"] == len(rows)  # never ahead past the last step
 
 
-@pytest.mark.parametrize("kind", ["die", "hang"])
-def test_rollout_rank_fault_stops_the_run(assets, tmp_path, kind):
+def test_rollout_rank_hang_stops_the_run(assets, tmp_path):
+    """The rollout rank stops answering at step 2: the trainer raises RolloutRankError naming it within
+    rollout.rollout_timeout_s (20 s), and the harness ends every rank."""
     start = time.monotonic()
     with pytest.raises(DistributedTestError) as e:
         run_distributed(_separate_body, 2, _overrides(assets, tmp_path / "run", "rollout.placement=separate",
                                                       "rollout.rollout_ranks=1", "rollout.rollout_timeout_s=20"),
-                        (kind, 2), timeout=300)
-    took = time.monotonic() - start
+                        ("hang", 2), timeout=300)
     text = str(e.value)
-    assert "RolloutRankError" in text and ("died" in text if kind == "die" else "hung" in text), text[-2000:]
-    assert took < 280, took
+    assert "RolloutRankError" in text and "hung" in text, text[-2000:]
+    assert time.monotonic() - start < 280
+
+
+def _die_rank(rank: int, port: int, overrides: list[str], out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch.distributed as dist
+
+    from vapo_megatron import platform
+    from vapo_megatron.errors import RolloutRankError
+
+    platform.setup()
+    dist.init_process_group(platform.dist_backend(), rank=rank, world_size=2)
+    start = time.monotonic()
+    try:
+        _separate_body(overrides, ("die", 2))
+    except RolloutRankError as e:
+        with open(out, "w") as f:
+            json.dump({"error": str(e), "seconds": time.monotonic() - start}, f)
+        os._exit(0)
+    os._exit(1)
+
+
+def test_rollout_rank_death_stops_the_run(assets, tmp_path):
+    """The rollout rank dies (exit 3) at step 2: the trainer raises RolloutRankError saying so (gloo sees the
+    closed connection at once) and exits; no process is left. Own launcher: run_distributed stops at the first
+    rank that exits, before the trainer's error arrives."""
+    import multiprocessing as mp
+
+    from vapo_megatron.platform import free_port
+
+    out = tmp_path / "trainer_error.json"
+    overrides = _overrides(assets, tmp_path / "run", "rollout.placement=separate", "rollout.rollout_ranks=1",
+                           "rollout.rollout_timeout_s=120")
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=_die_rank, args=(r, port, overrides, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=400)
+        assert [p.exitcode for p in procs] == [0, 3], [p.exitcode for p in procs]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    result = json.loads(out.read_text())
+    assert "died" in result["error"] and "rollout rank 1" in result["error"], result
+    assert not any(p.is_alive() for p in procs)

@@ -35,7 +35,8 @@ class BridgeChannel:
         try:
             work.wait()
         except RuntimeError as e:
-            kind = "closed the connection (it died?)" if "closed" in str(e).lower() else \
+            lost = any(w in str(e).lower() for w in ("closed", "reset", "crash", "broken pipe"))
+            kind = "closed the connection (it died?)" if lost else \
                 f"did not answer within rollout.rollout_timeout_s={self.timeout_s:g} s (hung?)"
             raise RolloutRankError(f"{self.names[peer]} {kind} while this rank waited for {what}; stopping the "
                                    f"run ({str(e).splitlines()[0][:160]})") from None
