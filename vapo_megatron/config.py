@@ -114,7 +114,13 @@ class AlgorithmConfig:
     value_pretrain_ev_threshold: float | None = None
     """Stop value pretraining once a step's ev_mc (values before its update, on its fresh rollouts) reaches this."""
     use_critic: bool = True
-    """Train a critic; must be true for "gae" and false for "grpo"."""
+    """Train a critic; must be true for "gae" with value_source "critic", and false for "grpo"."""
+    value_source: Literal["critic", "mc"] = "critic"
+    """Values GAE runs on: the critic's, or Monte-Carlo estimates at step boundaries ("mc": `mc.*`, values/mc.py)."""
+    mc_advantage: Literal["gae", "step"] = "gae"
+    """With value_source "mc": "gae" on the step values, or "step", VinePPO's V(next boundary) - V(boundary)."""
+    critic_unready: Literal["lengthen", "group", "continue", "stop"] = "lengthen"
+    """Value pretraining capped below its EV threshold: "lengthen" (lambda 1), "group" (GRPO), "stop" or "continue"."""
     filter_uniform_groups: bool = False
     """Drop groups whose responses all score the same (DAPO dynamic sampling; off in VAPO)."""
     overlong_buffer: int = 0
@@ -125,6 +131,29 @@ class AlgorithmConfig:
     """Reward of a correct response (the paper does not state it)."""
     reward_incorrect: float = 0.0
     """Reward of an incorrect response (the paper does not state it)."""
+
+
+@dataclass(frozen=True)
+class MonteCarloConfig:
+    """Monte-Carlo values from step boundaries (values/mc.py): the value source `algorithm.value_source="mc"` and
+    the critic-quality probe (`probe_every`)."""
+
+    k: int = 4
+    """Continuations sampled from each boundary (the value is their mean reward)."""
+    step_delimiter: str | None = "\n"
+    """A step ends after a token whose text contains this string (null: use step_tokens)."""
+    step_tokens: int = 0
+    """With no delimiter: a boundary every this many tokens."""
+    every_step: int = 1
+    """Keep every j-th boundary (fewer continuations, coarser credit)."""
+    max_steps: int = 16
+    """Most boundaries per response (evenly thinned beyond it); the response start is always one."""
+    probe_every: int = 0
+    """Every this many steps: Monte-Carlo values of `probe_rows` responses and `ev_oracle`; 0 never."""
+    probe_rows: int = 8
+    """Responses of the probe (spread over the batch's groups)."""
+    probe_k: int = 4
+    """Continuations per boundary in the probe."""
 
 
 @dataclass(frozen=True)
@@ -254,6 +283,8 @@ class VapoConfig:
     """Sampling of one rollout batch with vLLM."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     """Advantages and losses (docs/VAPO.md)."""
+    mc: MonteCarloConfig = field(default_factory=MonteCarloConfig)
+    """Monte-Carlo values: the "mc" value source and the critic probe."""
     actor_optim: OptimConfig = field(default_factory=OptimConfig)
     """Policy AdamW, linear warmup then constant lr (paper lr 1e-6)."""
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-6))
@@ -481,9 +512,19 @@ def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:
                  f"by rollout.vllm_tensor_parallel {r.vllm_tensor_parallel}")
     if a.advantage not in ("gae", "grpo"):
         p.append(f"algorithm.advantage={a.advantage!r} must be 'gae' or 'grpo'")
-    elif a.use_critic != (a.advantage == "gae"):
-        p.append(f"algorithm.advantage={a.advantage!r} needs algorithm.use_critic={a.advantage == 'gae'} "
-                 "(GAE needs the critic's values; GRPO is value-free)")
+    elif a.advantage == "grpo" and a.use_critic:
+        p.append("algorithm.advantage='grpo' needs algorithm.use_critic=false (GRPO is value-free)")
+    elif a.advantage == "gae" and not a.use_critic and a.value_source == "critic":
+        p.append("algorithm.advantage='gae' needs algorithm.use_critic=true (GAE needs the critic's values) or "
+                 "algorithm.value_source='mc' (Monte-Carlo values)")
+    if a.value_source == "mc" and a.advantage != "gae":
+        p.append(f"algorithm.value_source='mc' needs algorithm.advantage='gae', got {a.advantage!r}")
+    m = cfg.mc
+    if m.step_delimiter in (None, "") and m.step_tokens < 1 and (a.value_source == "mc" or m.probe_every):
+        p.append("mc.step_delimiter is empty and mc.step_tokens < 1: Monte-Carlo values need step boundaries")
+    if min(m.k, m.every_step, m.max_steps, m.probe_rows, m.probe_k) < 1 or m.probe_every < 0:
+        p.append(f"mc.k {m.k}, every_step {m.every_step}, max_steps {m.max_steps}, probe_rows {m.probe_rows} and "
+                 f"probe_k {m.probe_k} must be >= 1, probe_every {m.probe_every} >= 0")
     if a.advantage == "grpo" and r.n < 2:
         p.append(f"algorithm.advantage='grpo' normalises within groups: needs rollout.n >= 2, got rollout.n={r.n}")
     if a.loss_agg not in loss_agg_names():
@@ -530,12 +571,14 @@ def _placement_problems(cfg: VapoConfig, world_size: int) -> list[str]:
     if r.max_staleness > 0 and a.tis_cap is None:
         p.append(f"rollout.max_staleness={r.max_staleness} trains on samples of older policies: set algorithm.tis_cap "
                  "(e.g. 2.0), the cap of decoupled PPO's behaviour -> proximal importance weight")
-    for key, value, why in (("algorithm.routing_replay", a.routing_replay, "records the experts in the trainer's "
-                             "own vLLM engine"),
-                            ("rollout.offload_megatron_during_rollout", r.offload_megatron_during_rollout,
-                             "frees the trainer's memory for its own vLLM engine")):
-        if value:
-            p.append(f"{key}=true with rollout.placement='separate': it {why}, which separate placement has not")
+    own_engine = [("algorithm.routing_replay=true", a.routing_replay, "records the experts in"),
+                  ("rollout.offload_megatron_during_rollout=true", r.offload_megatron_during_rollout,
+                   "frees the trainer's memory for"),
+                  ("algorithm.value_source='mc'", a.value_source == "mc", "samples Monte-Carlo continuations in"),
+                  (f"mc.probe_every={cfg.mc.probe_every}", cfg.mc.probe_every > 0,
+                   "samples Monte-Carlo continuations in")]
+    p += [f"{key} with rollout.placement='separate': it {what} the trainer's own vLLM engine, which separate "
+          "placement has not (docs/async.md)" for key, value, what in own_engine if value]
     return p
 
 

@@ -40,3 +40,8 @@ class RolloutRankError(RuntimeError):
 
 class StalenessError(RuntimeError):
     """Separate placement: a batch older than rollout.max_staleness policy versions reached the trainer."""
+
+
+class CriticNotReadyError(UserError):
+    """Value pretraining ended at its step cap with the critic explaining less than the threshold, and
+    algorithm.critic_unready is "stop"."""

@@ -51,10 +51,14 @@ def test_two_ppo_steps_policy_tp2_pp2_sp_critic_tp2(assets, tmp_path):
         "actor_optim.lr=1e-4", "critic_optim.lr=1e-4", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
         f"data.val_files=[{assets / 'data' / 'val.jsonl'}]", "eval.every=2", "eval.n=2", "reward.name=synthetic",
         f"checkpoint.run_dir={run_dir}", "logging.progress_bar=false",
+        "mc.probe_every=2", "mc.probe_rows=4", "mc.probe_k=2", "mc.step_delimiter=null", "mc.step_tokens=4",
     ]
     results = run_distributed(_train_body, 4, overrides, timeout=900)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["init", "value_pretrain", "ppo", "ppo"]
+    # the critic probe (values/mc.py) at policy TP2 x PP2, critic TP2: every 2nd step, 4 responses x K=2
+    assert "ev_oracle" in rows[2] and "ev_oracle" not in rows[1] and "ev_oracle" not in rows[3]
+    assert rows[2]["probe_requests"] == 2 * 4 * rows[2]["probe_boundaries"] and rows[2]["probe_tokens"] > 0
     for key in REQUIRED:
         assert key in rows[-1], f"metrics.jsonl lacks {key}"
     assert "val_accuracy" in rows[-1] and "val_accuracy" in rows[0]
@@ -90,6 +94,7 @@ def test_resume_equals_uninterrupted_run(assets, tmp_path):
         "actor_optim.lr=1e-3", "critic_optim.lr=1e-3", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
         "reward.name=synthetic", f"checkpoint.run_dir={run_dir}", "checkpoint.save_every=1",
         "checkpoint.keep_last=5", "logging.progress_bar=false", "logging.tensorboard=false",
+        "mc.probe_every=1", "mc.probe_rows=4", "mc.probe_k=2",   # the probe's samples must resume exactly too
     ]
     full = run_distributed(_run_body, 1, overrides, False, timeout=600)[0]
     shutil.rmtree(run_dir / "checkpoints" / "step_00000003")
@@ -97,7 +102,7 @@ def test_resume_equals_uninterrupted_run(assets, tmp_path):
     assert full["step"] == resumed["step"] == 3
     compared = [k for k, v in full.items() if isinstance(v, float) and not k.startswith("t_")]
     assert {"policy/pg_loss", "critic/value_loss", "policy/grad_norm", "reward_mean",
-            "rollout_logprob_diff"} <= set(compared)
+            "rollout_logprob_diff", "probe_tokens"} <= set(compared)
     differ = [f"{k}: {resumed[k]} vs {full[k]}" for k in compared
               if not (math.isnan(full[k]) and math.isnan(resumed[k]))
               and not abs(resumed[k] - full[k]) <= 1e-6 * max(1.0, abs(full[k]))]
@@ -133,4 +138,28 @@ def test_context_parallel_run(assets, tmp_path):
     assert math.isfinite(last["policy/pg_loss"]) and last["policy/grad_norm"] > 0 and last["critic/grad_norm"] > 0
     meta = json.loads(next((run_dir / "checkpoints").glob("step_*/meta.json")).read_text())
     assert '"cp": 2' in json.dumps(meta), meta
+    assert all(r["step"] == 2 for r in results)
+
+
+def test_monte_carlo_value_source_dp2(assets, tmp_path):
+    """VAPO on Monte-Carlo values instead of a critic (algorithm.value_source=mc, VinePPO's step advantages) at
+    DP=2: two vLLM engines share the continuations; no critic is built; the values' cost is logged; every rank
+    ends on the same step. (The estimates themselves: tests/distributed/test_mc_values.py.)"""
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "rollout.num_prompts=4", "rollout.n=2",
+        "rollout.max_prompt_length=64", "rollout.max_response_length=16", "rollout.cpu_kv_cache_bytes=134217728",
+        "train.steps=2", "train.mini_batch_size=8", "train.micro_batch_size=2", "algorithm.use_critic=false",
+        "algorithm.value_source=mc", "algorithm.mc_advantage=step", "mc.k=2", "mc.step_delimiter=null",
+        "mc.step_tokens=4", "actor_optim.lr=1e-4", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
+        "reward.name=synthetic", f"checkpoint.run_dir={run_dir}", "logging.progress_bar=false",
+        "logging.tensorboard=false", "checkpoint.export_hf_at_end=false",
+    ]
+    results = run_distributed(_train_body, 2, overrides, timeout=900)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["ppo", "ppo"]
+    for r in rows:
+        assert r["mc_requests"] == 2 * 8 * r["mc_boundaries"] and r["mc_tokens"] > 0 and r["t_mc_values"] > 0
+        assert "critic/value_loss" not in r and r["critic/optimizer_steps"] == 0 and math.isfinite(r["policy/pg_loss"])
+        assert r["rollout_logprob_diff"] < 1e-4
     assert all(r["step"] == 2 for r in results)

@@ -76,3 +76,41 @@ def test_ev_threshold_stops_value_pretraining_and_resume_continues(assets, tmp_p
     for key in ("policy/pg_loss", "critic/value_loss", "ev_mc", "reward_mean"):
         a, b = full[key], resumed[key]
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 * max(1.0, abs(a)), (key, a, b)
+
+
+def _unready_body(overrides: list[str]):
+    from vapo_megatron.errors import CriticNotReadyError
+
+    try:
+        return "finished", _run_body(overrides, False)
+    except CriticNotReadyError as e:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        return "stopped", str(e)
+
+
+def test_critic_not_ready_lengthens_the_horizon_or_stops(assets, tmp_path):
+    """Value pretraining that ends at its cap below the ev_mc threshold (unreachable here): by default PPO trains
+    at lambda_policy = 1 and logs critic_ready = 0 (algorithm.critic_unready=lengthen); with "stop" the run ends
+    with CriticNotReadyError naming the cap, the ev_mc and the threshold, before any PPO step."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "rollout.num_prompts=4", "rollout.n=2",
+        "rollout.max_prompt_length=64", "rollout.max_response_length=16", "rollout.cpu_kv_cache_bytes=134217728",
+        "train.steps=2", "train.mini_batch_size=8", "train.micro_batch_size=4", "algorithm.value_pretrain_steps=1",
+        "algorithm.value_pretrain_ev_threshold=1000", "algorithm.alpha=0.05", "actor_optim.lr=1e-4",
+        "critic_optim.lr=1e-4", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
+        f"reward.name={assets / 'reward.py'}:reward", f"checkpoint.run_dir={run_dir}",
+        "checkpoint.export_hf_at_end=false", "logging.progress_bar=false", "logging.tensorboard=false",
+    ]
+    outcome, _ = run_distributed(_unready_body, 1, overrides, timeout=600)[0]
+    rows = _rows(run_dir)
+    assert outcome == "finished" and [r["phase"] for r in rows] == ["value_pretrain", "ppo", "ppo"]
+    assert rows[0]["value_pretrain_stop"] == "step_cap" and rows[0]["lam_policy_mean"] < 1
+    assert all(r["lam_policy_mean"] == 1.0 and r["critic_ready"] == 0.0 for r in rows[1:]), rows[1:]
+    stop = tmp_path / "stop"
+    outcome, message = run_distributed(_unready_body, 1, [*overrides, f"checkpoint.run_dir={stop}",
+                                                          "algorithm.critic_unready=stop"], timeout=600)[0]
+    assert outcome == "stopped" and "cap of 1 steps" in message and "threshold 1000" in message, message
+    assert [r["phase"] for r in _rows(stop)] == [], "the stop comes before the row of the step is written"

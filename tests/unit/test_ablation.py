@@ -93,7 +93,9 @@ def _fake_run(spec, init: float, vals: list[float], wall: float) -> None:
             {"step": 2, "phase": "value_pretrain", "ev_mc": init, "explained_variance": 0.9}]
     for ppo in range(1, 7):
         rows.append({"step": 2 + ppo, "phase": "ppo", "ev_mc": 0.01 * ppo if ppo > 1 else float("nan"),
-                     "explained_variance": 0.9, **({"val_accuracy": vals[ppo // 2 - 1]} if ppo % 2 == 0 else {})})
+                     "explained_variance": 0.9, **({"val_accuracy": vals[ppo // 2 - 1]} if ppo % 2 == 0 else {}),
+                     **({"ev_oracle": 0.1 * ppo, "probe_requests": 10} if ppo in (3, 6) else {}),
+                     **({"mc_requests": 100} if ppo == 1 else {})})
     spec.run_dir.mkdir(parents=True)
     (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (spec.run_dir / DONE).write_text(json.dumps({"wall_s": wall, "config_hash": config_hash(spec)}))
@@ -124,12 +126,20 @@ def test_report_numbers_match_a_hand_computation(tmp_path):
     # ev_mc, not the variant's own-target explained_variance: last pretraining row / mean of the last 5 PPO rows
     assert row["ev_mc"] == f"{statistics.fmean([0.1, 0.1, 0.2]):.3f} ± {statistics.stdev([0.1, 0.1, 0.2]):.3f}" \
         " / 0.040 ± 0.000"
+    # the area under the curve (mean of the PPO evaluations), ev_mc / ev_oracle over the PPO steps, extra samples
+    aucs = [statistics.fmean(v) for v in ([0.15, 0.30, 0.25], [0.20, 0.20, 0.40], [0.20, 0.25, 0.28])]
+    assert row["auc"] == f"{statistics.fmean(aucs):.3f} ± {statistics.stdev(aucs):.3f}"
+    assert row["ev_mc_ppo"] == f"{statistics.fmean([0.02, 0.03, 0.04, 0.05, 0.06]):.3f} ± 0.000"
+    assert row["ev_oracle"] == f"{statistics.fmean([0.3, 0.6]):.3f} ± 0.000"
+    assert summary_row(results["vapo"], None, 0.1, samples_per_step=32)["extra"] == "64 ± 0 + 120 ± 0"
     assert summary_row(results["vapo"], 0.26, 0.1)["steps"] == f"5.3 ± {statistics.stdev([4, 6, 6]):.1f}"  # absolute
     ppo = summary_row(results["ppo"], None, 0.1)
     assert ppo["runs"] == "1/3" and ppo["final"] == "0.100" and ppo["steps"] == "— (1 not reached)"
     md, png = write_report(out, tmp_path / "docs" / "ablation.md")
     text = md.read_text()
-    assert f"| vapo | 60 | {row['final']} |" in text and "| ppo | 5 | 0.100 |" in text
+    assert f"| vapo | 60 | {row['final']} | {row['auc']} |" in text and "| ppo | 5 | 0.100 |" in text
+    text = write_report(out, tmp_path / "docs" / "auc.md", first="auc")[0].read_text()
+    assert f"| vapo | 60 | {row['auc']} | {row['final']} |" in text and "| AUC val acc | final val acc |" in text
     assert png.stat().st_size > 0 and "python tools/run_ablation.py test" in text
     assert "**What is compared.** A toy model on a toy task, not Qwen2.5-32B" in text  # the grid file's task
 

@@ -138,8 +138,12 @@ def test_valid_configs_pass():
     (["algorithm.value_pretrain_steps=-1"], 1, None, "algorithm.value_pretrain_steps=-1 must be >= 0"),
     (["algorithm.value_pretrain_ev_threshold=1.5"], 1, None, "algorithm.value_pretrain_ev_threshold=1.5 must be <= 1"),
     (["algorithm.loss_agg=token-meen"], 1, None, "loss_agg='token-meen' is unknown; valid: seq-mean-token-mean,"),
-    (["algorithm.advantage=grpo"], 1, None, "algorithm.advantage='grpo' needs algorithm.use_critic=False"),
-    (["algorithm.use_critic=false"], 1, None, "algorithm.advantage='gae' needs algorithm.use_critic=True"),
+    (["algorithm.advantage=grpo"], 1, None, "algorithm.advantage='grpo' needs algorithm.use_critic=false"),
+    (["algorithm.use_critic=false"], 1, None, "algorithm.advantage='gae' needs algorithm.use_critic=true"),
+    (["algorithm.advantage=grpo", "algorithm.use_critic=false", "algorithm.value_source=mc"], 1, None,
+     "algorithm.value_source='mc' needs algorithm.advantage='gae'"),
+    (["mc.probe_every=2", "mc.step_delimiter=null"], 1, None, "Monte-Carlo values need step boundaries"),
+    (["mc.k=0"], 1, None, "mc.k 0"),
     (["algorithm.advantage=grpo", "algorithm.use_critic=false", "rollout.n=1", "train.mini_batch_size=512"], 1,
      None, "needs rollout.n >= 2, got rollout.n=1"),
     (["algorithm.overlong_buffer=30000"], 1, None,
@@ -231,7 +235,7 @@ def test_defaults_are_the_papers():
 def test_every_field_has_a_one_line_docstring():
     tree = ast.parse(inspect.getsource(config_module))
     classes = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name.endswith("Config")]
-    assert len(classes) == 11
+    assert len(classes) == 12
     for cls in classes:
         body = cls.body
         for i, node in enumerate(body):

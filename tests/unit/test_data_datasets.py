@@ -81,7 +81,8 @@ def test_parquet_both_forms(tmp_path):
 
 
 @pytest.mark.parametrize("line, expected", [
-    ('{"prompt": "x", "ground_truth": "1"', "invalid JSON"),
+    ('{"prompt": "x", "ground_truth": "1"', "invalid JSON (Expecting ',' delimiter at column "),
+    ('{"prompt": "x', "invalid JSON (Invalid control character at column "),  # was "character at at column"
     ('{"ground_truth": "1"}', "missing 'prompt'"),
     ('{"prompt": "x"}', "missing 'ground_truth'"),
     ('{"prompt": 3, "ground_truth": "1"}', "'prompt' must be a string or a non-empty list"),

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("models", {"models"}),
     ("convert", {"convert"}),
     ("engine", {"engine"}),
-    ("rewards and rollout", {"rewards", "rollout"}),
+    ("rewards and rollout", {"rewards", "rollout", "values"}),
     ("analysis", {"report", "planning"}),
     ("testing", {"testing"}),
     ("orchestration", {"train", "ablation"}),

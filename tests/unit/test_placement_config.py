@@ -36,6 +36,14 @@ def test_pool_sizes():
     (("rollout.placement=separate", "rollout.rollout_ranks=8", "rollout.max_staleness=-1"),
      "rollout.max_staleness=-1 must be >= 0"),
     (("rollout.placement=nearby",), "rollout.placement"),
+    (("rollout.placement=separate", "rollout.rollout_ranks=8", "algorithm.value_source=mc",
+      "algorithm.use_critic=false"),
+     "algorithm.value_source='mc' with rollout.placement='separate': it samples Monte-Carlo continuations in the "
+     "trainer's own vLLM engine"),
+    (("rollout.placement=separate", "rollout.rollout_ranks=8", "mc.probe_every=5"),
+     "mc.probe_every=5 with rollout.placement='separate'"),
+    (("rollout.placement=separate", "rollout.rollout_ranks=8", "algorithm.routing_replay=true"),
+     "algorithm.routing_replay=true with rollout.placement='separate'"),
 ])
 def test_impossible_placements_fail_naming_the_numbers(overrides, message):
     with pytest.raises(ConfigError) as e:

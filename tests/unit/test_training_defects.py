@@ -33,7 +33,7 @@ def test_value_pretraining_fits_monte_carlo_returns_whatever_couple_gae_says():
     batch = synthetic_rl_batch(4, 64, seed=1)
     batch.scores = torch.tensor([1.0, 0.0, 1.0, 0.0])
     batch.old_values = torch.rand(batch.resp_mask.shape, generator=torch.Generator().manual_seed(0))
-    trainer = SimpleNamespace(cfg=cfg)
+    trainer = SimpleNamespace(cfg=cfg, critic_ready=True)
     Trainer.advantages(trainer, batch, "value_pretrain")
     monte_carlo = batch.scores[:, None] * batch.resp_mask  # gamma = lambda = 1: the final reward on every token
     torch.testing.assert_close(batch.returns * batch.resp_mask, monte_carlo)

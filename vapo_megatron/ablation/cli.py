@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="absolute validation accuracy for 'steps to "
                    "threshold' (default: each run's initial accuracy + --threshold-delta)")
     p.add_argument("--threshold-delta", type=float, default=0.1)
+    p.add_argument("--first-column", choices=("final", "auc"), default="final",
+                   help="the report's first figure column: final validation accuracy, or the area under the curve")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from OUT, run nothing")
     p.add_argument("--dry-run", action="store_true", help="validate, check budgets, print the commands, run nothing")
     p.add_argument("--figure-variants", nargs="+", default=None, metavar="VARIANT",
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 0 if args.report_only else _run(args, command)
         if args.dry_run:
             return code
-        md, png = write_report(Path(args.out), Path(args.report), args.threshold, args.threshold_delta)
+        md, png = write_report(Path(args.out), Path(args.report), args.threshold, args.threshold_delta,
+                               args.first_column)
         if args.figure_variants:
             names = [v["name"] for v in read_manifest(Path(args.out))["variants"]]
             append_figure_section(Path(args.out), md, args.figure_variants, names)

@@ -11,10 +11,13 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from vapo_megatron.ablation.report import finished_rows
+from vapo_megatron.ablation.report import finished_rows, is_finite_number
 
 PANELS = (("reward_mean", "training reward"), ("policy/entropy", "policy entropy"),
-          ("response_length_mean", "response length (tokens)"), ("ev_mc", "critic ev_mc"))
+          ("response_length_mean", "response length (tokens)"), ("ev_mc", "critic ev_mc"),
+          ("ev_oracle", "critic ev_oracle (vs Monte-Carlo values)"))
+SPARSE = {"ev_oracle"}
+"""Keys logged every few steps only (the probe): plotted unsmoothed."""
 CREDIT_KEYS = ("credit_first_error_adv", "credit_rest_wrong_adv", "credit_first_error_gap")
 
 
@@ -22,10 +25,6 @@ def ppo_rows(run_dir: Path) -> list[dict] | None:
     """The PPO-phase rows of a finished run's metrics.jsonl (None when the run has no DONE file)."""
     rows = finished_rows(run_dir)
     return None if rows is None else [r for r in rows if r.get("phase") == "ppo"]
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def smooth(xs: Sequence[float], window: int) -> list[float]:
@@ -44,7 +43,7 @@ def curve_band(runs: list[list[dict]], key: str, window: int) -> tuple[list[int]
     """(steps, mean, min, max) over seeds of the smoothed per-step ``key``; steps where a seed lacks it are cut."""
     series = []
     for rows in runs:
-        points = [(i + 1, r[key]) for i, r in enumerate(rows) if _finite(r.get(key))]
+        points = [(i + 1, r[key]) for i, r in enumerate(rows) if is_finite_number(r.get(key))]
         if points:
             series.append(dict(zip([s for s, _ in points], smooth([v for _, v in points], window))))
     if not series:
@@ -55,7 +54,7 @@ def curve_band(runs: list[list[dict]], key: str, window: int) -> tuple[list[int]
 
 
 def plot_curves(out: Path, variants: Sequence[str], path: Path, window: int = 5) -> Path:
-    """Write the four-panel figure for ``variants`` to ``path``."""
+    """Write the figure (one panel per PANELS entry) for ``variants`` to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +64,7 @@ def plot_curves(out: Path, variants: Sequence[str], path: Path, window: int = 5)
     for variant in variants:
         runs = variant_runs(out, variant)
         for ax, (key, _) in zip(axes, PANELS):
-            steps, mean, lo, hi = curve_band(runs, key, window)
+            steps, mean, lo, hi = curve_band(runs, key, 1 if key in SPARSE else window)
             if steps:
                 line, = ax.plot(steps, mean, label=f"{variant} ({len(runs)} seeds)")
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
@@ -85,7 +84,7 @@ def plot_curves(out: Path, variants: Sequence[str], path: Path, window: int = 5)
 def credit_summary(runs: list[list[dict]]) -> dict[str, float] | None:
     """Means over every PPO step of every seed of the first-wrong-step credit metrics, and the ratio of the mean
     advantage on the first wrong step to that on the rest of the wrong responses; None without such rows."""
-    sums = {k: [r[k] for rows in runs for r in rows if _finite(r.get(k))] for k in CREDIT_KEYS}
+    sums = {k: [r[k] for rows in runs for r in rows if is_finite_number(r.get(k))] for k in CREDIT_KEYS}
     if not sums["credit_first_error_adv"] or not sums["credit_rest_wrong_adv"]:
         return None
     out = {k: statistics.fmean(v) for k, v in sums.items() if v}

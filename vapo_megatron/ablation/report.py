@@ -37,6 +37,19 @@ class RunResult:
     """The critic's ev_mc (explained variance against the Monte-Carlo return) at the last value-pretraining step."""
     ev_mc_final: float | None = None
     """Mean ev_mc over the last EV_MC_LAST PPO steps that have a finite one."""
+    ev_mc_ppo: float | None = None
+    """Mean ev_mc over every PPO step that has a finite one."""
+    ev_oracle_ppo: float | None = None
+    """Mean ev_oracle (the critic against Monte-Carlo values, values/mc.py) over the PPO steps that probed."""
+    pretrain_steps: int = 0
+    """Value-pretraining steps run (each one rollout batch beyond the equal PPO budget)."""
+    mc_samples: int = 0
+    """Monte-Carlo continuations sampled (value source and probe), also beyond the PPO budget."""
+
+    @property
+    def auc(self) -> float | None:
+        """The area under the validation curve: mean validation accuracy over the PPO evaluations (step 0 out)."""
+        return statistics.fmean(v for _, v in self.curve) if self.curve else None
 
     @property
     def final(self) -> float | None:
@@ -67,18 +80,31 @@ def read_run(run_dir: Path) -> RunResult | None:
     initial = next((r["val_accuracy"] for r in rows if r["phase"] == "init" and "val_accuracy" in r), None)
     curve = tuple((r["step"] - pretrain, r["val_accuracy"]) for r in rows
                   if r["phase"] == "ppo" and "val_accuracy" in r)
-    return RunResult(initial, curve, json.loads((run_dir / DONE).read_text()).get("wall_s"), *_ev_mc(rows))
+    mc = sum(int(r.get("mc_requests", 0)) + int(r.get("probe_requests", 0)) for r in rows)
+    return RunResult(initial, curve, json.loads((run_dir / DONE).read_text()).get("wall_s"), *_ev_mc(rows),
+                     pretrain_steps=pretrain, mc_samples=mc)
 
 
-def _ev_mc(rows: list[dict]) -> tuple[float | None, float | None]:
-    """ev_mc at the end of value pretraining and over the last PPO steps; None where the rows have none. Only
-    ev_mc is used: `explained_variance` is against each variant's own critic targets, not comparable."""
-    def finite(r: dict) -> bool:
-        return isinstance(r.get("ev_mc"), (int, float)) and math.isfinite(r["ev_mc"])
+def is_finite_number(value: Any) -> bool:
+    """A logged metric that is a real number (not missing, not NaN or inf)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
-    pretrain = [r["ev_mc"] for r in rows if r["phase"] == "value_pretrain" and finite(r)]
-    ppo = [r["ev_mc"] for r in rows if r["phase"] == "ppo" and finite(r)][-EV_MC_LAST:]
-    return (pretrain[-1] if pretrain else None), (statistics.fmean(ppo) if ppo else None)
+
+def _finite(rows: list[dict], key: str, phase: str) -> list[float]:
+    """The finite values of ``key`` in the rows of ``phase``, in order."""
+    return [r[key] for r in rows if r["phase"] == phase and is_finite_number(r.get(key))]
+
+
+def _ev_mc(rows: list[dict]) -> tuple[float | None, float | None, float | None, float | None]:
+    """ev_mc at the end of value pretraining, over the last PPO steps and over all PPO steps, and ev_oracle over the
+    PPO steps; None where the rows have none. Only ev_mc is used: `explained_variance` is against each variant's
+    own critic targets, not comparable."""
+    def mean(xs: list[float]) -> float | None:
+        return statistics.fmean(xs) if xs else None
+
+    pretrain, ppo = _finite(rows, "ev_mc", "value_pretrain"), _finite(rows, "ev_mc", "ppo")
+    return ((pretrain[-1] if pretrain else None), mean(ppo[-EV_MC_LAST:]), mean(ppo),
+            mean(_finite(rows, "ev_oracle", "ppo")))
 
 
 def write_manifest(out: Path, base: str, specs: Sequence[RunSpec], command: str, task: str = "") -> dict[str, Any]:
@@ -134,7 +160,8 @@ def threshold_of(run: RunResult, absolute: float | None, delta: float) -> float 
     return None if run.initial is None else run.initial + delta
 
 
-def summary_row(runs: dict[int, RunResult | None], absolute: float | None, delta: float) -> dict[str, str]:
+def summary_row(runs: dict[int, RunResult | None], absolute: float | None, delta: float,
+                samples_per_step: int | None = None) -> dict[str, str]:
     """The table cells of one variant."""
     done = {s: r for s, r in runs.items() if r is not None}
     finals = [r.final for r in done.values() if r.final is not None]
@@ -142,7 +169,13 @@ def summary_row(runs: dict[int, RunResult | None], absolute: float | None, delta
     reached = [s for s in reach if s is not None]
     not_reached = len(reach) - len(reached)
     walls = [r.wall_s / 60 for r in done.values() if r.wall_s is not None]
+    per_step = samples_per_step or 0
     return {
+        "auc": fmt([r.auc for r in done.values() if r.auc is not None]),
+        "extra": fmt([float(r.pretrain_steps * per_step) for r in done.values()], 0) + " + "
+        + fmt([float(r.mc_samples) for r in done.values()], 0),
+        "ev_mc_ppo": fmt([r.ev_mc_ppo for r in done.values() if r.ev_mc_ppo is not None]),
+        "ev_oracle": fmt([r.ev_oracle_ppo for r in done.values() if r.ev_oracle_ppo is not None]),
         "runs": f"{len(done)}/{len(runs)}",
         "final": fmt(finals),
         "per_seed": ", ".join(f"{s}: {r.final:.3f}" for s, r in done.items() if r.final is not None) or "—",
@@ -162,9 +195,10 @@ def _threshold_text(absolute: float | None, delta: float) -> str:
 
 
 def render_markdown(manifest: dict[str, Any], results: dict[str, dict[int, RunResult | None]], png_name: str,
-                    absolute: float | None = None, delta: float = 0.1) -> str:
-    """The whole report as Markdown."""
+                    absolute: float | None = None, delta: float = 0.1, first: str = "final") -> str:
+    """The whole report as Markdown; `first` ("final" or "auc") is the first figure column."""
     b = manifest["budget"]
+    per_step = b['samples per PPO step (rollout.num_prompts x rollout.n)']
     lines = [
         "# Ablation: VAPO vs vanilla PPO vs DAPO, and VAPO without each component (Table 1 in miniature)", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} from the runs of `{manifest['command']}` "
@@ -182,17 +216,27 @@ def render_markdown(manifest: dict[str, Any], results: dict[str, dict[int, RunRe
         "reached it. Spreads are the sample standard deviation over seeds (n - 1).", "",
         f"Critic ev_mc: explained variance of the critic's values against the Monte-Carlo return (the final reward "
         f"on every token), the same target for every variant, at the last value-pretraining step / averaged over "
-        f"the last {EV_MC_LAST} PPO steps ('—': not logged or undefined).", "",
+        f"the last {EV_MC_LAST} PPO steps ('—': not logged or undefined); 'ev_mc PPO mean' averages it over every "
+        "PPO step. ev_oracle: the critic's explained variance against Monte-Carlo values at the step boundaries of "
+        "a few responses (mc.probe_every), averaged over the PPO steps that probed. For a variant without a critic "
+        "that runs on Monte-Carlo values, ev_mc is those values' own.", "",
+        "AUC: the area under the validation curve, the mean validation accuracy over the PPO evaluations (step 0 "
+        "excluded). Extra samples: value-pretraining rollouts + Monte-Carlo continuations per run, beyond the equal "
+        "PPO budget.", "",
         "## Results", "",
-        "| variant | paper Table 1 | final val acc | per seed | best val acc | steps to threshold | initial val "
-        "acc | wall min/run | runs | critic ev_mc (pretrain end / final) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    auc_first = first == "auc"
+    head = ["AUC val acc", "final val acc"] if auc_first else ["final val acc", "AUC val acc"]
+    lines += [f"| variant | paper Table 1 | {head[0]} | {head[1]} | final per seed | best val acc | steps to "
+              "threshold | initial val acc | extra samples | wall min/run | runs | critic ev_mc (pretrain end / "
+              "final) | ev_mc PPO mean | ev_oracle PPO mean |", "|---" * 14 + "|"]
     for v in manifest["variants"]:
-        row = summary_row(results[v["name"]], absolute, delta)
+        row = summary_row(results[v["name"]], absolute, delta, per_step)
         paper = "—" if v["paper"] is None else f"{v['paper']:g}"
-        lines.append(f"| {v['name']} | {paper} | {row['final']} | {row['per_seed']} | {row['best']} | "
-                     f"{row['steps']} | {row['initial']} | {row['wall']} | {row['runs']} | {row['ev_mc']} |")
+        one, two = (row["auc"], row["final"]) if auc_first else (row["final"], row["auc"])
+        lines.append(f"| {v['name']} | {paper} | {one} | {two} | {row['per_seed']} | {row['best']} | "
+                     f"{row['steps']} | {row['initial']} | {row['extra']} | {row['wall']} | {row['runs']} | "
+                     f"{row['ev_mc']} | {row['ev_mc_ppo']} | {row['ev_oracle']} |")
     lines += ["", f"![validation accuracy vs PPO step]({png_name})", "", "## Variants", "",
               "| variant | value pretrain steps | overrides on top of the base (as run) | note |", "|---|---|---|---|"]
     for v in manifest["variants"]:
@@ -246,14 +290,15 @@ def plot_report(manifest: dict[str, Any], results: dict[str, dict[int, RunResult
     return path
 
 
-def write_report(out: Path, md_path: Path, absolute: float | None = None, delta: float = 0.1) -> tuple[Path, Path]:
+def write_report(out: Path, md_path: Path, absolute: float | None = None, delta: float = 0.1,
+                 first: str = "final") -> tuple[Path, Path]:
     """Markdown and PNG from the manifest and run directories of ``out``; returns their paths."""
     manifest = read_manifest(out)
     results = collect(out, manifest)
     png = md_path.with_suffix(".png")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     plot_report(manifest, results, png)
-    md_path.write_text(render_markdown(manifest, results, png.name, absolute, delta), encoding="utf-8")
+    md_path.write_text(render_markdown(manifest, results, png.name, absolute, delta, first), encoding="utf-8")
     return md_path, png
 
 

@@ -132,7 +132,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DatasetFormatError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+                where = "column" if e.msg.endswith(" at") else "at column"  # "Unterminated string starting at"
+                raise DatasetFormatError(f"{path}:{line_no}: invalid JSON ({e.msg} {where} {e.colno})") from None
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:

@@ -19,7 +19,8 @@ A save writes everything into `step_XXXXXXXX.tmp-<random>`, writes `DONE` after 
 rank finished, and only then renames the directory into place. A crash at any point therefore leaves either
 the new complete checkpoint or none under the final name: `latest_checkpoint` only ever returns a directory
 named `step_XXXXXXXX` that holds `DONE`. Older checkpoints are deleted (rotation) only after the new one is
-in place. torch_dist stores tensors in global coordinates, so a role may be resumed at another TP/PP layout.
+in place. torch_dist stores tensors in global coordinates, so a role may be resumed at another TP/PP/DP layout
+(tests/e2e/test_resume_layouts.py, through the CLI on 2 ranks).
 
 Integrity: the commit step writes `manifest.json` (engine/manifest.py: every file's size and checksum) before
 `DONE`; `load_checkpoint` verifies it first and refuses a damaged, truncated, incomplete or unlisted file, naming

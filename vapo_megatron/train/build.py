@@ -62,16 +62,31 @@ def _seed_like_vllm(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_engines(cfg: VapoConfig) -> tuple[ModelArch, RoleLayouts, ModelEngine, ModelEngine | None]:
+    """(arch, layouts, policy engine, critic engine or None) from the config, with the initial weights: the
+    engines of `build_parts` without vLLM, data or rewards (tests load and save checkpoints with them)."""
+    from vapo_megatron.convert.hf_io import HFCheckpointReader
+    from vapo_megatron.engine.model_engine import Execution, ModelEngine
+    from vapo_megatron.models.hf_config import load_arch
+    from vapo_megatron.parallel.layout import RoleLayouts
+
+    arch = load_arch(cfg.model.hf_dir)
+    layouts = RoleLayouts(cfg.policy_parallel, cfg.critic_parallel, seed=1234 + cfg.train.seed)
+    execution = Execution.from_config(cfg)
+    # weights stream into each rank's own shard, one parameter at a time: no rank holds the whole model
+    actor = ModelEngine("policy", arch, layouts, cfg.actor_optim, execution, HFCheckpointReader(cfg.model.hf_dir).get,
+                        routing_replay=cfg.algorithm.routing_replay)
+    critic = ModelEngine("critic", arch, layouts, cfg.critic_optim, execution, critic_hf_get(cfg, arch)) \
+        if cfg.algorithm.use_critic else None
+    return arch, layouts, actor, critic
+
+
 def build_parts(cfg: VapoConfig, *, with_engine: bool = True) -> Parts:
     """Everything the loop runs on, built in the order the collectives need (vLLM first). `with_engine=False`:
     the trainer pool of separate placement, whose vLLM engines live on the rollout ranks."""
     from transformers import AutoTokenizer
 
-    from vapo_megatron.convert.hf_io import HFCheckpointReader
     from vapo_megatron.data.datasets import PromptDataset, PromptLoader
-    from vapo_megatron.engine.model_engine import Execution, ModelEngine
-    from vapo_megatron.models.hf_config import load_arch
-    from vapo_megatron.parallel.layout import RoleLayouts
     from vapo_megatron.rewards import RewardManager
     from vapo_megatron.rollout.vllm_engine import RolloutEngine
 
@@ -83,15 +98,7 @@ def build_parts(cfg: VapoConfig, *, with_engine: bool = True) -> Parts:
     if not with_engine:
         _seed_like_vllm(seed)  # the generators as the engine would leave them: same critic head init either way
     torch.manual_seed(seed)
-    arch = load_arch(cfg.model.hf_dir)
-    layouts = RoleLayouts(cfg.policy_parallel, cfg.critic_parallel, seed=1234 + seed)
-
-    execution = Execution.from_config(cfg)
-    # weights stream into each rank's own shard, one parameter at a time: no rank holds the whole model
-    actor = ModelEngine("policy", arch, layouts, cfg.actor_optim, execution, HFCheckpointReader(cfg.model.hf_dir).get,
-                        routing_replay=alg.routing_replay)
-    critic = ModelEngine("critic", arch, layouts, cfg.critic_optim, execution, critic_hf_get(cfg, arch)) \
-        if alg.use_critic else None
+    arch, layouts, actor, critic = build_engines(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
     fmt = cfg.data.prompt_format
     train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, r.max_prompt_length, prompt_format=fmt)

@@ -50,6 +50,7 @@ from vapo_megatron.train.build import build_parts
 from vapo_megatron.train.controls import actor_rows_masked, minibatch_order, value_pretrain_stop
 from vapo_megatron.train.guards import DivergenceGuard
 from vapo_megatron.train.metrics import MetricsLogger, batch_metrics
+from vapo_megatron.train.monte_carlo import MonteCarlo, StepMC
 from vapo_megatron.train.scoring import Scoring, score_output, score_rollout, validation_accuracy
 
 
@@ -70,6 +71,9 @@ class Trainer:
         self.timer = StepTimer()  # one step's timings (t_* metrics)
         self.scoring = Scoring(self.tokenizer, parts.rewards, cfg.reward, cfg.algorithm,
                                cfg.rollout.max_response_length)
+        self.critic_ready = True  # False while the horizon is lengthened for a critic that explains too little
+        self.mc = MonteCarlo(cfg, self.tokenizer)  # the "mc" value source and the critic probe (values/mc.py)
+        self._mc_step: StepMC = StepMC()
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -83,11 +87,12 @@ class Trainer:
             step += 1
             phase = "value_pretrain" if step <= pretrain else "ppo"
             self.timer.start()
-            batch = self.rollout(self.loader.next_batch())                    # RLBatch: responses + rewards
+            batch = self.rollout(self.loader.next_batch(), step, phase)       # RLBatch: responses + rewards (+ MC)
             self.old_logprobs_and_values(batch)                               # + old_logprobs, old_values
             self.advantages(batch, phase)                                     # + advantages, returns, lam_policy
             self.guard.before_update(self._engines())
-            metrics = {**batch_metrics(batch), **self.off_policy(batch), **self.update(batch, phase, step)}
+            metrics = {**batch_metrics(batch), **self.off_policy(batch), **self.mc_metrics(batch),
+                       **self.update(batch, phase, step)}
             self.guard.after_update(step, metrics, self._engines(), metrics["rollout_logprob_diff"])  # not synced yet
             if phase == "ppo":
                 self.sync_weights()                                           # Megatron -> vLLM
@@ -96,6 +101,8 @@ class Trainer:
                 self.show_credit(batch, step)                                 # credit/step_XXXX.png, .html
             if phase == "value_pretrain":
                 pretrain = self._value_pretrain_end(step, pretrain, metrics)  # EV threshold or step cap
+            else:
+                self._critic_readiness(metrics)                               # lengthened horizon until ready
             last = self._emit(step, phase, {**metrics, **self.timer.as_metrics()})
             every = cfg.checkpoint.save_every
             if step == pretrain + cfg.train.steps or (every and step % every == 0):
@@ -126,7 +133,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         save_checkpoint(ck.run_dir, step, self._engines(),
                         {"step": step, "pretrain": pretrain, "loader": self.loader.state_dict(),
-                         "seed_counter": self._seed_counter,
+                         "seed_counter": self._seed_counter, "critic_ready": self.critic_ready,
                          "nonfinite_in_row": self.nonfinite_in_row}, keep_last=ck.keep_last)
 
     def _restore(self) -> tuple[int, int]:
@@ -137,6 +144,7 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self._seed_counter = state["seed_counter"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
+        self.critic_ready = state.get("critic_ready", True)  # checkpoints before issue 25 have no such field
         if self.log:
             self.log.truncate_after(state["step"])
         self.sync_weights()  # vLLM still holds the initial weights
@@ -146,7 +154,10 @@ class Trainer:
         return state["step"], state["pretrain"]
 
     # ---- phases ------------------------------------------------------------------------------------------
-    def rollout(self, prompts: list) -> RLBatch:
+    def rollout(self, prompts: list, step: int = 0, phase: str = "ppo") -> RLBatch:
+        """The step's responses and rewards; also, while vLLM is awake, the step's Monte-Carlo values (all rows
+        with value_source "mc"; the probe's rows when it is due) into `self._mc_step`. Separate placement: the
+        rollout pool's batch (config validation refuses Monte-Carlo values there, docs/async.md)."""
         from vapo_megatron.rollout.sampler import SamplingConfig
 
         if self.remote is not None:  # separate placement: the pool generated it, maybe ahead (docs/async.md)
@@ -168,6 +179,8 @@ class Trainer:
                 with self.timer("routing_record"):
                     batch.routed_experts = record_routing_distributed(self.rollout_engine, batch.input_ids,
                                                                       batch.seq_lens, self.arch.num_experts)
+            self._mc_step = self.mc.run(self.rollout_engine, batch, prompts, self.scoring, step, self._sample_seed,
+                                        self.timer, with_critic=self.critic is not None, source=phase == "ppo")
             if r.sleep_between_steps:
                 self.rollout_engine.sleep()  # GPU: free the KV cache while training; CPU: no-op (logged once)
                 self._asleep = True
@@ -194,6 +207,8 @@ class Trainer:
         if self.critic is not None:
             with self.timer("critic_forward"):
                 batch.old_values = self.critic.forward(batch, lambda out, mb: response_values(out, mb))
+        elif self._mc_step.values is not None:  # value_source "mc" alone: every token takes its step's MC value
+            batch.old_values = self._mc_step.values
 
     def advantages(self, batch: RLBatch, phase: str = "ppo") -> None:
         """`advantages` (GRPO: group-normalised scores; else decoupled GAE, which also sets `returns` and
@@ -205,12 +220,20 @@ class Trainer:
             batch.advantages = group_normalized_advantages(batch.scores, mask, group_size=self.cfg.rollout.n)
             return
         rewards = token_rewards_from_scores(batch.scores, mask)
-        values = batch.old_values * mask
         pretrain = phase == "value_pretrain"
+        mc = alg.value_source == "mc" and not pretrain  # a critic still pretrains on returns
+        values = (self._mc_step.values if mc else batch.old_values) * mask
+        lengthen = not self.critic_ready and not mc  # departure: lambda_policy = 1 while the critic explains too little
+        adaptive = alg.length_adaptive and not lengthen
         gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=1.0 if pretrain else alg.lam_critic,
-                            lam_policy=None if alg.length_adaptive else alg.lam_policy,
-                            alpha=alg.alpha if alg.length_adaptive else None, coupled=alg.couple_gae and not pretrain)
-        advantages = whiten_advantages(gae.advantages, mask) if alg.whiten_advantages else gae.advantages
+                            lam_policy=None if adaptive else (1.0 if lengthen else alg.lam_policy),
+                            alpha=alg.alpha if adaptive else None, coupled=alg.couple_gae and not pretrain)
+        raw = gae.advantages
+        if mc and alg.mc_advantage == "step":  # VinePPO's one-step form: V(next boundary) - V(boundary)
+            raw = (self._mc_step.next_values - self._mc_step.values) * mask
+        advantages = whiten_advantages(raw, mask) if alg.whiten_advantages else raw
+        if lengthen and alg.critic_unready == "group" and not pretrain:  # departure: GRPO's baseline until ready
+            advantages = group_normalized_advantages(batch.scores, mask, group_size=self.cfg.rollout.n)
         batch.advantages, batch.returns, batch.lam_policy = advantages, gae.returns, gae.lam_policy
 
     def update(self, batch: RLBatch, phase: str, step: int) -> dict:
@@ -304,11 +327,51 @@ class Trainer:
         if reason is None:
             return pretrain
         metrics["value_pretrain_stop"] = reason
+        alg = self.cfg.algorithm
         if self.log:
             print(f"value pretraining stops after step {step} ({reason}: ev_mc {metrics.get('ev_mc', math.nan):.4f}, "
-                  f"threshold {self.cfg.algorithm.value_pretrain_ev_threshold}, cap {pretrain}); "
+                  f"threshold {alg.value_pretrain_ev_threshold}, cap {pretrain}); "
                   f"{self.cfg.train.steps} PPO steps follow", flush=True)
+        if reason == "step_cap" and alg.value_pretrain_ev_threshold is not None and alg.critic_unready != "continue":
+            self._critic_not_ready(step, metrics)
         return step
+
+    def _critic_not_ready(self, step: int, metrics: dict) -> None:
+        """Value pretraining hit its cap with ev_mc below the threshold: stop, or lengthen the horizon
+        (algorithm.critic_unready; a departure from the paper, which goes on at the short horizon)."""
+        from vapo_megatron.errors import CriticNotReadyError
+
+        alg = self.cfg.algorithm
+        message = (f"the critic is not ready: value pretraining reached its cap of {alg.value_pretrain_steps} steps "
+                   f"with ev_mc {metrics.get('ev_mc', math.nan):.4f} below algorithm.value_pretrain_ev_threshold "
+                   f"{alg.value_pretrain_ev_threshold}")
+        if alg.critic_unready == "stop":
+            raise CriticNotReadyError(f"{message}; stopping (algorithm.critic_unready=stop). Raise "
+                                      "algorithm.value_pretrain_steps, or set critic_unready=lengthen")
+        self.critic_ready = False
+        if self.log:
+            how = ("with group-normalised advantages (the critic ignored by the policy, still trained)"
+                   if alg.critic_unready == "group" else "at lambda_policy = 1 (the critic only as a baseline)")
+            print(f"{message}: PPO trains {how} until a step's ev_mc reaches the threshold again "
+                  f"(algorithm.critic_unready={alg.critic_unready})", flush=True)
+
+    def _critic_readiness(self, metrics: dict) -> None:
+        """While the horizon is lengthened, give the configured one back once a PPO step's ev_mc (values before
+        that step's update, on fresh samples) reaches the threshold; `critic_ready` goes into the metrics."""
+        if self.critic is None:
+            return
+        threshold = self.cfg.algorithm.value_pretrain_ev_threshold
+        ev = metrics.get("ev_mc", math.nan)
+        if not self.critic_ready and threshold is not None and ev >= threshold:
+            self.critic_ready = True
+            if self.log:
+                print(f"the critic is ready (ev_mc {ev:.4f} >= {threshold}): back to the configured horizon from "
+                      f"the next step", flush=True)
+        metrics["critic_ready"] = float(self.critic_ready)
+
+    def mc_metrics(self, batch: RLBatch) -> dict[str, float]:
+        """This step's Monte-Carlo cost and, when the probe ran, `ev_oracle` (values/mc.py)."""
+        return self.mc.metrics(self._mc_step, batch)
 
     def show_credit(self, batch: RLBatch, step: int) -> None:
         """The credit picture of a few responses of this step's batch (rank 0; needs advantages)."""

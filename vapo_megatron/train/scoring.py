@@ -78,8 +78,6 @@ def score_output(prompts: Sequence[Any], out: Any, scoring: Scoring, *, pad_mult
                  version: int) -> RLBatch:
     """Score a generated `RolloutOutput` (rank 0, broadcast) and build the step's `RLBatch`; every row records
     the policy `version` that sampled it."""
-    from vapo_megatron.rewards.shaping import apply_overlong_penalty
-
     alg = scoring.algorithm
     ids = [p.input_ids for p in prompts]
     with timer("reward"):
@@ -89,13 +87,38 @@ def score_output(prompts: Sequence[Any], out: Any, scoring: Scoring, *, pad_mult
     batch.policy_version = torch.full((batch.n,), version, dtype=torch.long)
     batch.is_correct = scores >= alg.reward_correct
     batch.truncated = torch.tensor([f == "length" for f in out.finish_reason])
-    if alg.overlong_buffer > 0:
-        scores = torch.as_tensor(apply_overlong_penalty(
-            scores, batch.lengths, max_length=scoring.max_response_length, buffer=alg.overlong_buffer,
-            penalty_factor=alg.overlong_penalty), dtype=torch.float32)
-    batch.scores, batch.reward_stats = scores, reward_stats
+    batch.scores, batch.reward_stats = shaped(scores, batch.lengths, scoring), reward_stats
     batch.first_error_tokens = error_spans  # a list, not a tensor: never sent to the engines
     return batch
+
+
+def shaped(scores: torch.Tensor, lengths: torch.Tensor, scoring: Scoring) -> torch.Tensor:
+    """The training scores: DAPO's soft overlong penalty applied when configured."""
+    from vapo_megatron.rewards.shaping import apply_overlong_penalty
+
+    alg = scoring.algorithm
+    if alg.overlong_buffer <= 0:
+        return scores
+    return torch.as_tensor(apply_overlong_penalty(scores, lengths, max_length=scoring.max_response_length,
+                                                  buffer=alg.overlong_buffer, penalty_factor=alg.overlong_penalty),
+                           dtype=torch.float32)
+
+
+def continuation_scorer(scoring: Scoring, prompts: Sequence[Any], prompt_index: torch.Tensor):
+    """values/mc.py's `ScoreFn` for Monte-Carlo continuations of this step's responses: the user's reward on each
+    whole response (prefix + continuation; rank 0 scores, every rank gets the scores), shaped as the rollout's."""
+    from vapo_megatron.rollout.sampler import RolloutOutput
+
+    def score(rows, responses, cut) -> torch.Tensor:
+        none = torch.zeros(len(rows), dtype=torch.long)
+        out = RolloutOutput(prompt_index=prompt_index[list(rows)], sample_index=none,
+                            response_ids=[list(r) for r in responses], rollout_logprobs=[[] for _ in rows],
+                            finish_reason=["length" if c else "stop" for c in cut])
+        scores, _, _ = score_responses(scoring.tokenizer, scoring.rewards, scoring.reward.max_failed_fraction, prompts,
+                                       out, with_spans=False)
+        return shaped(scores, out.lengths, scoring)
+
+    return score
 
 
 def validation_accuracy(rollout_engine: Any, val_prompts: Sequence[Any], scoring: Scoring, eval_cfg: EvalConfig,
