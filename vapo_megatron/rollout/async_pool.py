@@ -8,6 +8,7 @@ The trainer drives it; every message is a broadcast from trainer rank 0 that eve
 | `("request", j)` | generates batch j if not yet done, sends it (rollout rank 1 -> trainer rank 0), generates ahead |
 | `("weights", v)` + a `BroadcastTransport` session | loads policy version v into every engine |
 | `("generate", prompt ids, SamplingConfig)` | generates those (validation) with the weights it holds, sends them |
+| `("resume", j, loader state)` | drops what it generated ahead; the next batch is j + 1, its prompts from that state |
 | `("stop",)` | shuts its engines down and returns |
 
 Bounded staleness. After answering request j the pool generates ahead batches j+1 .. j+k (k =
@@ -21,6 +22,13 @@ with the weights of step j - 1.
 Both pools read the same prompts in the same order (each has the data loader, same seed) and derive batch j's
 sampling seed from j, exactly as the colocated trainer does, so at k = 0 the samples equal the colocated ones; the
 pool sends a fingerprint of its prompts and the trainer refuses a batch whose prompts differ.
+
+Resume (`RemoteRollout.resume`, before the resumed run's first weight push). The checkpoint holds the trainer's
+data position and batch count, not the batches the pool had generated ahead: the pool is told to continue after
+the checkpoint's batch j from the trainer's loader state, so the batches that were in flight are generated again,
+from the same prompts with the same seeds, by the checkpoint's policy. Nothing is lost or trained twice. At k = 0
+nothing is in flight after a step (batch j + 1 is generated only when requested, with the weights of step j), so
+the resumed run is the uninterrupted one; at k > 0 the regenerated batches are fresher than the lost ones were.
 """
 from __future__ import annotations
 
@@ -84,6 +92,10 @@ class RolloutServer:
                 out = generate_distributed(self.engine, msg[1], msg[2])
                 self.busy_s += time.perf_counter() - t
                 self._send((out, self.engine.weight_version, None), "validation samples")
+            elif msg[0] == "resume":
+                self.ready.clear()
+                self.generated = self.answered = msg[1]
+                self.loader.load_state_dict(msg[2])
             elif msg[0] == "stop":
                 wall = time.perf_counter() - start
                 return {"generated": self.generated, "answered": self.answered, "busy_s": self.busy_s,
@@ -174,6 +186,13 @@ class RemoteRollout:
         self.bridge.broadcast_object(("weights", self.version), 0)
         return push_weights(BroadcastTransport(None, 0, channel=self.bridge), named_tensors, bucket_bytes,
                             version=self.version)
+
+    def resume(self, batch: int, loader_state: dict, version: int) -> None:
+        """After a checkpoint of step `batch` at policy `version`: the pool's next batch is `batch` + 1, from the
+        trainer's `loader_state` (module docstring: Resume); the resume's weight push is version + 1."""
+        self.version = version
+        if self.bridge is not None:
+            self.bridge.broadcast_object(("resume", batch, loader_state), 0)
 
     def stop(self) -> None:
         if self.bridge is not None:

@@ -57,7 +57,7 @@ from vapo_megatron.train.scoring import Scoring, score_output, score_rollout, va
 class Trainer:
     def __init__(self, cfg: VapoConfig, resume: bool | str | Path = False, pools=None):
         self.cfg, self.resume = cfg, resume
-        self.remote = _remote_rollout(cfg, pools, resume)   # separate placement: the rollout pool's handle
+        self.remote = _remote_rollout(cfg, pools)   # separate placement: the rollout pool's handle
         self.parts = parts = build_parts(cfg, with_engine=self.remote is None)
         self.rollout_engine, self.actor, self.critic = parts.rollout_engine, parts.actor, parts.critic
         self.arch, self.tokenizer, self.loader = parts.arch, parts.tokenizer, parts.loader
@@ -134,7 +134,8 @@ class Trainer:
         save_checkpoint(ck.run_dir, step, self._engines(),
                         {"step": step, "pretrain": pretrain, "loader": self.loader.state_dict(),
                          "seed_counter": self._seed_counter, "critic_ready": self.critic_ready,
-                         "nonfinite_in_row": self.nonfinite_in_row}, keep_last=ck.keep_last)
+                         "nonfinite_in_row": self.nonfinite_in_row,
+                         "policy_version": self.remote.version if self.remote else None}, keep_last=ck.keep_last)
 
     def _restore(self) -> tuple[int, int]:
         """Models, optimizers, RNG, data position and sampling seeds of the newest complete checkpoint;
@@ -147,6 +148,8 @@ class Trainer:
         self.critic_ready = state.get("critic_ready", True)  # checkpoints before issue 25 have no such field
         if self.log:
             self.log.truncate_after(state["step"])
+        if self.remote is not None:  # the pool restarts at the checkpoint's batch: in-flight batches regenerate
+            self.remote.resume(self._seed_counter, state["loader"], state.get("policy_version") or 0)
         self.sync_weights()  # vLLM still holds the initial weights
         if dist.get_rank() == 0:
             print(f"resumed from {ckpt} (step {state['step']}); continuing at step "
@@ -387,14 +390,9 @@ class Trainer:
         return row
 
 
-def _remote_rollout(cfg: VapoConfig, pools, resume):
+def _remote_rollout(cfg: VapoConfig, pools):
     if pools is None:
         return None
-    if resume:
-        from vapo_megatron.errors import UserError
-
-        raise UserError("--resume with rollout.placement='separate' is not supported yet (samples in flight are not "
-                        "checkpointed: docs/async.md)")
     from vapo_megatron.rollout.async_pool import RemoteRollout
 
     return RemoteRollout(cfg, pools)
