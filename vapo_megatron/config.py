@@ -63,6 +63,14 @@ class RolloutConfig:
     """Move Megatron params, grad buffers and optimizer state to host memory while vLLM generates (no-op on CPU)."""
     cpu_kv_cache_bytes: int = 512 * 1024 * 1024
     """KV-cache bytes of a CPU vLLM engine (ignored on GPU)."""
+    placement: Literal["colocated", "separate"] = "colocated"
+    """Where vLLM runs: "colocated" in every trainer process, or "separate" on its own ranks (docs/async.md)."""
+    rollout_ranks: int = 0
+    """Separate placement: how many world ranks (the last ones) run only vLLM; the others train. 0 when colocated."""
+    max_staleness: int = 0
+    """Separate placement: most policy versions a trained sample may lag the trainer (k); 0 is synchronous."""
+    rollout_timeout_s: float = 1800.0
+    """Separate placement: seconds either pool waits for the other (samples, a weight push) before it stops the run."""
 
 
 @dataclass(frozen=True)
@@ -416,13 +424,14 @@ _BOUNDS: tuple[tuple[tuple[str, ...], str, Callable[[Any], bool]], ...] = (
       "train.critic_epochs", "train.max_nonfinite_in_row", "reward.num_workers", "eval.n", "eval.max_prompts",
       "checkpoint.keep_last"),
      ">= 1", lambda v: v >= 1),
-    (("rollout.temperature", "train.seed", "train.micro_batch_tokens", "train.max_weight_norm_ratio",
+    (("rollout.temperature", "rollout.rollout_ranks", "rollout.max_staleness", "train.seed",
+      "train.micro_batch_tokens", "train.max_weight_norm_ratio",
       "train.grad_norm_spike", "train.max_approx_kl", "train.max_rollout_logprob_diff", "algorithm.positive_lm_coef",
       "algorithm.entropy_coef", "algorithm.value_pretrain_steps", "algorithm.overlong_buffer",
       "algorithm.overlong_penalty", "eval.every",
       "eval.temperature", "checkpoint.save_every",
       *(f"{o}.{k}" for o in _OPTIMS for k in ("weight_decay", "clip_grad", "warmup_steps"))), ">= 0", lambda v: v >= 0),
-    (("algorithm.alpha", "algorithm.eps_high", "algorithm.value_clip", "reward.timeout_s",
+    (("algorithm.alpha", "rollout.rollout_timeout_s", "algorithm.eps_high", "algorithm.value_clip", "reward.timeout_s",
       *(f"{o}.lr" for o in _OPTIMS)), "> 0", lambda v: v > 0),
     (("algorithm.gamma", "algorithm.lam_critic", "algorithm.lam_policy"), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("rollout.top_p", "eval.top_p"), "in (0, 1]", lambda v: 0 < v <= 1),
@@ -499,8 +508,10 @@ def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:
     if t.mini_batch_size >= 1 and (r.num_prompts * r.n) % t.mini_batch_size:
         p.append(f"rollout batch rollout.num_prompts {r.num_prompts} x rollout.n {r.n} = {r.num_prompts * r.n} is "
                  f"not divisible by train.mini_batch_size {t.mini_batch_size}")
-    if r.vllm_tensor_parallel >= 1 and world_size % r.vllm_tensor_parallel:
-        p.append(f"world size {world_size} is not divisible by rollout.vllm_tensor_parallel {r.vllm_tensor_parallel}")
+    _, rollout_world = pool_sizes(cfg, world_size)
+    if r.vllm_tensor_parallel >= 1 and rollout_world >= 1 and rollout_world % r.vllm_tensor_parallel:
+        p.append(f"{'rollout ranks' if r.placement == 'separate' else 'world size'} {rollout_world} is not divisible "
+                 f"by rollout.vllm_tensor_parallel {r.vllm_tensor_parallel}")
     if a.advantage not in ("gae", "grpo"):
         p.append(f"algorithm.advantage={a.advantage!r} must be 'gae' or 'grpo'")
     elif a.advantage == "grpo" and a.use_critic:
@@ -545,6 +556,42 @@ def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:
                 cfg.data.train_files), ("checkpoint.run_dir", cfg.checkpoint.run_dir)) if not value]
 
 
+def pool_sizes(cfg: VapoConfig, world_size: int) -> tuple[int, int]:
+    """(trainer ranks, vLLM ranks) of `world_size`: both the whole world when colocated; else the first
+    world_size - rollout_ranks ranks train and the last rollout_ranks run vLLM."""
+    if cfg.rollout.placement != "separate":
+        return world_size, world_size
+    return world_size - cfg.rollout.rollout_ranks, cfg.rollout.rollout_ranks
+
+
+def _placement_problems(cfg: VapoConfig, world_size: int) -> list[str]:
+    """rollout.placement, rollout_ranks and max_staleness: sizes that cannot work, and the settings that need the
+    trainer's own vLLM engine (docs/async.md)."""
+    r, a, p = cfg.rollout, cfg.algorithm, []
+    if r.placement not in ("colocated", "separate"):
+        return [f"rollout.placement={r.placement!r} must be 'colocated' or 'separate'"]
+    if r.placement == "colocated":
+        return [f"rollout.{k}={v} needs rollout.placement='separate' (colocated: vLLM runs in every trainer rank)"
+                for k, v in (("rollout_ranks", r.rollout_ranks), ("max_staleness", r.max_staleness)) if v]
+    if r.rollout_ranks < 1 or r.rollout_ranks >= world_size:
+        p.append(f"rollout.placement='separate' needs 1 <= rollout.rollout_ranks < world size {world_size} (at least "
+                 f"one trainer rank and one vLLM rank), got rollout_ranks={r.rollout_ranks}")
+    if r.max_staleness > 0 and a.tis_cap is None:
+        p.append(f"rollout.max_staleness={r.max_staleness} trains on samples of older policies: set algorithm.tis_cap "
+                 "(e.g. 2.0), the cap of decoupled PPO's behaviour -> proximal importance weight")
+    own_engine = [("algorithm.routing_replay=true", a.routing_replay, "records the experts in"),
+                  ("rollout.offload_megatron_during_rollout=true", r.offload_megatron_during_rollout,
+                   "frees the trainer's memory for"),
+                  ("algorithm.value_source='mc'", a.value_source == "mc", "samples Monte-Carlo continuations in"),
+                  (f"mc.probe_every={cfg.mc.probe_every}", cfg.mc.probe_every > 0,
+                   "samples Monte-Carlo continuations in"),
+                  (f"algorithm.mc_critic_weight={a.mc_critic_weight}", a.mc_critic_weight > 0,
+                   "samples Monte-Carlo continuations in")]
+    p += [f"{key} with rollout.placement='separate': it {what} the trainer's own vLLM engine, which separate "
+          "placement has not (docs/async.md)" for key, value, what in own_engine if value]
+    return p
+
+
 def validate(cfg: VapoConfig, world_size: int, arch: Any = None, critic_arch: Any = None) -> None:
     """Raise ConfigError listing every impossible setting of ``cfg`` on ``world_size`` ranks; never mutates. ``arch``
     / ``critic_arch`` (``ModelArch``-like) add shape checks; critic_arch defaults to arch if the critic uses hf_dir."""
@@ -552,10 +599,14 @@ def validate(cfg: VapoConfig, world_size: int, arch: Any = None, critic_arch: An
         raise ConfigError("invalid config:", [f"world size {world_size} must be >= 1"])
     if critic_arch is None and cfg.model.critic_hf_dir in (None, cfg.model.hf_dir):
         critic_arch = arch
-    problems = _bound_problems(cfg) + _layout_problems(cfg, world_size, arch, critic_arch)
+    problems = _bound_problems(cfg) + _placement_problems(cfg, world_size)
+    trainer_world, _ = pool_sizes(cfg, world_size)
+    if trainer_world >= 1:
+        problems += _layout_problems(cfg, trainer_world, arch, critic_arch)
     problems += _combination_problems(cfg, world_size)
-    if arch is not None and critic_arch is not None and critic_arch.vocab_size != arch.vocab_size:
-        problems.append(f"model.critic_hf_dir has a vocabulary of {critic_arch.vocab_size} tokens, the policy "
-                        f"{arch.vocab_size}: the critic must read the policy's tokens (the same tokenizer)")
+    vocab = getattr(arch, "vocab_size", None), getattr(critic_arch, "vocab_size", None)
+    if None not in vocab and vocab[0] != vocab[1]:
+        problems.append(f"model.critic_hf_dir has a vocabulary of {vocab[1]} tokens, the policy {vocab[0]}: the "
+                        "critic must read the policy's tokens (the same tokenizer)")
     if problems:
         raise ConfigError(f"invalid config for world size {world_size} ({len(problems)} problems):", problems)

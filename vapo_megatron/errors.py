@@ -33,6 +33,15 @@ class CheckpointError(UserError):
     it is loaded into; also a save that could not be written (e.g. the disk is full)."""
 
 
+class RolloutRankError(RuntimeError):
+    """Separate placement: a rollout rank (or the trainer, seen from a rollout rank) died, hung past
+    rollout.rollout_timeout_s, or broke the protocol; the run stops instead of waiting forever."""
+
+
+class StalenessError(RuntimeError):
+    """Separate placement: a batch older than rollout.max_staleness policy versions reached the trainer."""
+
+
 class CriticNotReadyError(UserError):
     """Value pretraining ended at its step cap with the critic explaining less than the threshold, and
     algorithm.critic_unready is "stop"."""

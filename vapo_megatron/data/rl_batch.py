@@ -66,6 +66,7 @@ def _later(phase: str, per_row: bool = True) -> Any:
 
 
 ROUTING = "routing record (Trainer.rollout with algorithm.routing_replay)"
+VERSION = "rollout (train.scoring.score_output: the policy version of the engine that sampled each row)"
 REWARDS, FORWARDS, ADVANTAGES = "rewards (train.scoring.score_rollout)", \
     "engine forwards (Trainer.old_logprobs_and_values)", "advantages (Trainer.advantages)"
 
@@ -95,6 +96,7 @@ class RLBatch:
     truncated: Optional[Tensor] = _later(REWARDS)           # [n] bool, stopped at max_response_length
     reward_stats: Optional[dict] = _later(REWARDS, per_row=False)   # {"reward_errors", "reward_timeouts"}
     first_error_tokens: Optional[list] = _later(REWARDS)    # [n] TokenSpan | None per row
+    policy_version: Optional[Tensor] = _later(VERSION)      # [n] long, the weights' version that sampled the row
     routed_experts: Optional[Tensor] = _later(ROUTING)      # [n, S, moe layers, k] uint8/int16, vLLM's experts
     old_logprobs: Optional[Tensor] = _later(FORWARDS)       # [n, R] float32, the policy before the update
     old_values: Optional[Tensor] = _later(FORWARDS)         # [n, R] float32, the critic before the update

@@ -26,11 +26,10 @@ from vapo_megatron.algorithms import (
     count_seqs,
     count_tokens,
     entropy_loss,
-    policy_loss,
     positive_lm_loss,
-    truncated_is_weights,
     value_loss,
 )
+from vapo_megatron.algorithms.off_policy import decoupled_ppo_loss
 from vapo_megatron.config import AlgorithmConfig
 from vapo_megatron.data.rl_batch import MicroBatch, RLBatch
 from vapo_megatron.parallel.context import gather_sequence_of
@@ -102,14 +101,12 @@ def actor_objective(alg: AlgorithmConfig, counts: dict[str, torch.Tensor], vocab
     def loss_fn(logits: torch.Tensor, mb: MicroBatch) -> LossOut:
         lp, ent = response_logprobs(logits, mb, vocab_size)
         mask = mb.resp_mask
-        weights, tis_metrics = None, {}
-        if alg.tis_cap is not None:
-            weights, tis_metrics = truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, mask, cap=alg.tis_cap,
-                                                        global_tokens=counts["tokens"])
-        loss, metrics = policy_loss(lp, mb.old_logprobs, mb.advantages, mask, eps_low=alg.eps_low,
-                                    eps_high=alg.eps_high, dual_clip=alg.dual_clip, is_weights=weights,
-                                    agg=alg.loss_agg, global_tokens=counts["tokens"], global_seqs=counts["seqs"])
-        metrics.update(tis_metrics)
+        # decoupled PPO (algorithms/off_policy.py): ratio against the trainer's old log-probs (proximal), each token
+        # weighted by min(p_old / p_vllm, tis_cap) (behaviour -> proximal); without a cap, plain PPO
+        loss, metrics = decoupled_ppo_loss(lp, mb.old_logprobs, mb.rollout_logprobs, mb.advantages, mask,
+                                           cap=alg.tis_cap, eps_low=alg.eps_low, eps_high=alg.eps_high,
+                                           dual_clip=alg.dual_clip, agg=alg.loss_agg, global_tokens=counts["tokens"],
+                                           global_seqs=counts["seqs"])
         if alg.positive_lm_coef > 0:
             nll, nll_metrics = positive_lm_loss(lp, mask, positive_examples(mb.is_correct, mb.truncated),
                                                 global_correct_tokens=counts["correct_tokens"])

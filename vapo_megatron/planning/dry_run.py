@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from vapo_megatron.config import ConfigError, VapoConfig, validate
+from vapo_megatron.config import ConfigError, VapoConfig, pool_sizes, validate
 from vapo_megatron.models.hf_config import ModelArch
 from vapo_megatron.parallel.layout import ParallelConfig
 from vapo_megatron.planning.memory import (
@@ -91,6 +91,20 @@ def plan_input_from_config(cfg: VapoConfig, world_size: int, arch: ModelArch, *,
                      param_bytes=2 if cfg.model.dtype == "bfloat16" else 4)
 
 
+def format_rollout_pool(cfg: VapoConfig, world_size: int) -> str:
+    """The vLLM engines and, with separate placement, which ranks hold each pool."""
+    r, (trainer_world, rollout_world) = cfg.rollout, pool_sizes(cfg, world_size)
+    vtp = r.vllm_tensor_parallel
+    if r.placement != "separate":
+        return f"vLLM: {world_size // vtp} engine(s) of tp {vtp}, colocated in the trainer ranks"
+    return (f"placement separate: trainer pool ranks 0..{trainer_world - 1} ({trainer_world}), rollout pool ranks "
+            f"{trainer_world}..{world_size - 1} ({rollout_world}): {rollout_world // vtp} vLLM engine(s) of tp {vtp}; "
+            f"max_staleness {r.max_staleness} ({'synchronous' if r.max_staleness == 0 else 'asynchronous'}); weights "
+            f"broadcast from trainer rank 0 (docs/async.md)\n"
+            "  memory plan below: the trainer pool's ranks with the vLLM engine counted as if colocated "
+            "(the planner does not split the pools yet)")
+
+
 @dataclass
 class DryRunResult:
     ok: bool
@@ -109,15 +123,15 @@ def dry_run(cfg: VapoConfig, world_size: int, arch: ModelArch, *, gpus_per_node:
         return DryRunResult(ok=False, text=str(exc))
     lines = [f"config valid for world size {world_size} ({arch.num_layers} layers, hidden {arch.hidden_size})", ""]
     roles = [("policy", cfg.policy_parallel)] + ([("critic", cfg.critic_parallel)] if cfg.algorithm.use_critic else [])
-    lines += [format_groups(role, layout, world_size) for role, layout in roles]
-    vtp = cfg.rollout.vllm_tensor_parallel
-    lines.append(f"vLLM: {world_size // vtp} engine(s) of tp {vtp}")
+    trainer_world, rollout_world = pool_sizes(cfg, world_size)
+    lines += [format_groups(role, layout, trainer_world) for role, layout in roles]
+    lines.append(format_rollout_pool(cfg, world_size))
     missing = [f"train.{f}" for f in ("recompute", "micro_batch_tokens")
                if f not in {x.name for x in dataclasses.fields(cfg.train)}]
     if missing:
         lines.append(f"note: this config version has no {', '.join(missing)}: planned as recompute none and "
                      "micro_batch_size x (max_prompt_length + max_response_length) tokens per micro-batch")
-    plan = plan_memory(plan_input_from_config(cfg, world_size, arch, gpus_per_node=gpus_per_node,
+    plan = plan_memory(plan_input_from_config(cfg, trainer_world, arch, gpus_per_node=gpus_per_node,
                                               gpu_memory_gib=gpu_memory_gib))
     lines += ["", format_plan(plan)]
     return DryRunResult(ok=True, text="\n".join(lines), plan=plan)

@@ -62,6 +62,11 @@ class SamplingConfig:
             raise ValueError("invalid SamplingConfig: " + "; ".join(problems))
 
 
+def rollout_seed(train_seed: int, batch: int) -> int:
+    """The base seed of the run's `batch`-th training rollout (1, 2, ...): the same in either placement."""
+    return train_seed * 1_000_003 + batch
+
+
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """A 63-bit seed for one response, a hash of (seed, global prompt index, sample index).
 

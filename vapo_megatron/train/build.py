@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # imported where used: megatron-core and vLLM load only after
 class Parts:
     """What `build_parts` gives the loop."""
 
-    rollout_engine: RolloutEngine
+    rollout_engine: RolloutEngine | None  # None with separate placement (the rollout pool has the engines)
     actor: ModelEngine
     critic: ModelEngine | None       # None without a critic (GRPO / DAPO-style runs)
     arch: ModelArch
@@ -66,6 +66,17 @@ def critic_architecture(cfg: VapoConfig, arch: ModelArch) -> ModelArch:
     return critic
 
 
+def _seed_like_vllm(seed: int) -> None:
+    """What building a vLLM engine does to this process's global generators (it seeds random, numpy, torch)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def build_engines(cfg: VapoConfig) -> tuple[ModelArch, RoleLayouts, ModelEngine, ModelEngine | None]:
     """(arch, layouts, policy engine, critic engine or None) from the config, with the initial weights: the
     engines of `build_parts` without vLLM, data or rewards (tests load and save checkpoints with them)."""
@@ -87,8 +98,9 @@ def build_engines(cfg: VapoConfig) -> tuple[ModelArch, RoleLayouts, ModelEngine,
     return arch, layouts, actor, critic
 
 
-def build_parts(cfg: VapoConfig) -> Parts:
-    """Everything the loop runs on, built in the order the collectives need (vLLM first)."""
+def build_parts(cfg: VapoConfig, *, with_engine: bool = True) -> Parts:
+    """Everything the loop runs on, built in the order the collectives need (vLLM first). `with_engine=False`:
+    the trainer pool of separate placement, whose vLLM engines live on the rollout ranks."""
     from transformers import AutoTokenizer
 
     from vapo_megatron.data.datasets import PromptDataset, PromptLoader
@@ -99,7 +111,9 @@ def build_parts(cfg: VapoConfig) -> Parts:
     # vLLM first: building it is collective over all ranks and re-seeds the global generators.
     engine = RolloutEngine(cfg.model.hf_dir, tensor_parallel_size=r.vllm_tensor_parallel, seed=seed,
                            max_model_len=r.max_prompt_length + r.max_response_length,
-                           cpu_kv_cache_bytes=r.cpu_kv_cache_bytes)
+                           cpu_kv_cache_bytes=r.cpu_kv_cache_bytes) if with_engine else None
+    if not with_engine:
+        _seed_like_vllm(seed)  # the generators as the engine would leave them: same critic head init either way
     torch.manual_seed(seed)
     arch, layouts, actor, critic = build_engines(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)

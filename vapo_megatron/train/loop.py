@@ -18,7 +18,10 @@ Departures from the paper, each also noted where it happens:
 - optional routing replay for MoE policies (`algorithm.routing_replay`, off by default): the experts vLLM routed
   each token to are recorded after generation and the policy's old-log-prob and update forwards use them
   (rollout/routing.py, models/moe.py). The recording is a prefill of each finished sequence, not the decode
-  steps themselves (rollout/routing.py says why).
+  steps themselves (rollout/routing.py says why);
+- optional separate placement (`rollout.placement=separate`, docs/async.md): vLLM on its own ranks, samples up to
+  `rollout.max_staleness` policy versions old, corrected as decoupled PPO does (proximal = the trainer's
+  recomputed old log-probs, behaviour = vLLM's, capped weight `algorithm.tis_cap`); not in the paper.
 """
 from __future__ import annotations
 
@@ -48,13 +51,14 @@ from vapo_megatron.train.controls import actor_rows_masked, minibatch_order, val
 from vapo_megatron.train.guards import DivergenceGuard
 from vapo_megatron.train.metrics import MetricsLogger, batch_metrics
 from vapo_megatron.train.monte_carlo import MonteCarlo, StepMC
-from vapo_megatron.train.scoring import Scoring, score_rollout, validation_accuracy
+from vapo_megatron.train.scoring import Scoring, score_output, score_rollout, validation_accuracy
 
 
 class Trainer:
-    def __init__(self, cfg: VapoConfig, resume: bool | str | Path = False):
+    def __init__(self, cfg: VapoConfig, resume: bool | str | Path = False, pools=None):
         self.cfg, self.resume = cfg, resume
-        self.parts = parts = build_parts(cfg)
+        self.remote = _remote_rollout(cfg, pools)   # separate placement: the rollout pool's handle
+        self.parts = parts = build_parts(cfg, with_engine=self.remote is None)
         self.rollout_engine, self.actor, self.critic = parts.rollout_engine, parts.actor, parts.critic
         self.arch, self.tokenizer, self.loader = parts.arch, parts.tokenizer, parts.loader
         self.pad_multiple = math.lcm(cfg.policy_parallel.seq_multiple(), cfg.critic_parallel.seq_multiple())
@@ -87,7 +91,8 @@ class Trainer:
             self.old_logprobs_and_values(batch)                               # + old_logprobs, old_values
             self.advantages(batch, phase)                                     # + advantages, returns, lam_policy
             self.guard.before_update(self._engines())
-            metrics = {**batch_metrics(batch), **self.mc_metrics(batch), **self.update(batch, phase, step)}
+            metrics = {**batch_metrics(batch), **self.off_policy(batch), **self.mc_metrics(batch),
+                       **self.update(batch, phase, step)}
             self.guard.after_update(step, metrics, self._engines(), metrics["rollout_logprob_diff"])  # not synced yet
             if phase == "ppo":
                 self.sync_weights()                                           # Megatron -> vLLM
@@ -106,7 +111,7 @@ class Trainer:
             self.export_hf()
         if self.log:
             self.log.close()
-        self.rollout_engine.shutdown()
+        self.remote.stop() if self.remote else self.rollout_engine.shutdown()
         return last
 
     def export_hf(self) -> None:
@@ -129,7 +134,8 @@ class Trainer:
         save_checkpoint(ck.run_dir, step, self._engines(),
                         {"step": step, "pretrain": pretrain, "loader": self.loader.state_dict(),
                          "seed_counter": self._seed_counter, "critic_ready": self.critic_ready,
-                         "nonfinite_in_row": self.nonfinite_in_row}, keep_last=ck.keep_last)
+                         "nonfinite_in_row": self.nonfinite_in_row,
+                         "policy_version": self.remote.version if self.remote else None}, keep_last=ck.keep_last)
 
     def _restore(self) -> tuple[int, int]:
         """Models, optimizers, RNG, data position and sampling seeds of the newest complete checkpoint;
@@ -143,6 +149,8 @@ class Trainer:
         pretrain = self._resume_unready(state["step"], state["pretrain"])
         if self.log:
             self.log.truncate_after(state["step"])
+        if self.remote is not None:  # the pool restarts at the checkpoint's batch: in-flight batches regenerate
+            self.remote.resume(self._seed_counter, state["loader"], state.get("policy_version") or 0)
         self.sync_weights()  # vLLM still holds the initial weights
         if dist.get_rank() == 0:
             print(f"resumed from {ckpt} (step {state['step']}); continuing at step "
@@ -167,9 +175,16 @@ class Trainer:
     # ---- phases ------------------------------------------------------------------------------------------
     def rollout(self, prompts: list, step: int = 0, phase: str = "ppo") -> RLBatch:
         """The step's responses and rewards; also, while vLLM is awake, the step's Monte-Carlo values (all rows
-        with value_source "mc"; the probe's rows when it is due) into `self._mc_step`."""
+        with value_source "mc"; the probe's rows when it is due) into `self._mc_step`. Separate placement: the
+        rollout pool's batch (config validation refuses Monte-Carlo values there, docs/async.md)."""
         from vapo_megatron.rollout.sampler import SamplingConfig
 
+        if self.remote is not None:  # separate placement: the pool generated it, maybe ahead (docs/async.md)
+            self._seed_counter += 1
+            with self.timer("generation"):
+                out, version = self.remote.samples(self._seed_counter, [p.input_ids for p in prompts])
+            return score_output(prompts, out, self.scoring, pad_multiple=self.pad_multiple, timer=self.timer,
+                                version=version)
         r = self.cfg.rollout
         params = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                 max_tokens=r.max_response_length, seed=self._sample_seed())
@@ -196,8 +211,10 @@ class Trainer:
             self._asleep = False
 
     def _sample_seed(self) -> int:
+        from vapo_megatron.rollout.sampler import rollout_seed
+
         self._seed_counter += 1
-        return self.cfg.train.seed * 1_000_003 + self._seed_counter
+        return rollout_seed(self.cfg.train.seed, self._seed_counter)
 
     def old_logprobs_and_values(self, batch: RLBatch) -> None:
         """The engine forwards: `old_logprobs` (policy) and `old_values` (critic, when there is one)."""
@@ -292,6 +309,10 @@ class Trainer:
 
     def sync_weights(self) -> None:
         self._wake()  # GPU path untested here: weights must be resident before the push
+        if self.remote is not None:  # to every rollout rank, over the bridge
+            with self.timer("weight_sync"):
+                self.remote.push(self.actor.iter_hf_tensors(), self.cfg.rollout.bucket_bytes)
+            return
         with self.timer("weight_sync"):
             self.rollout_engine.update_weights(self.actor.iter_hf_tensors(),
                                                bucket_bytes=self.cfg.rollout.bucket_bytes)
@@ -299,8 +320,16 @@ class Trainer:
     def validate(self) -> float:
         with self.offload.offloaded():
             self._wake()
-            return validation_accuracy(self.rollout_engine, self.parts.val, self.scoring, self.cfg.eval,
+            return validation_accuracy(self.remote or self.rollout_engine, self.parts.val, self.scoring, self.cfg.eval,
                                        self.cfg.train.seed)
+
+    def off_policy(self, batch: RLBatch) -> dict[str, float]:
+        """Staleness of the batch and the statistics of its behaviour -> proximal weights (docs/async.md)."""
+        from vapo_megatron.algorithms.off_policy import off_policy_metrics
+
+        version = self.remote.version if self.remote else self.rollout_engine.weight_version
+        return off_policy_metrics(batch.policy_version, version, batch.old_logprobs, batch.rollout_logprobs,
+                                  batch.resp_mask, cap=self.cfg.algorithm.tis_cap)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
     def _guard(self, out: dict) -> None:
@@ -392,12 +421,29 @@ class Trainer:
         return row
 
 
+def _remote_rollout(cfg: VapoConfig, pools):
+    if pools is None:
+        return None
+    from vapo_megatron.rollout.async_pool import RemoteRollout
+
+    return RemoteRollout(cfg, pools)
+
+
 def train(cfg: VapoConfig, resume: bool | str | Path = False) -> dict:
     from vapo_megatron.parallel.layout import init_distributed
 
     platform.setup()
     init_distributed()
-    trainer = Trainer(cfg, resume=resume)
+    if cfg.rollout.placement == "separate":  # two pools of one world (rollout/placement.py)
+        from vapo_megatron.rollout.async_pool import serve_rollouts
+        from vapo_megatron.rollout.placement import split_world
+
+        pools = split_world(cfg)
+        if pools.role == "rollout":
+            return serve_rollouts(cfg, pools)
+        trainer = Trainer(cfg, resume, pools=pools)
+    else:
+        trainer = Trainer(cfg, resume=resume)
     try:
         return trainer.run()
     finally:  # every exit path (a stop, an error) ends the reward workers now, not at interpreter exit

@@ -54,20 +54,37 @@ class Scoring:
     max_response_length: int
 
 
+def _generate(rollout_engine: Any, prompt_ids: list[list[int]], params: Any) -> Any:
+    """Colocated: every trainer rank's engine takes its share; separate placement: the rollout pool
+    (`RemoteRollout.generate_all`)."""
+    from vapo_megatron.rollout.sampler import generate_distributed
+
+    if hasattr(rollout_engine, "generate_all"):
+        return rollout_engine.generate_all(prompt_ids, params)
+    return generate_distributed(rollout_engine, prompt_ids, params)
+
+
 def score_rollout(rollout_engine: Any, prompts: Sequence[Any], params: Any, scoring: Scoring, *,
                   pad_multiple: int, timer: StepTimer) -> RLBatch:
     """Generate (every rank its own prompts), score (rank 0, broadcast) and build the step's `RLBatch` with its
     rollout and rewards fields; `scores` carry DAPO's overlong penalty when configured."""
-    from vapo_megatron.rollout.sampler import generate_distributed
+    with timer("generation"):
+        out = _generate(rollout_engine, [p.input_ids for p in prompts], params)
+    return score_output(prompts, out, scoring, pad_multiple=pad_multiple, timer=timer,
+                        version=rollout_engine.weight_version)
 
+
+def score_output(prompts: Sequence[Any], out: Any, scoring: Scoring, *, pad_multiple: int, timer: StepTimer,
+                 version: int) -> RLBatch:
+    """Score a generated `RolloutOutput` (rank 0, broadcast) and build the step's `RLBatch`; every row records
+    the policy `version` that sampled it."""
     alg = scoring.algorithm
     ids = [p.input_ids for p in prompts]
-    with timer("generation"):
-        out = generate_distributed(rollout_engine, ids, params)
     with timer("reward"):
         scores, reward_stats, error_spans = score_responses(scoring.tokenizer, scoring.rewards,
                                                    scoring.reward.max_failed_fraction, prompts, out)
     batch = build_rl_batch(ids, out.prompt_index, out.response_ids, out.rollout_logprobs, pad_to_multiple=pad_multiple)
+    batch.policy_version = torch.full((batch.n,), version, dtype=torch.long)
     batch.is_correct = scores >= alg.reward_correct
     batch.truncated = torch.tensor([f == "length" for f in out.finish_reason])
     batch.scores, batch.reward_stats = shaped(scores, batch.lengths, scoring), reward_stats
@@ -107,13 +124,13 @@ def continuation_scorer(scoring: Scoring, prompts: Sequence[Any], prompt_index: 
 def validation_accuracy(rollout_engine: Any, val_prompts: Sequence[Any], scoring: Scoring, eval_cfg: EvalConfig,
                         seed: int) -> float:
     """avg@k accuracy on the held-out prompts (the paper's avg@32 at top_p 0.7, temperature 1.0)."""
-    from vapo_megatron.rollout.sampler import SamplingConfig, generate_distributed
+    from vapo_megatron.rollout.sampler import SamplingConfig
 
     e = eval_cfg
     prompts = list(val_prompts)[: e.max_prompts] if e.max_prompts else list(val_prompts)
     params = SamplingConfig(n=e.n, temperature=e.temperature, top_p=e.top_p,
                             max_tokens=scoring.max_response_length, seed=seed + 99991)
-    out = generate_distributed(rollout_engine, [p.input_ids for p in prompts], params)
+    out = _generate(rollout_engine, [p.input_ids for p in prompts], params)
     scores, _, _ = score_responses(scoring.tokenizer, scoring.rewards, scoring.reward.max_failed_fraction, prompts, out,
                           with_spans=False)
     return (scores >= scoring.algorithm.reward_correct).float().mean().item()

@@ -7,6 +7,9 @@ other rank calls `receive()`, which replays the session into its own `receiver` 
 `ColocatedTransport` of its vLLM engine) and returns when the source finishes. Per bucket: one small header
 (names, shapes, dtypes, by `broadcast_object_list`), then one `broadcast` per tensor, each received into its
 slice of one buffer per bucket, so the sender copies nothing and the receiver allocates once per bucket.
+
+Between the pools of separate placement (two worlds) the group is a `rollout.channel.BridgeChannel` instead of a
+torch group: pass it as `channel`, and `src` is then a rank of the bridge (0: the trainer's rank 0).
 """
 from __future__ import annotations
 
@@ -31,17 +34,26 @@ class BroadcastTransport:
     """Sender (on `src`) or receiver (elsewhere) end of a bucketed broadcast over `group`."""
 
     def __init__(self, group, src: int, receiver: WeightTransport | None = None,
-                 device: torch.device | str = "cpu") -> None:
-        self.group, self.src, self.receiver = group, src, receiver
+                 device: torch.device | str = "cpu", *, channel=None) -> None:
+        self.group, self.src, self.receiver, self.channel = group, src, receiver, channel
         self.device = torch.device(device)
-        self.is_source = dist.get_rank() == src
+        rank = channel.rank if channel is not None else dist.get_rank()
+        self.is_source = rank == src
         if not self.is_source and receiver is None:
-            raise ValueError(f"rank {dist.get_rank()} receives from rank {src}: it needs a receiver transport")
+            raise ValueError(f"rank {rank} receives from rank {src}: it needs a receiver transport")
 
     def _header(self, header=None):
+        if self.channel is not None:
+            return self.channel.broadcast_object(header, self.src, "a weight header")
         box = [header]
         dist.broadcast_object_list(box, src=self.src, group=self.group)
         return box[0]
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        if self.channel is not None:
+            self.channel.broadcast(tensor, self.src)
+        else:
+            dist.broadcast(tensor, src=self.src, group=self.group)
 
     # ---- source side -----------------------------------------------------------------------------------
     def begin(self, version: int) -> None:
@@ -53,7 +65,7 @@ class BroadcastTransport:
         tensors = [t.contiguous() for _, t in bucket]
         self._header(("bucket", [(name, tuple(t.shape), str(t.dtype)) for (name, _), t in zip(bucket, tensors)]))
         for t in tensors:
-            dist.broadcast(t, src=self.src, group=self.group)
+            self._broadcast(t)
 
     def finish(self, complete: bool = True) -> None:
         self._check_source()
@@ -93,6 +105,6 @@ class BroadcastTransport:
             dt = _dtype(dtype)
             n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
             t = flat[offset: offset + n].view(dt).view(shape)
-            dist.broadcast(t, src=self.src, group=self.group)
+            self._broadcast(t)
             bucket.append((name, t))
         return bucket
