@@ -12,7 +12,7 @@ from vapo_megatron.convert.mapping import check_covers, copy_shard, load_local_s
 from vapo_megatron.engine.schedule import prepare_config
 from vapo_megatron.models.critic import build_critic
 from vapo_megatron.models.hf_config import ModelArch, transformer_config
-from vapo_megatron.models.moe import prepare_routers
+from vapo_megatron.models.moe import prepare_routers, tag_expert_parameters
 from vapo_megatron.models.policy import build_policy
 from vapo_megatron.parallel.layout import ParallelConfig, RoleGroups, current_groups
 
@@ -76,6 +76,7 @@ def build_model(arch: ModelArch, parallel: ParallelConfig, role: str, *, params_
         model = build_policy(arch, config, **kwargs) if role == "policy" else build_critic(arch, config, **kwargs)
     if arch.is_moe:
         prepare_routers(model)
+        tag_expert_parameters(model)  # one optimizer layout at every EP (resumable at another EP)
     if platform.has_cuda():
         model.cuda(torch.cuda.current_device())
     if hf_get is not None:

@@ -20,8 +20,8 @@ rank finished, and only then renames the directory into place. A crash at any po
 the new complete checkpoint or none under the final name: `latest_checkpoint` only ever returns a directory
 named `step_XXXXXXXX` that holds `DONE`. Older checkpoints are deleted (rotation) only after the new one is
 in place. torch_dist stores tensors in global coordinates, so a role may be resumed at another TP/PP/DP layout
-(tests/e2e/test_resume_layouts.py, through the CLI on 2 ranks); a mixture-of-experts role keeps its EP and expert
-TP (`optim_resume.check_expert_layout` says why).
+(tests/e2e/test_resume_layouts.py, through the CLI on 2 ranks), a mixture-of-experts role at another EP too (its
+experts have an optimizer of their own at every EP; `optim_resume.check_expert_layout`).
 
 Integrity: the commit step writes `manifest.json` (engine/manifest.py: every file's size and checksum) before
 `DONE`; `load_checkpoint` verifies it first and refuses a damaged, truncated, incomplete or unlisted file, naming
@@ -363,6 +363,8 @@ def _meta(step: int, engines: Mapping[str, ModelEngine]) -> dict:
                        "sequence_parallel": par.sequence_parallel,
                        "steps_taken": eng.steps_taken,
                        "distributed_optimizer": _uses_distributed_optimizer(eng.optimizer),
+                       # the experts' own optimizer at every EP (models/moe.py tag_expert_parameters)
+                       "expert_optimizer": bool(eng.arch.is_moe),
                        "optimizer": optimizer_settings(eng)}
     return {"format": FORMAT, "version": 1, "step": step, "world_size": dist.get_world_size(), "roles": roles}
 

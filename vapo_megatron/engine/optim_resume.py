@@ -102,22 +102,25 @@ def adopt_current_param_groups(role: str, parts: list[tuple[Any, Any]]) -> None:
 
 
 def check_expert_layout(ckpt: Any, meta: dict, engines: Mapping[str, Any]) -> None:
-    """Refuse a change of EP or expert TP for a mixture-of-experts role, before anything loads.
+    """Refuse, before anything loads, a mixture-of-experts checkpoint whose optimizer state has another form than
+    this run's optimizer.
 
-    Why: megatron-core gives the expert parameters an optimizer of their own when they are expert-parallel (a
-    ChainedOptimizer: dense, experts), and a single one at EP = expert TP = 1. The two save their state under
-    other keys (`chained_<i>.` prefixes) and other structures (one set of parameter groups or one per inner
-    optimizer), so EP=1 -> EP=2 failed with a raw KeyError ('chained_0.optimizer.state.param...'). Mapping one
-    onto the other is not implemented; the model weights alone would reshard. Checkpoints saved before the
-    layout record had `ep` are not checked (their meta.json has none)."""
+    The expert parameters have an optimizer of their own at every EP (models/moe.py `tag_expert_parameters`:
+    a ChainedOptimizer of a dense and an expert part, state under `chained_0.` / `chained_1.`), so EP and expert
+    TP may change on resume: dist_checkpointing reshards the expert state like the weights. Checkpoints written
+    before that (meta.json without `expert_optimizer`) at EP = 1 and expert TP = TP hold one optimizer for all
+    parameters, with other keys and parameter groups (loading them raised a raw KeyError
+    'chained_0.optimizer.state.param...'); they are refused with the ways on. Those saved at EP > 1 or
+    expert TP != TP already had both parts and load."""
     for role, eng in engines.items():
         saved = meta["roles"].get(role, {})
-        if not eng.arch.is_moe or "ep" not in saved:
+        if not eng.arch.is_moe or "ep" not in saved or saved.get("expert_optimizer"):
             continue
-        was, now = (saved["ep"], saved.get("etp", 1)), (eng.parallel.ep, eng.parallel.etp)
-        if was != now:
+        was_split = saved["ep"] > 1 or saved.get("etp", 1) != saved.get("tp", 1)
+        if not was_split:
             raise CheckpointError(
-                f"checkpoint {ckpt} has the {role} at ep={was[0]}, etp={was[1]}; this run has ep={now[0]}, "
-                f"etp={now[1]}: resuming a mixture-of-experts role at another expert-parallel layout is not "
-                f"supported (its optimizer state is laid out per expert group); resume with "
-                f"{role}_parallel.ep={was[0]} {role}_parallel.etp={was[1]} (TP, PP and DP may change)")
+                f"checkpoint {ckpt} holds the {role}'s optimizer state in the form of an earlier version (one "
+                f"optimizer for dense and expert parameters at ep={saved['ep']}, etp={saved.get('etp', 1)}); this "
+                "version gives the experts an optimizer of their own at every expert-parallel size, so that state "
+                "cannot be matched. Resume it with the version that wrote it, or start a new run from its exported "
+                "weights")

@@ -27,6 +27,26 @@ def prepare_routers(model: torch.nn.Module) -> None:
         router.calculate_per_token_loss = False
 
 
+def tag_expert_parameters(model: torch.nn.Module) -> None:
+    """Tag every routed expert's parameters as expert-parallel (`allreduce = False`, megatron's tag) at any EP;
+    call before the DDP wrapper, which reads it.
+
+    Why: megatron tags them only when they are expert-parallel (EP > 1 or expert TP != TP;
+    tensor_parallel/layers.py `use_expert_pgs`), and `get_megatron_optimizer` gives tagged parameters an optimizer
+    of their own (a ChainedOptimizer: dense, experts). Untagged at EP = 1, the experts shared the dense optimizer,
+    whose checkpoint has other keys (no `chained_<i>.` prefix) and other parameter groups, so a checkpoint could
+    not be resumed at another EP. Tagged at every EP, the optimizer has the same two parts at any layout and
+    dist_checkpointing reshards the expert state like the weights. The maths at EP = 1 is the same: the expert
+    gradients are then reduced over the expert-DP group, which at EP = 1 and expert TP = TP has the ranks of the
+    DP x CP group, with the same 1/dp scaling; Adam is per parameter; and the clip norm sums both parts' squares
+    (the same grads, in another order: float rounding only)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        for p in layer.experts.parameters():
+            p.allreduce = False
+
+
 def aux_loss_scale(num_micro_batches: int, dp_size: int) -> float:
     """The backward scale of the aux loss for one forward_backward call (module docstring)."""
     return 1.0 / (num_micro_batches * dp_size)
