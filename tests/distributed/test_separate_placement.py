@@ -103,7 +103,7 @@ def test_separate_sync_equals_colocated_trainer_tp2(assets, tmp_path, vllm_tp):
     assert all(r["generated"] == 2 and r["answered"] == 2 for r in sep[2:]), sep[2:]
 
 
-@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("k", [0, pytest.param(1, marks=pytest.mark.slow)])  # default tier: about 20 min in all
 def test_resume_with_samples_in_flight(assets, tmp_path, k):
     """Run 3 steps saving after each; drop the last checkpoint and resume from step 2. k = 0: step 3 is the same
     step again (samples, rewards, losses, gradient norms). k = 1: batch 3, in flight at the checkpoint, is
@@ -130,7 +130,7 @@ def test_resume_with_samples_in_flight(assets, tmp_path, k):
         assert not differ, differ
 
 
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_bounded_staleness(assets, tmp_path, k):
     run_dir = tmp_path / "run"
     results = run_distributed(_separate_body, 2, _overrides(

@@ -148,6 +148,7 @@ def test_critic_fits_monte_carlo_values_in_pretraining_and_ppo(assets, tmp_path)
         assert "mc_ev_mc" in r and math.isfinite(r["critic/value_loss"])
 
 
+@pytest.mark.slow
 def test_critic_larger_than_the_policy(assets, tmp_path):
     """model.critic_hf_dir of another size (issue 25 item 2): a critic twice as wide as the policy (6 layers
     against 4), with the same tokenizer, is built at its own shape, pretrains and trains through PPO, and the run
