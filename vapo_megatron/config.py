@@ -592,6 +592,15 @@ def _placement_problems(cfg: VapoConfig, world_size: int) -> list[str]:
     return p
 
 
+def critic_vocab_problem(arch: Any, critic_arch: Any) -> str | None:
+    """Why a critic of its own shape (`model.critic_hf_dir`) cannot read the policy's tokens, or None."""
+    vocab = getattr(arch, "vocab_size", None), getattr(critic_arch, "vocab_size", None)
+    if None in vocab or vocab[0] == vocab[1]:
+        return None
+    return (f"model.critic_hf_dir has a vocabulary of {vocab[1]} tokens, the policy {vocab[0]}: the critic must "
+            "read the policy's tokens (the same tokenizer)")
+
+
 def validate(cfg: VapoConfig, world_size: int, arch: Any = None, critic_arch: Any = None) -> None:
     """Raise ConfigError listing every impossible setting of ``cfg`` on ``world_size`` ranks; never mutates. ``arch``
     / ``critic_arch`` (``ModelArch``-like) add shape checks; critic_arch defaults to arch if the critic uses hf_dir."""
@@ -604,9 +613,6 @@ def validate(cfg: VapoConfig, world_size: int, arch: Any = None, critic_arch: An
     if trainer_world >= 1:
         problems += _layout_problems(cfg, trainer_world, arch, critic_arch)
     problems += _combination_problems(cfg, world_size)
-    vocab = getattr(arch, "vocab_size", None), getattr(critic_arch, "vocab_size", None)
-    if None not in vocab and vocab[0] != vocab[1]:
-        problems.append(f"model.critic_hf_dir has a vocabulary of {vocab[1]} tokens, the policy {vocab[0]}: the "
-                        "critic must read the policy's tokens (the same tokenizer)")
+    problems += [p for p in [critic_vocab_problem(arch, critic_arch)] if p]
     if problems:
         raise ConfigError(f"invalid config for world size {world_size} ({len(problems)} problems):", problems)

@@ -78,6 +78,19 @@ def test_ev_threshold_stops_value_pretraining_and_resume_continues(assets, tmp_p
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 * max(1.0, abs(a)), (key, a, b)
 
 
+def _small_run(assets: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides of a small run (4 prompts x 2, 16 tokens, 1 value-pretraining step, 2 PPO steps), then `extra`
+    (a later key wins)."""
+    return [
+        f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "rollout.num_prompts=4", "rollout.n=2",
+        "rollout.max_prompt_length=64", "rollout.max_response_length=16", "rollout.cpu_kv_cache_bytes=134217728",
+        "train.steps=2", "train.mini_batch_size=8", "train.micro_batch_size=4", "algorithm.value_pretrain_steps=1",
+        "actor_optim.lr=1e-4", "critic_optim.lr=1e-4", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
+        f"reward.name={assets / 'reward.py'}:reward", f"checkpoint.run_dir={run_dir}",
+        "checkpoint.export_hf_at_end=false", "logging.progress_bar=false", "logging.tensorboard=false", *extra,
+    ]
+
+
 def _unready_body(overrides: list[str], resume: bool = False):
     from vapo_megatron.errors import CriticNotReadyError
 
@@ -97,15 +110,7 @@ def test_critic_not_ready_stops_saved_then_pretrains_on_or_lengthens(assets, tmp
     up to it (and stops again); --resume with critic_unready=lengthen trains PPO at lambda_policy = 1 and logs
     critic_ready = 0."""
     run_dir = tmp_path / "run"
-    overrides = [
-        f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "rollout.num_prompts=4", "rollout.n=2",
-        "rollout.max_prompt_length=64", "rollout.max_response_length=16", "rollout.cpu_kv_cache_bytes=134217728",
-        "train.steps=2", "train.mini_batch_size=8", "train.micro_batch_size=4", "algorithm.value_pretrain_steps=1",
-        "algorithm.value_pretrain_ev_threshold=1000", "algorithm.alpha=0.05", "actor_optim.lr=1e-4",
-        "critic_optim.lr=1e-4", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
-        f"reward.name={assets / 'reward.py'}:reward", f"checkpoint.run_dir={run_dir}",
-        "checkpoint.export_hf_at_end=false", "logging.progress_bar=false", "logging.tensorboard=false",
-    ]
+    overrides = _small_run(assets, run_dir, "algorithm.value_pretrain_ev_threshold=1000", "algorithm.alpha=0.05")
     outcome, message = run_distributed(_unready_body, 1, overrides, timeout=600)[0]
     assert outcome == "stopped" and "cap at step 1" in message and "threshold 1000" in message, message
     assert "--resume" in message and "critic_unready=lengthen" in message, message
@@ -131,15 +136,8 @@ def test_critic_fits_monte_carlo_values_in_pretraining_and_ppo(assets, tmp_path)
     pretraining included (mc_requests = K x boundaries x rows), and their own ev_mc is logged beside the critic's
     (the blend of the critic's targets itself: tests/unit/test_mc_critic_targets.py)."""
     run_dir = tmp_path / "run"
-    overrides = [
-        f"model.hf_dir={assets / 'model'}", "model.dtype=float32", "rollout.num_prompts=4", "rollout.n=2",
-        "rollout.max_prompt_length=64", "rollout.max_response_length=16", "rollout.cpu_kv_cache_bytes=134217728",
-        "train.steps=1", "train.mini_batch_size=8", "train.micro_batch_size=4", "algorithm.value_pretrain_steps=1",
-        "algorithm.mc_critic_weight=1.0", "mc.k=2", "mc.step_delimiter=null", "mc.step_tokens=4",
-        "actor_optim.lr=1e-4", "critic_optim.lr=1e-4", f"data.train_files=[{assets / 'data' / 'train.jsonl'}]",
-        f"reward.name={assets / 'reward.py'}:reward", f"checkpoint.run_dir={run_dir}",
-        "checkpoint.export_hf_at_end=false", "logging.progress_bar=false", "logging.tensorboard=false",
-    ]
+    overrides = _small_run(assets, run_dir, "train.steps=1", "algorithm.mc_critic_weight=1.0", "mc.k=2",
+                           "mc.step_delimiter=null", "mc.step_tokens=4")
     run_distributed(_run_body, 1, overrides, False, timeout=600)
     rows = _rows(run_dir)
     assert [r["phase"] for r in rows] == ["value_pretrain", "ppo"]
@@ -160,15 +158,7 @@ def test_critic_larger_than_the_policy(assets, tmp_path):
     save_tiny_hf_model(big, "qwen2", seed=1, hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4,
                        intermediate_size=512)
     run_dir = tmp_path / "run"
-    overrides = [
-        f"model.hf_dir={assets / 'model'}", f"model.critic_hf_dir={big}", "model.dtype=float32",
-        "rollout.num_prompts=4", "rollout.n=2", "rollout.max_prompt_length=64", "rollout.max_response_length=16",
-        "rollout.cpu_kv_cache_bytes=134217728", "train.steps=2", "train.mini_batch_size=8",
-        "train.micro_batch_size=4", "algorithm.value_pretrain_steps=1", "actor_optim.lr=1e-4", "critic_optim.lr=1e-4",
-        f"data.train_files=[{assets / 'data' / 'train.jsonl'}]", f"reward.name={assets / 'reward.py'}:reward",
-        f"checkpoint.run_dir={run_dir}", "checkpoint.save_every=1", "checkpoint.export_hf_at_end=false",
-        "logging.progress_bar=false", "logging.tensorboard=false",
-    ]
+    overrides = _small_run(assets, run_dir, f"model.critic_hf_dir={big}", "checkpoint.save_every=1")
     full = run_distributed(_run_body, 1, overrides, False, timeout=600)[0]
     rows = _rows(run_dir)
     assert [r["phase"] for r in rows] == ["value_pretrain", "ppo", "ppo"]

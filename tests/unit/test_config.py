@@ -247,3 +247,12 @@ def test_every_field_has_a_one_line_docstring():
                 doc = body[i + 1] if i + 1 < len(body) else None
                 assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), (cls.name, node.target.id)
                 assert "\n" not in doc.value.value, (cls.name, node.target.id)
+
+
+def test_a_critic_of_another_vocabulary_is_refused():
+    """model.critic_hf_dir must read the policy's tokens: one problem line naming both vocabularies."""
+    shape = dict(num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=32768)
+    cfg = _cfg("model.critic_hf_dir=/critic")
+    validate(cfg, 1, SimpleNamespace(vocab_size=128, **shape), SimpleNamespace(vocab_size=128, **shape))
+    with pytest.raises(ConfigError, match="vocabulary of 256 tokens, the policy 128"):
+        validate(cfg, 1, SimpleNamespace(vocab_size=128, **shape), SimpleNamespace(vocab_size=256, **shape))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from vapo_megatron.config import VapoConfig
+from vapo_megatron.config import VapoConfig, critic_vocab_problem
 
 if TYPE_CHECKING:  # imported where used: megatron-core and vLLM load only after the platform shims
     from vapo_megatron.data.datasets import PromptDataset, PromptLoader
@@ -59,10 +59,8 @@ def critic_architecture(cfg: VapoConfig, arch: ModelArch) -> ModelArch:
     if cfg.model.critic_hf_dir in (None, cfg.model.hf_dir):
         return arch
     critic = load_arch(cfg.model.critic_hf_dir)
-    if critic.vocab_size != arch.vocab_size:
-        raise ValueError(f"model.critic_hf_dir {cfg.model.critic_hf_dir} has a vocabulary of {critic.vocab_size} "
-                         f"tokens, the policy's {cfg.model.hf_dir} {arch.vocab_size}: the critic must read the "
-                         "policy's tokens (the same tokenizer)")
+    if problem := critic_vocab_problem(arch, critic):
+        raise ValueError(problem)
     return critic
 
 
