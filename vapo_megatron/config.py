@@ -503,6 +503,7 @@ def _routing_replay_problems(cfg: VapoConfig, layout: Any, arch: Any) -> list[st
 
 def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:
     from vapo_megatron.algorithms.losses import loss_agg_names  # imports torch: only when validating
+    from vapo_megatron.config_checks import pool_sizes
 
     r, a, t, name, p = cfg.rollout, cfg.algorithm, cfg.train, cfg.reward.name, []
     if t.mini_batch_size >= 1 and (r.num_prompts * r.n) % t.mini_batch_size:
@@ -521,18 +522,6 @@ def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:
                  "algorithm.value_source='mc' (Monte-Carlo values)")
     if a.value_source == "mc" and a.advantage != "gae":
         p.append(f"algorithm.value_source='mc' needs algorithm.advantage='gae', got {a.advantage!r}")
-    if not 0.0 <= a.mc_critic_weight <= 1.0:
-        p.append(f"algorithm.mc_critic_weight {a.mc_critic_weight} must be within [0, 1]")
-    elif a.mc_critic_weight and not a.use_critic:
-        p.append("algorithm.mc_critic_weight > 0 blends Monte-Carlo values into the critic's targets: needs "
-                 "algorithm.use_critic=true")
-    m = cfg.mc
-    uses_mc = a.value_source == "mc" or m.probe_every or a.mc_critic_weight
-    if m.step_delimiter in (None, "") and m.step_tokens < 1 and uses_mc:
-        p.append("mc.step_delimiter is empty and mc.step_tokens < 1: Monte-Carlo values need step boundaries")
-    if min(m.k, m.every_step, m.max_steps, m.probe_rows, m.probe_k) < 1 or m.probe_every < 0:
-        p.append(f"mc.k {m.k}, every_step {m.every_step}, max_steps {m.max_steps}, probe_rows {m.probe_rows} and "
-                 f"probe_k {m.probe_k} must be >= 1, probe_every {m.probe_every} >= 0")
     if a.advantage == "grpo" and r.n < 2:
         p.append(f"algorithm.advantage='grpo' normalises within groups: needs rollout.n >= 2, got rollout.n={r.n}")
     if a.loss_agg not in loss_agg_names():
@@ -556,42 +545,6 @@ def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:
                 cfg.data.train_files), ("checkpoint.run_dir", cfg.checkpoint.run_dir)) if not value]
 
 
-def pool_sizes(cfg: VapoConfig, world_size: int) -> tuple[int, int]:
-    """(trainer ranks, vLLM ranks) of `world_size`: both the whole world when colocated; else the first
-    world_size - rollout_ranks ranks train and the last rollout_ranks run vLLM."""
-    if cfg.rollout.placement != "separate":
-        return world_size, world_size
-    return world_size - cfg.rollout.rollout_ranks, cfg.rollout.rollout_ranks
-
-
-def _placement_problems(cfg: VapoConfig, world_size: int) -> list[str]:
-    """rollout.placement, rollout_ranks and max_staleness: sizes that cannot work, and the settings that need the
-    trainer's own vLLM engine (docs/async.md)."""
-    r, a, p = cfg.rollout, cfg.algorithm, []
-    if r.placement not in ("colocated", "separate"):
-        return [f"rollout.placement={r.placement!r} must be 'colocated' or 'separate'"]
-    if r.placement == "colocated":
-        return [f"rollout.{k}={v} needs rollout.placement='separate' (colocated: vLLM runs in every trainer rank)"
-                for k, v in (("rollout_ranks", r.rollout_ranks), ("max_staleness", r.max_staleness)) if v]
-    if r.rollout_ranks < 1 or r.rollout_ranks >= world_size:
-        p.append(f"rollout.placement='separate' needs 1 <= rollout.rollout_ranks < world size {world_size} (at least "
-                 f"one trainer rank and one vLLM rank), got rollout_ranks={r.rollout_ranks}")
-    if r.max_staleness > 0 and a.tis_cap is None:
-        p.append(f"rollout.max_staleness={r.max_staleness} trains on samples of older policies: set algorithm.tis_cap "
-                 "(e.g. 2.0), the cap of decoupled PPO's behaviour -> proximal importance weight")
-    own_engine = [("algorithm.routing_replay=true", a.routing_replay, "records the experts in"),
-                  ("rollout.offload_megatron_during_rollout=true", r.offload_megatron_during_rollout,
-                   "frees the trainer's memory for"),
-                  ("algorithm.value_source='mc'", a.value_source == "mc", "samples Monte-Carlo continuations in"),
-                  (f"mc.probe_every={cfg.mc.probe_every}", cfg.mc.probe_every > 0,
-                   "samples Monte-Carlo continuations in"),
-                  (f"algorithm.mc_critic_weight={a.mc_critic_weight}", a.mc_critic_weight > 0,
-                   "samples Monte-Carlo continuations in")]
-    p += [f"{key} with rollout.placement='separate': it {what} the trainer's own vLLM engine, which separate "
-          "placement has not (docs/async.md)" for key, value, what in own_engine if value]
-    return p
-
-
 def critic_vocab_problem(arch: Any, critic_arch: Any) -> str | None:
     """Why a critic of its own shape (`model.critic_hf_dir`) cannot read the policy's tokens, or None."""
     vocab = getattr(arch, "vocab_size", None), getattr(critic_arch, "vocab_size", None)
@@ -608,11 +561,13 @@ def validate(cfg: VapoConfig, world_size: int, arch: Any = None, critic_arch: An
         raise ConfigError("invalid config:", [f"world size {world_size} must be >= 1"])
     if critic_arch is None and cfg.model.critic_hf_dir in (None, cfg.model.hf_dir):
         critic_arch = arch
-    problems = _bound_problems(cfg) + _placement_problems(cfg, world_size)
+    from vapo_megatron.config_checks import monte_carlo_problems, placement_problems, pool_sizes
+
+    problems = _bound_problems(cfg) + placement_problems(cfg, world_size)
     trainer_world, _ = pool_sizes(cfg, world_size)
     if trainer_world >= 1:
         problems += _layout_problems(cfg, trainer_world, arch, critic_arch)
-    problems += _combination_problems(cfg, world_size)
+    problems += _combination_problems(cfg, world_size) + monte_carlo_problems(cfg)
     problems += [p for p in [critic_vocab_problem(arch, critic_arch)] if p]
     if problems:
         raise ConfigError(f"invalid config for world size {world_size} ({len(problems)} problems):", problems)

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"__init__", "errors", "process_guard", "platform", "timing"}),
     ("pure", {"algorithms", "data"}),
     ("parallel", {"parallel"}),
-    ("config", {"config"}),
+    ("config", {"config", "config_checks"}),
     ("models", {"models"}),
     ("convert", {"convert"}),
     ("engine", {"engine"}),

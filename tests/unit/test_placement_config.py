@@ -1,5 +1,5 @@
 """rollout.placement / rollout_ranks / max_staleness: impossible sizes fail naming the numbers, and `--dry-run`
-shows both pools. A failure pinpoints config.py `_placement_problems` / `pool_sizes` or planning/dry_run.py."""
+shows both pools. A failure pinpoints config_checks.py `placement_problems` / `pool_sizes` or planning/dry_run.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from vapo_megatron.cli import train_main
-from vapo_megatron.config import ConfigError, load_config, pool_sizes, validate
+from vapo_megatron.config import ConfigError, load_config, validate
+from vapo_megatron.config_checks import pool_sizes
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CFG = str(EXAMPLES / "qwen2.5-32b" / "vapo.yaml")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from vapo_megatron.config import ConfigError, VapoConfig, pool_sizes, validate
+from vapo_megatron.config import ConfigError, VapoConfig, validate
+from vapo_megatron.config_checks import pool_sizes
 from vapo_megatron.models.hf_config import ModelArch
 from vapo_megatron.parallel.layout import ParallelConfig
 from vapo_megatron.planning.memory import (

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from vapo_megatron.config import VapoConfig, pool_sizes
+from vapo_megatron.config import VapoConfig
+from vapo_megatron.config_checks import pool_sizes
 from vapo_megatron.rollout.channel import BridgeChannel
 
 

@@ -351,10 +351,11 @@ class Trainer:
         metrics["value_pretrain_stop"] = reason
         alg = self.cfg.algorithm
         self.critic_ready = reason != "step_cap" or alg.value_pretrain_ev_threshold is None
-        if self.log:
+        if self.log:  # "PPO steps follow" only when they do: an unready critic may stop the run (below)
+            follow = "" if not self.critic_ready and alg.critic_unready == "stop" else \
+                f"; {self.cfg.train.steps} PPO steps follow"
             print(f"value pretraining stops after step {step} ({reason}: ev_mc {metrics.get('ev_mc', math.nan):.4f}, "
-                  f"threshold {alg.value_pretrain_ev_threshold}, cap {pretrain}); "
-                  f"{self.cfg.train.steps} PPO steps follow", flush=True)
+                  f"threshold {alg.value_pretrain_ev_threshold}, cap {pretrain}){follow}", flush=True)
         if not self.critic_ready:
             self._critic_not_ready(step, metrics)
         return step

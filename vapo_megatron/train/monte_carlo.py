@@ -95,6 +95,7 @@ class MonteCarlo:
                 out[f"{prefix}_boundaries"] = sum(map(len, est.boundaries)) / max(1, len(est.boundaries))
         if mc.probe is not None and batch.has("old_values"):
             out["ev_oracle"] = oracle_explained_variance(batch.old_values, mc.probe_rows, mc.probe)
-        if mc.values is not None:  # the Monte-Carlo values' own ev_mc: what a critic could explain of the return
+        theirs = batch.has("old_values") and batch.old_values is mc.values  # value_source "mc": ev_mc is theirs
+        if mc.values is not None and not theirs:  # the Monte-Carlo values' own ev_mc, beside the critic's
             out["mc_ev_mc"] = explained_variance_mc(mc.values, batch.scores, batch.resp_mask).item()
         return out
