@@ -97,11 +97,24 @@ def test_credit_metrics_only_wrong_responses():
     assert m["credit_rest_wrong_adv"] == pytest.approx((-0.1 * 4 - 0.2 * 3) / 7)
     assert m["credit_first_error_ratio"] == pytest.approx(m["credit_first_error_adv"] / m["credit_rest_wrong_adv"])
     assert m["credit_first_error_gap"] == pytest.approx(((-2.0 + 0.1) + (-1.0 + 0.2)) / 2)
+    assert "credit_value_from_error" not in m  # no values: no critic
     no_spans = _batch()
     no_spans.first_error_tokens = [None] * 3
     assert credit_metrics(no_spans) == {}
     mask = error_token_mask([(0, 2), None, (3, 9)], _batch().resp_mask)
     assert mask.sum() == 3 and not mask[2, 4:].any()
+
+
+def test_values_before_and_from_the_first_error():
+    """Failure: the critic's mean value is taken over the wrong tokens (a correct response's, padding, or the
+    wrong side of the first error). Reference: the tokens listed by hand."""
+    batch = _batch()
+    batch.old_values = torch.arange(18, dtype=torch.float32).reshape(3, 6) / 10
+    m = credit_metrics(batch)
+    assert m["credit_value_correct"] == pytest.approx(sum(range(0, 6)) / 60)
+    # row 1: error (2, 4) -> before 6, 7; from 8..11; row 2: error (1, 2), valid 12..15 -> before 12; from 13..15
+    assert m["credit_value_before_error"] == pytest.approx((6 + 7 + 12) / 30)
+    assert m["credit_value_from_error"] == pytest.approx((8 + 9 + 10 + 11 + 13 + 14 + 15) / 70)
 
 
 def test_pick_responses_prefers_correct_then_wrong_with_span():

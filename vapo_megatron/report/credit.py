@@ -86,9 +86,31 @@ def credit_metrics(batch: RLBatch) -> dict[str, float]:
     if not err.any():
         return {}
     c = first_error_credit(batch.advantages, batch.resp_mask, err)
-    return {"credit_first_error_adv": c["first"].item(), "credit_rest_wrong_adv": c["rest"].item(),
-            "credit_first_error_ratio": c["ratio"].item(), "credit_first_error_gap": c["gap"].item(),
-            "credit_error_spans": c["rows"].item()}
+    out = {"credit_first_error_adv": c["first"].item(), "credit_rest_wrong_adv": c["rest"].item(),
+           "credit_first_error_ratio": c["ratio"].item(), "credit_first_error_gap": c["gap"].item(),
+           "credit_error_spans": c["rows"].item()}
+    if batch.has("old_values"):
+        out.update(value_by_error(batch.old_values, batch.resp_mask, err, batch.is_correct.bool()))
+    return out
+
+
+def value_by_error(values: torch.Tensor, mask: torch.Tensor, err: torch.Tensor, correct: torch.Tensor
+                   ) -> dict[str, float]:
+    """Whether the values see the first mistake: their mean over the tokens of correct responses
+    (``credit_value_correct``), of wrong responses with a span before it (``credit_value_before_error``) and from
+    its first token on (``credit_value_from_error``). Where a mistake is decisive (no recovery), the true value from
+    it on is 0, so a critic that sees it has ``from_error`` near 0 and below ``before_error``. NaN where a class
+    has no token."""
+    m = mask.bool()
+    from_error = (err.cumsum(dim=1) > 0) & m
+    before = m & err.any(dim=1, keepdim=True) & ~from_error
+    v = values.detach().to(torch.float64)
+
+    def mean(sel: torch.Tensor) -> float:
+        return (v[sel].sum() / sel.sum()).item() if sel.any() else float("nan")
+
+    return {"credit_value_correct": mean(m & correct[:, None]), "credit_value_before_error": mean(before),
+            "credit_value_from_error": mean(from_error)}
 
 
 def pick_responses(batch: RLBatch, count: int = 4) -> list[int]:
