@@ -1,10 +1,12 @@
-"""Per-GPU memory of a VAPO run (policy + critic on megatron-core, colocated with vLLM), by phase, with what to
-change when it does not fit. The model and the formulas: vapo_megatron/planning/memory.py.
+"""Per-GPU memory of a VAPO run (policy + critic on megatron-core, colocated with vLLM, or separate placement:
+a trainer pool and a rollout pool), by phase, with what to change when it does not fit. The model and the
+formulas: vapo_megatron/planning/memory.py.
 
     python tools/plan_memory.py 32B --nodes 8 --policy tp=8,pp=4,sp,distopt,recompute=full --vllm-tp 8
     python tools/plan_memory.py path/to/config.json --gpus-per-node 8 --policy tp=4,sp --critic none --json
     python tools/plan_memory.py 32B --config examples/qwen2.5-32b/vapo.yaml --nodes 8      # layouts from a run config
     python tools/plan_memory.py Qwen3-30B-A3B --nodes 8 --policy tp=4,pp=2,ep=16,sp,distopt --vllm-tp 4   # MoE
+    python tools/plan_memory.py 32B --nodes 8 --policy tp=8,pp=4,sp,distopt --rollout-gpus 32 --vllm-tp 4  # separate
 
 Layout specs are comma-separated: tp=N, pp=N, cp=N, ep=N and etp=N (expert parallel and expert tensor parallel,
 mixture-of-experts models), sp (sequence parallel), distopt (distributed optimizer),
@@ -20,6 +22,7 @@ import sys
 
 from vapo_megatron.planning.memory import (
     VLLM_DEFAULT_UTILIZATION,
+    VLLM_SEPARATE_UTILIZATION,
     PlanInput,
     RoleSettings,
     RolloutSettings,
@@ -65,7 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048 + 20480, help="prompt + response tokens (DAPO: 22528)")
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="tokens per micro-batch (default seq-len)")
     p.add_argument("--vllm-tp", type=int, default=1)
-    p.add_argument("--vllm-util", type=float, default=VLLM_DEFAULT_UTILIZATION, help="gpu_memory_utilization")
+    p.add_argument("--vllm-util", type=float, default=None, help="gpu_memory_utilization (default: "
+                   f"{VLLM_DEFAULT_UTILIZATION} colocated, {VLLM_SEPARATE_UTILIZATION} in a rollout pool)")
+    p.add_argument("--rollout-gpus", type=int, default=0,
+                   help="separate placement: GPUs that run only vLLM (--nodes are then the trainer pool's; with "
+                   "--config, rollout.rollout_ranks of --nodes x --gpus-per-node)")
+    p.add_argument("--batch-sequences", type=int, default=512 * 16,
+                   help="sequences of one rollout batch (num_prompts x n), checked against a rollout pool's KV cache")
     p.add_argument("--offload", action="store_true", help="Megatron offloaded to host during generation")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--overhead-gib", type=float, default=3.0, help="CUDA context, NCCL, allocator slack")
@@ -86,11 +95,13 @@ def _plan_input(args: argparse.Namespace) -> PlanInput:
     policy = parse_layout(args.policy, micro_batch_tokens=tokens, seq_len=args.seq_len)
     critic = None if args.critic == "none" else (
         policy if args.critic is None else parse_layout(args.critic, micro_batch_tokens=tokens, seq_len=args.seq_len))
-    rollout = RolloutSettings(vllm_tp=args.vllm_tp, gpu_memory_utilization=args.vllm_util, max_seq_len=args.seq_len,
-                              offload_megatron=args.offload)
+    util = args.vllm_util or (VLLM_SEPARATE_UTILIZATION if args.rollout_gpus else VLLM_DEFAULT_UTILIZATION)
+    rollout = RolloutSettings(vllm_tp=args.vllm_tp, gpu_memory_utilization=util, max_seq_len=args.seq_len,
+                              offload_megatron=args.offload, batch_sequences=args.batch_sequences)
     return PlanInput(arch=arch, policy=policy, critic=critic, rollout=rollout, nodes=args.nodes,
                      gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
-                     overhead_gib=args.overhead_gib, param_bytes=2 if args.dtype == "bf16" else 4)
+                     overhead_gib=args.overhead_gib, param_bytes=2 if args.dtype == "bf16" else 4,
+                     rollout_gpus=args.rollout_gpus)
 
 
 def main(argv: list[str] | None = None) -> int:

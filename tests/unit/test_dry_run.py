@@ -1,5 +1,6 @@
 """`vapo-train --dry-run`: the cluster recipes are valid at their stated world sizes, a wrong world size fails
-with the numbers, the printed rank groups are megatron-core's, and the 32B recipe's memory plan fits 80 GiB."""
+with the numbers, the printed rank groups are megatron-core's, and the 32B recipe's memory plan fits 80 GiB; the
+separate-placement recipes (vapo_separate.yaml) too, each pool's plan."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,6 +41,32 @@ def test_qwen3_recipes_fit_with_headroom(recipe, world, arch, gib):
     assert f"--world-size {world} --arch {arch}" in (EXAMPLES / recipe / "vapo.yaml").read_text()
     assert f"#SBATCH --nodes={nodes}" in (EXAMPLES / recipe / "launch_slurm.sbatch").read_text()
     assert f"NNODES=${{NNODES:-{nodes}}}" in (EXAMPLES / recipe / "launch_torchrun.sh").read_text()
+
+
+SEPARATE_RECIPES = [("qwen2.5-32b", 96, "32B"), ("qwen3-30b-a3b", 96, "Qwen3-30B-A3B")]
+
+
+@pytest.mark.parametrize("recipe,world,arch", SEPARATE_RECIPES)
+def test_separate_recipes_pass_dry_run_and_fit_with_headroom(recipe, world, arch, capsys):
+    """Failure: a separate-placement recipe (vapo_separate.yaml) is invalid at its world size, its rollout pool is
+    not whole nodes, a pool's plan no longer fits 80 GiB with 10% left, or its scripts state another size."""
+    path = EXAMPLES / recipe / "vapo_separate.yaml"
+    assert train_main(["--config", str(path), "--dry-run", "--world-size", str(world), "--arch", arch]) == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    cfg = load_config(str(path))
+    r = cfg.rollout
+    assert (r.placement, r.max_staleness >= 1, cfg.algorithm.tis_cap is not None) == ("separate", True, True)
+    assert r.rollout_ranks % 8 == 0 and f"rollout pool ranks {world - r.rollout_ranks}..{world - 1}" in out
+    assert "rollout/weight_sync" in out and ("ep groups" in out) == arch.endswith("A3B")
+    plan = plan_memory(plan_input_from_config(cfg, world, resolve_arch(arch)))
+    assert plan.inputs.world_size + plan.inputs.rollout_gpus == world and plan.inputs.rollout_gpus == r.rollout_ranks
+    assert plan.fits and max(plan.phases.values()) < 0.9 * 80 * 1024**3, plan.problems
+    assert plan.vllm.max_len_sequences >= 8  # the KV cache of an engine holds several full-length sequences
+    nodes = world // 8
+    assert f"--world-size {world} --arch {arch}" in path.read_text()
+    assert f"#SBATCH --nodes={nodes}" in (EXAMPLES / recipe / "launch_slurm_separate.sbatch").read_text()
+    assert f"NNODES=${{NNODES:-{nodes}}}" in (EXAMPLES / recipe / "launch_torchrun_separate.sh").read_text()
 
 
 def test_impossible_expert_layout_fails_naming_the_numbers(capsys):

@@ -67,3 +67,11 @@ def test_dry_run_shows_both_pools(capsys):
     assert "trainer pool ranks 0..63 (64), rollout pool ranks 64..95 (32)" in out
     assert "max_staleness 1 (asynchronous)" in out
     assert "policy: tp 8 x pp 4 x cp 1 x dp 2 = 64" in out
+    assert "does not split" not in out
+    # each pool's own plan: Megatron alone on the 64 trainer GPUs, vLLM alone (at 0.85) on the 32 rollout GPUs
+    assert "trainer pool 8 node(s) x 8 GPUs of 80 GiB (world size 64, Megatron only); rollout pool 32 GPUs" in out
+    assert "vLLM (rollout pool): tp 8, gpu_memory_utilization 0.85 -> budget 68.0 GiB" in out
+    assert "rollout batch: 8192 sequences over 4 engine(s) of tp 8 = 2048 per engine" in out
+    phases = [line.split()[0] for line in out.splitlines() if line.endswith("%)")]
+    assert phases == ["trainer/training", "trainer/weight_sync", "rollout/generation", "rollout/weight_sync"]
+    assert "  trainer/weight_sync     27.48 GiB" in out  # the colocated recipe's 67.48 less vLLM's 40 GiB budget

@@ -17,6 +17,7 @@ from vapo_megatron.models.hf_config import ModelArch
 from vapo_megatron.parallel.layout import ParallelConfig
 from vapo_megatron.planning.memory import (
     VLLM_DEFAULT_UTILIZATION,
+    VLLM_SEPARATE_UTILIZATION,
     MemoryPlan,
     PlanInput,
     RoleSettings,
@@ -76,20 +77,25 @@ def _role_settings(cfg: VapoConfig, layout: ParallelConfig, optim) -> RoleSettin
 
 def plan_input_from_config(cfg: VapoConfig, world_size: int, arch: ModelArch, *, gpus_per_node: int = 8,
                            gpu_memory_gib: float = 80.0) -> PlanInput:
-    """The memory-plan inputs a config implies on `world_size` GPUs (nodes of `gpus_per_node`)."""
+    """The memory-plan inputs a config implies on `world_size` GPUs (nodes of `gpus_per_node`); with separate
+    placement Megatron is planned on the trainer pool's GPUs and vLLM alone on the rollout pool's."""
     r = cfg.rollout
+    trainer_world, rollout_world = pool_sizes(cfg, world_size)
+    separate = r.placement == "separate"
     rollout = RolloutSettings(
         vllm_tp=r.vllm_tensor_parallel, max_seq_len=r.max_prompt_length + r.max_response_length,
-        gpu_memory_utilization=getattr(r, "gpu_memory_utilization", VLLM_DEFAULT_UTILIZATION),
+        gpu_memory_utilization=getattr(r, "gpu_memory_utilization",
+                                       VLLM_SEPARATE_UTILIZATION if separate else VLLM_DEFAULT_UTILIZATION),
         offload_megatron=r.offload_megatron_during_rollout, sleep_during_training=r.sleep_between_steps,
-        bucket_bytes=r.bucket_bytes)
+        bucket_bytes=r.bucket_bytes, batch_sequences=r.num_prompts * r.n)
     critic = (_role_settings(cfg, cfg.critic_parallel, cfg.critic_optim) if cfg.algorithm.use_critic else None)
-    nodes, rest = divmod(world_size, gpus_per_node)
-    if rest or nodes == 0:  # a partial node: plan it as one node of world_size GPUs
-        nodes, gpus_per_node = 1, world_size
+    nodes, rest = divmod(trainer_world, gpus_per_node)
+    if rest or nodes == 0:  # a partial node: plan the trainer pool as one node of trainer_world GPUs
+        nodes, gpus_per_node = 1, trainer_world
     return PlanInput(arch=arch, policy=_role_settings(cfg, cfg.policy_parallel, cfg.actor_optim), critic=critic,
                      rollout=rollout, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gib=gpu_memory_gib,
-                     param_bytes=2 if cfg.model.dtype == "bfloat16" else 4)
+                     param_bytes=2 if cfg.model.dtype == "bfloat16" else 4,
+                     rollout_gpus=rollout_world if separate else 0)
 
 
 def format_rollout_pool(cfg: VapoConfig, world_size: int) -> str:
@@ -102,8 +108,8 @@ def format_rollout_pool(cfg: VapoConfig, world_size: int) -> str:
             f"{trainer_world}..{world_size - 1} ({rollout_world}): {rollout_world // vtp} vLLM engine(s) of tp {vtp}; "
             f"max_staleness {r.max_staleness} ({'synchronous' if r.max_staleness == 0 else 'asynchronous'}); weights "
             f"broadcast from trainer rank 0 (docs/async.md)\n"
-            "  memory plan below: the trainer pool's ranks with the vLLM engine counted as if colocated "
-            "(the planner does not split the pools yet)")
+            "  memory plan below, per pool: the trainer pool's GPUs hold Megatron only (no vLLM, no generation "
+            "phase), the rollout pool's vLLM only")
 
 
 @dataclass
@@ -132,7 +138,7 @@ def dry_run(cfg: VapoConfig, world_size: int, arch: ModelArch, *, gpus_per_node:
     if missing:
         lines.append(f"note: this config version has no {', '.join(missing)}: planned as recompute none and "
                      "micro_batch_size x (max_prompt_length + max_response_length) tokens per micro-batch")
-    plan = plan_memory(plan_input_from_config(cfg, trainer_world, arch, gpus_per_node=gpus_per_node,
+    plan = plan_memory(plan_input_from_config(cfg, world_size, arch, gpus_per_node=gpus_per_node,
                                               gpu_memory_gib=gpu_memory_gib))
     lines += ["", format_plan(plan)]
     return DryRunResult(ok=True, text="\n".join(lines), plan=plan)

@@ -1,4 +1,5 @@
-"""Per-GPU memory of a VAPO run: the policy and the critic (megatron-core) colocated with vLLM (hybrid engine).
+"""Per-GPU memory of a VAPO run: the policy and the critic (megatron-core) colocated with vLLM (hybrid engine),
+or, with separate placement, a trainer pool (Megatron only) and a rollout pool (vLLM only).
 
 Everything is per GPU, in bytes (printed in GiB), for the worst pipeline stage of each role.
 
@@ -55,6 +56,29 @@ Phases (peak per GPU, plus a fixed `overhead` for the CUDA context, NCCL buffers
     weight sync  vLLM awake (its whole budget, or its weights only when Megatron is offloaded: wake weights,
                  sync, offload, then wake the KV cache) + Megatron static + two sync buckets
     generation   vLLM's whole budget + Megatron static (0 with offload)
+
+Separate placement (`rollout_gpus` > 0: docs/async.md; nodes x gpus_per_node is then the trainer pool and the
+`rollout_gpus` GPUs run only vLLM). The phases are per pool, named "<pool>/<phase>":
+    trainer/training     policy static + critic static + max(policy activations + logits, critic activations)
+    trainer/weight_sync  Megatron static + two sync buckets (the broadcast source gathers the next bucket while
+                         one is sent)
+    rollout/generation   vLLM's whole budget
+    rollout/weight_sync  vLLM's whole budget + one bucket
+each plus the overhead (for the rollout pool a margin: vLLM counts its own CUDA context inside its budget).
+No vLLM on the trainer GPUs and no generation phase there: at max_staleness k > 0 the trainer trains while the
+pool generates, at k = 0 it waits with its static memory only. vLLM never sleeps in the rollout pool (nothing
+else wants its memory), so a weight push lands in an awake engine. The receiver (rollout/transports/broadcast.py
+`_receive_bucket`) allocates one flat buffer per bucket; with the gloo bridge it is host memory
+(rollout/async_pool.py builds the transport with device "cpu"; `receive()` keeps the previous bucket until the
+next has arrived and vLLM holds an incomplete layer's tensors, so about two buckets of host memory), and vLLM's
+loader copies each tensor into its parameters: one bucket on the GPU is the planned transient.
+The rollout pool's gpu_memory_utilization is `VLLM_SEPARATE_UTILIZATION` = 0.85 (nothing else is on the GPU;
+a little under vLLM's own default 0.9 for the push's transients; rollout/async_pool.py passes it to the engine),
+not the colocated 0.5; no config field sets either. The pool has rollout_gpus / vllm_tp engines; one rollout
+batch of `batch_sequences` (num_prompts x n) sequences is counted at max_seq_len each (the worst case: vLLM
+reserves KV blocks as sequences grow, so shorter responses fit more), ceil(batch / engines) per engine, in
+ceil(per engine / max_len_sequences) waves if the KV cache cannot hold them at once (an estimate: vLLM's
+max_num_seqs and preemption are not modelled).
 These are estimates (no fragmentation model, no CUDA graphs, no TransformerEngine workspaces); keep headroom.
 """
 from __future__ import annotations
@@ -68,6 +92,7 @@ from vapo_megatron.planning.params import stage_params, total_params
 
 GIB = 1024**3
 VLLM_DEFAULT_UTILIZATION = 0.5  # RolloutEngineConfig.gpu_memory_utilization (the trainer does not override it)
+VLLM_SEPARATE_UTILIZATION = 0.85  # rollout/async_pool.py ROLLOUT_POOL_GPU_MEMORY_UTILIZATION (vLLM alone on its GPU)
 Recompute = Literal["none", "selective", "full"]
 
 
@@ -105,6 +130,8 @@ class RolloutSettings:
     bucket_bytes: int = 256 * 1024**2
     vllm_reserve_gib: float = 2.0
     """vLLM's own activation peak and sampler buffers inside its budget (profiled by vLLM at start)."""
+    batch_sequences: int = 0
+    """Sequences of one rollout batch (num_prompts x n); 0: unknown (separate placement reports its waves)."""
 
 
 @dataclass(frozen=True)
@@ -119,10 +146,18 @@ class PlanInput:
     gpu_memory_gib: float = 80.0
     overhead_gib: float = 3.0
     param_bytes: int = 2
+    rollout_gpus: int = 0
+    """Separate placement: GPUs that run only vLLM (the rollout pool; nodes x gpus_per_node are then the trainer
+    pool's). 0: colocated, vLLM in every trainer GPU."""
 
     @property
     def world_size(self) -> int:
+        """The GPUs Megatron runs on (the trainer pool with separate placement)."""
         return self.nodes * self.gpus_per_node
+
+    @property
+    def separate(self) -> bool:
+        return self.rollout_gpus > 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +199,17 @@ class VllmMemory:
 
 
 @dataclass(frozen=True)
+class RolloutBatchFit:
+    """Separate placement: one rollout batch against the rollout pool's KV cache (full-length sequences)."""
+
+    engines: int
+    sequences_per_engine: int
+    """ceil(batch_sequences / engines)."""
+    waves: int
+    """1: the batch fits the KV cache at once; more: about that many rounds of generation (0: no KV cache)."""
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     inputs: PlanInput
     policy: RoleMemory
@@ -171,6 +217,8 @@ class MemoryPlan:
     vllm: VllmMemory
     phases: dict[str, int]
     problems: list[str]
+    rollout_batch: RolloutBatchFit | None = None
+    """Separate placement only."""
 
     @property
     def fits(self) -> bool:
@@ -277,6 +325,25 @@ def _phases(inp: PlanInput, policy: RoleMemory, critic: RoleMemory | None, vllm:
             "generation": resident + vllm.budget + overhead}
 
 
+def _separate_phases(inp: PlanInput, policy: RoleMemory, critic: RoleMemory | None,
+                     vllm: VllmMemory) -> dict[str, int]:
+    """Per pool: the trainer GPUs hold Megatron only, the rollout GPUs vLLM only (module docstring)."""
+    r, overhead = inp.rollout, int(inp.overhead_gib * GIB)
+    static = policy.static + (critic.static if critic else 0)
+    train_peak = max(policy.training, critic.training if critic else 0)
+    return {"trainer/training": static + train_peak + overhead,
+            "trainer/weight_sync": static + 2 * r.bucket_bytes + overhead,
+            "rollout/generation": vllm.budget + overhead,
+            "rollout/weight_sync": vllm.budget + r.bucket_bytes + overhead}
+
+
+def rollout_batch_fit(inp: PlanInput, vllm: VllmMemory) -> RolloutBatchFit:
+    engines = inp.rollout_gpus // inp.rollout.vllm_tp
+    per_engine = -(-inp.rollout.batch_sequences // max(1, engines))
+    waves = -(-per_engine // vllm.max_len_sequences) if vllm.max_len_sequences else 0
+    return RolloutBatchFit(engines=engines, sequences_per_engine=per_engine, waves=waves)
+
+
 def plan_memory(inp: PlanInput) -> MemoryPlan:
     """Estimate every phase's per-GPU peak and list what does not fit."""
     gpu = int(inp.gpu_memory_gib * GIB)
@@ -284,7 +351,7 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
     critic = None if inp.critic is None else role_memory(inp.arch, "critic", inp.critic, inp.world_size,
                                                          inp.param_bytes)
     vllm = vllm_memory(inp.arch, inp.rollout, gpu)
-    phases = _phases(inp, policy, critic, vllm)
+    phases = (_separate_phases if inp.separate else _phases)(inp, policy, critic, vllm)
     problems = [f"{name}: {peak / GIB:.1f} GiB per GPU exceeds the {inp.gpu_memory_gib:g} GiB of the GPU"
                 for name, peak in phases.items() if peak > gpu]
     if vllm.kv_tokens < inp.rollout.max_seq_len:
@@ -292,4 +359,5 @@ def plan_memory(inp: PlanInput) -> MemoryPlan:
                         f"{vllm.budget / GIB:.1f} GiB, not enough for its weights {vllm.weights / GIB:.1f} GiB + "
                         f"reserve {inp.rollout.vllm_reserve_gib:g} GiB + one {inp.rollout.max_seq_len}-token "
                         "sequence of KV cache")
-    return MemoryPlan(inputs=inp, policy=policy, critic=critic, vllm=vllm, phases=phases, problems=problems)
+    return MemoryPlan(inputs=inp, policy=policy, critic=critic, vllm=vllm, phases=phases, problems=problems,
+                      rollout_batch=rollout_batch_fit(inp, vllm) if inp.separate else None)

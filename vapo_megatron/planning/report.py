@@ -23,7 +23,8 @@ def _layout_changes(inp: PlanInput, s: RoleSettings) -> Iterator[tuple[str, dict
     if arch.is_moe and arch.num_experts % ep2 == 0 and inp.world_size % (s.etp * ep2 * s.pp) == 0:
         yield f"ep {s.ep} -> {ep2}", dict(ep=ep2)
     pp2 = 2 * s.pp
-    if arch.num_layers % pp2 == 0 and inp.world_size % (s.tp * pp2 * s.cp) == 0:
+    if (arch.num_layers % pp2 == 0 and inp.world_size % (s.tp * pp2 * s.cp) == 0
+            and inp.world_size % (s.etp * s.ep * pp2) == 0):
         yield f"pp {s.pp} -> {pp2}", dict(pp=pp2)
     if s.micro_batch_tokens >= 2 * s.seq_len:
         yield (f"micro-batch tokens {s.micro_batch_tokens} -> {s.micro_batch_tokens // 2}",
@@ -43,7 +44,30 @@ def _role_variants(inp: PlanInput) -> Iterator[tuple[str, PlanInput]]:
             yield f"policy and critic: {label}", dataclasses.replace(inp, policy=both, critic=both)
 
 
+def _vllm_tp_variant(inp: PlanInput, gpus: int) -> Iterator[tuple[str, PlanInput]]:
+    """vLLM tp doubled, if it stays within a node and divides the `gpus` that hold the engines and the heads."""
+    r, tp2 = inp.rollout, 2 * inp.rollout.vllm_tp
+    if tp2 <= inp.gpus_per_node and gpus % tp2 == 0 and inp.arch.num_heads % tp2 == 0:
+        yield f"rollout: vLLM tp {r.vllm_tp} -> {tp2} (more KV cache per engine)", dataclasses.replace(
+            inp, rollout=dataclasses.replace(r, vllm_tp=tp2))
+
+
+def _rollout_pool_variants(inp: PlanInput) -> Iterator[tuple[str, PlanInput]]:
+    """Separate placement: vLLM is alone on the rollout GPUs, so its utilisation may take all but the overhead
+    and the weight-sync bucket (higher: more KV cache; lower: a pool over its GPUs). Nothing to offload."""
+    r, gpu = inp.rollout, inp.gpu_memory_gib * GIB
+    util = int(100 * (gpu - inp.overhead_gib * GIB - r.bucket_bytes) / gpu) / 100
+    if 0 < util != r.gpu_memory_utilization:
+        yield (f"rollout pool: vLLM gpu_memory_utilization {r.gpu_memory_utilization} -> {util} (set in "
+               "rollout/async_pool.py, not a config field)"), dataclasses.replace(
+            inp, rollout=dataclasses.replace(r, gpu_memory_utilization=util))
+    yield from _vllm_tp_variant(inp, inp.rollout_gpus)
+
+
 def _rollout_variants(inp: PlanInput, plan: MemoryPlan) -> Iterator[tuple[str, PlanInput]]:
+    if inp.separate:
+        yield from _rollout_pool_variants(inp)
+        return
     r = inp.rollout
     if not r.offload_megatron:
         yield "rollout: offload Megatron during generation", dataclasses.replace(
@@ -54,10 +78,7 @@ def _rollout_variants(inp: PlanInput, plan: MemoryPlan) -> Iterator[tuple[str, P
     if 0 < util < r.gpu_memory_utilization:
         yield f"rollout: vLLM gpu_memory_utilization {r.gpu_memory_utilization} -> {util}", dataclasses.replace(
             inp, rollout=dataclasses.replace(r, gpu_memory_utilization=util))
-    tp2 = 2 * r.vllm_tp
-    if tp2 <= inp.gpus_per_node and inp.world_size % tp2 == 0 and inp.arch.num_heads % tp2 == 0:
-        yield f"rollout: vLLM tp {r.vllm_tp} -> {tp2} (more KV cache per engine)", dataclasses.replace(
-            inp, rollout=dataclasses.replace(r, vllm_tp=tp2))
+    yield from _vllm_tp_variant(inp, inp.world_size)
 
 
 def advice(plan: MemoryPlan) -> list[str]:
@@ -73,7 +94,8 @@ def advice(plan: MemoryPlan) -> list[str]:
             continue  # changes nothing that is failing
         if vllm_ok and any(p.startswith("vLLM") for p in new.problems):
             continue  # e.g. a utilisation too small for vLLM's own weights
-        changes = ", ".join(f"{k} {plan.phases[k] / GIB:.1f} -> {new.phases[k] / GIB:.1f} GiB" for k in failing)
+        changes = ", ".join(f"{k} {plan.phases[k] / GIB:.1f} -> {new.phases[k] / GIB:.1f} GiB" for k in failing) or (
+            f"KV cache {plan.vllm.kv_tokens:,} -> {new.vllm.kv_tokens:,} tokens per engine")  # only vLLM failed
         lines.append(f"{label}: {changes}{' (then fits)' if new.fits else ''}")
     return lines
 
@@ -82,18 +104,18 @@ def _gib(n: int | float) -> str:
     return f"{n / GIB:8.2f}"
 
 
-def format_plan(plan: MemoryPlan) -> str:
-    """A table per role, vLLM and phases, then the verdict and the remedies."""
-    inp, v = plan.inputs, plan.vllm
-    a = inp.arch
+def _cluster_line(inp: PlanInput) -> str:
+    gpus = f"{inp.nodes} node(s) x {inp.gpus_per_node} GPUs of {inp.gpu_memory_gib:g} GiB"
+    if not inp.separate:
+        return f"cluster: {gpus} (world size {inp.world_size})"
+    return (f"cluster: trainer pool {gpus} (world size {inp.world_size}, Megatron only); rollout pool "
+            f"{inp.rollout_gpus} GPUs of {inp.gpu_memory_gib:g} GiB (vLLM only)")
+
+
+def _role_lines(plan: MemoryPlan) -> list[str]:
+    inp, a = plan.inputs, plan.inputs.arch
     width = 44 if a.is_moe else 32  # the layout column: MoE layouts add "ep.. etp.."
-    lines = [f"model: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} kv, ffn "
-             f"{a.ffn_hidden_size}, vocab {a.vocab_size} ({'tied' if a.tie_word_embeddings else 'untied'})"
-             + (f"; {len(a.moe_layers)} MoE layers of {a.num_experts} experts, top-{a.moe_topk}, expert ffn "
-                f"{a.moe_ffn_hidden_size}" if a.is_moe else ""),
-             f"cluster: {inp.nodes} node(s) x {inp.gpus_per_node} GPUs of {inp.gpu_memory_gib:g} GiB "
-             f"(world size {inp.world_size})", "",
-             f"{'role':8s} {'layout':{width}s} {'params/rank':>12s} {'params':>8s} {'grads':>8s} {'optim':>8s} "
+    lines = [f"{'role':8s} {'layout':{width}s} {'params/rank':>12s} {'params':>8s} {'grads':>8s} {'optim':>8s} "
              f"{'activ.':>8s} {'logits':>8s}  (GiB, worst stage)"]
     for mem, s in ((plan.policy, inp.policy), (plan.critic, inp.critic)):
         if mem is None:
@@ -106,19 +128,45 @@ def format_plan(plan: MemoryPlan) -> str:
                      f"  stage {mem.stage}, {s.micro_batch_tokens} tokens/micro-batch"
                      + (f"; experts {mem.expert_params_per_rank / 1e9:.3f}B/rank, all-to-all buffers "
                         f"{mem.dispatch / GIB:.2f} GiB" if a.is_moe else ""))
-    r = inp.rollout
-    lines += ["", f"vLLM: tp {r.vllm_tp}, gpu_memory_utilization {r.gpu_memory_utilization} -> budget "
-              f"{v.budget / GIB:.1f} GiB = weights {v.weights / GIB:.1f} + reserve {r.vllm_reserve_gib:g} + KV cache "
-              f"{v.kv_cache / GIB:.1f} GiB ({v.kv_bytes_per_token} B/token/GPU: {v.kv_tokens:,} tokens per engine, "
-              f"{v.max_len_sequences} sequences of {r.max_seq_len} tokens)", "",
-              "peak per GPU by phase (incl. overhead "
-              f"{inp.overhead_gib:g} GiB; Megatron {'offloaded' if r.offload_megatron else 'resident'} during "
-              "generation):"]
+    return lines
+
+
+def _vllm_lines(plan: MemoryPlan) -> list[str]:
+    """The engine's budget and KV cache; with separate placement, the rollout batch against the pool's KV cache."""
+    inp, v, r = plan.inputs, plan.vllm, plan.inputs.rollout
+    lines = [f"vLLM{' (rollout pool)' if inp.separate else ''}: tp {r.vllm_tp}, gpu_memory_utilization "
+             f"{r.gpu_memory_utilization} -> budget {v.budget / GIB:.1f} GiB = weights {v.weights / GIB:.1f} + reserve "
+             f"{r.vllm_reserve_gib:g} + KV cache {v.kv_cache / GIB:.1f} GiB ({v.kv_bytes_per_token} B/token/GPU: "
+             f"{v.kv_tokens:,} tokens per engine, {v.max_len_sequences} sequences of {r.max_seq_len} tokens)"]
+    b = plan.rollout_batch
+    if b is not None and r.batch_sequences:
+        verdict = ("fits the KV cache at once" if b.waves == 1 else
+                   f"about {b.waves} waves of {v.max_len_sequences}" if b.waves else "no KV cache")
+        lines.append(f"rollout batch: {r.batch_sequences} sequences over {b.engines} engine(s) of tp {r.vllm_tp} = "
+                     f"{b.sequences_per_engine} per engine: {verdict} (every sequence counted at {r.max_seq_len} "
+                     "tokens; shorter responses fit more)")
+    return lines
+
+
+def _phase_lines(plan: MemoryPlan) -> list[str]:
+    inp, gpu = plan.inputs, plan.inputs.gpu_memory_gib * GIB
+    where = ("trainer pool Megatron only, rollout pool vLLM only" if inp.separate else
+             f"Megatron {'offloaded' if inp.rollout.offload_megatron else 'resident'} during generation")
+    width = max(12, *(len(k) + 1 for k in plan.phases))
+    return [f"peak per GPU by phase (incl. overhead {inp.overhead_gib:g} GiB; {where}):",
+            *(f"  {name:{width}s} {_gib(peak)} GiB  {'ok' if peak <= gpu else 'DOES NOT FIT'} "
+              f"({100 * peak / gpu:.0f}%)" for name, peak in plan.phases.items())]
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A table per role, vLLM and phases, then the verdict and the remedies."""
+    inp, a = plan.inputs, plan.inputs.arch
+    lines = [f"model: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}/{a.num_kv_heads} kv, ffn "
+             f"{a.ffn_hidden_size}, vocab {a.vocab_size} ({'tied' if a.tie_word_embeddings else 'untied'})"
+             + (f"; {len(a.moe_layers)} MoE layers of {a.num_experts} experts, top-{a.moe_topk}, expert ffn "
+                f"{a.moe_ffn_hidden_size}" if a.is_moe else ""),
+             _cluster_line(inp), "", *_role_lines(plan), "", *_vllm_lines(plan), "", *_phase_lines(plan), ""]
     gpu = inp.gpu_memory_gib * GIB
-    for name, peak in plan.phases.items():
-        lines.append(f"  {name:12s} {_gib(peak)} GiB  {'ok' if peak <= gpu else 'DOES NOT FIT'} "
-                     f"({100 * peak / gpu:.0f}%)")
-    lines.append("")
     if plan.fits:
         lines.append(f"fits in {inp.gpu_memory_gib:g} GiB (headroom {(gpu - max(plan.phases.values())) / GIB:.1f} "
                      "GiB in the tightest phase)")

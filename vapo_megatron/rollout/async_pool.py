@@ -44,6 +44,11 @@ from vapo_megatron.rollout.sampler import RolloutOutput, SamplingConfig, generat
 from vapo_megatron.rollout.transports.broadcast import BroadcastTransport
 from vapo_megatron.rollout.weight_sync import WeightUpdateStats, push_weights
 
+ROLLOUT_POOL_GPU_MEMORY_UTILIZATION = 0.85
+"""vLLM's share of a rollout rank's GPU, where nothing else runs (the colocated engine keeps RolloutEngineConfig's
+0.5 and leaves the rest to Megatron): a little under vLLM's own default 0.9, leaving room for the weight push's
+transient copies, which vLLM's start-up profile does not see. Ignored on CPU. planning/memory.py plans with it."""
+
 
 def may_generate(batch: int, answered: int, max_staleness: int, last: int) -> bool:
     """Whether the pool may generate `batch` now, having answered requests 1..`answered`: at most
@@ -210,7 +215,8 @@ def serve_rollouts(cfg: VapoConfig, pools: Pools) -> dict:
     r, seed = cfg.rollout, cfg.train.seed
     engine = RolloutEngine(cfg.model.hf_dir, tensor_parallel_size=r.vllm_tensor_parallel, seed=seed,
                            max_model_len=r.max_prompt_length + r.max_response_length,
-                           cpu_kv_cache_bytes=r.cpu_kv_cache_bytes)
+                           cpu_kv_cache_bytes=r.cpu_kv_cache_bytes,
+                           gpu_memory_utilization=ROLLOUT_POOL_GPU_MEMORY_UTILIZATION)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
     train_set = PromptDataset.from_files(cfg.data.train_files, tokenizer, r.max_prompt_length,
                                          prompt_format=cfg.data.prompt_format)
