@@ -4,8 +4,11 @@ rollout rank), with the operations the rollout protocol needs and errors that na
 Why not `torch.distributed.new_group`: each pool has its own default process group (megatron-core and vLLM both
 build their groups on "the world", so each pool must be a world of its own: rollout/placement.py), and a group of
 another world cannot be made with `new_group`. The bridge is a `ProcessGroupGloo` built directly on the shared
-store, used through its own methods (`broadcast`, `send`, `recv`). gloo on CPU; on GPU the weights would want a
-`ProcessGroupNCCL` built the same way (not done here, docs/async.md).
+store, used through its own methods (`broadcast`, `send`, `recv`). Control messages and samples (small, pickled)
+always go over gloo. Weights go over the bridge's `device`: gloo on CPU; on a CUDA machine a `ProcessGroupNCCL`
+built the same way on the same store (`tensor_pg`), so a bucket moves GPU to GPU. The NCCL path has not run yet
+(no GPU was lent; docs/async.md): its hang detection is NCCL's own watchdog (`rollout.rollout_timeout_s` as the
+operation timeout), which aborts the process rather than raising `RolloutRankError`.
 
 Every wait is bounded by the group's timeout (`rollout.rollout_timeout_s`); a peer that died closes its sockets,
 which gloo reports at once. Either way a `RolloutRankError` naming what was awaited is raised.
@@ -23,13 +26,35 @@ from vapo_megatron.errors import RolloutRankError
 _TAG = 7
 
 
+def tensor_backend(cuda: bool) -> str:
+    """The bridge's backend for weights: NCCL where CUDA is (and torch was built with NCCL), else gloo."""
+    return "nccl" if cuda and dist.is_nccl_available() else "gloo"
+
+
 class BridgeChannel:
     """`rank` / `size` in the bridge (rank 0: the trainer's rank 0; 1..size-1: the rollout ranks)."""
 
     def __init__(self, store, rank: int, size: int, timeout_s: float, names: list[str]) -> None:
         self.rank, self.size, self.timeout_s, self.names = rank, size, timeout_s, names
-        self.pg = dist.ProcessGroupGloo(dist.PrefixStore("vapo_bridge", store), rank, size,
-                                        datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.pg = dist.ProcessGroupGloo(dist.PrefixStore("vapo_bridge", store), rank, size, timeout)
+        self.tensor_pg, self.device = self.pg, torch.device("cpu")
+        if tensor_backend(torch.cuda.is_available()) == "nccl" and not self._gpus_shared():
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.tensor_pg = dist.ProcessGroupNCCL(dist.PrefixStore("vapo_bridge_nccl", store), rank, size, options)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _gpus_shared(self) -> bool:
+        """Whether two bridge ranks drive the same GPU (one host, both pools on one device: NCCL refuses a
+        communicator with a GPU twice), by an all-gather of (host, device) over gloo. Then weights stay on gloo."""
+        import socket
+        import zlib
+
+        me = torch.tensor([zlib.crc32(socket.gethostname().encode()), torch.cuda.current_device()])
+        everyone = [torch.zeros_like(me) for _ in range(self.size)]
+        self._wait(self.pg.allgather([everyone], [me]), "the bridge's device list", 1 if self.rank == 0 else 0)
+        return len({tuple(t.tolist()) for t in everyone}) < self.size
 
     def _wait(self, work, what: str, peer: int) -> None:
         try:
@@ -42,7 +67,16 @@ class BridgeChannel:
                                    f"run ({str(e).splitlines()[0][:160]})") from None
 
     def broadcast(self, tensor: torch.Tensor, src: int, what: str = "a weight bucket") -> None:
-        self._wait(self.pg.broadcast(tensor, src), what, src if src != self.rank else (1 if self.rank == 0 else 0))
+        """`tensor` from `src` to every bridge rank, in place: over gloo for a CPU tensor, over `tensor_pg` for
+        one on the bridge's CUDA device (weights: `BroadcastTransport` puts them there)."""
+        if tensor.device.type == "cpu":
+            pg = self.pg
+        elif tensor.device == self.device:
+            pg = self.tensor_pg
+        else:
+            raise ValueError(f"a tensor on {tensor.device} cannot cross this bridge (weights on {self.device}, "
+                             "messages on cpu)")
+        self._wait(pg.broadcast(tensor, src), what, src if src != self.rank else (1 if self.rank == 0 else 0))
 
     def broadcast_object(self, obj=None, src: int = 0, what: str = "a message"):
         """`obj` from `src` to every bridge rank (pickled: small control messages and headers)."""

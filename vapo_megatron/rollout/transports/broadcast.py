@@ -9,7 +9,8 @@ other rank calls `receive()`, which replays the session into its own `receiver` 
 slice of one buffer per bucket, so the sender copies nothing and the receiver allocates once per bucket.
 
 Between the pools of separate placement (two worlds) the group is a `rollout.channel.BridgeChannel` instead of a
-torch group: pass it as `channel`, and `src` is then a rank of the bridge (0: the trainer's rank 0).
+torch group: pass it as `channel`, and `src` is then a rank of the bridge (0: the trainer's rank 0); buckets then
+travel on the bridge's device (CUDA over NCCL on a GPU machine, CPU over gloo here).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class BroadcastTransport:
     def __init__(self, group, src: int, receiver: WeightTransport | None = None,
                  device: torch.device | str = "cpu", *, channel=None) -> None:
         self.group, self.src, self.receiver, self.channel = group, src, receiver, channel
-        self.device = torch.device(device)
+        self.device = channel.device if channel is not None else torch.device(device)  # the bridge's weights device
         rank = channel.rank if channel is not None else dist.get_rank()
         self.is_source = rank == src
         if not self.is_source and receiver is None:
@@ -62,7 +63,8 @@ class BroadcastTransport:
 
     def push(self, bucket: Bucket) -> None:
         self._check_source()
-        tensors = [t.contiguous() for _, t in bucket]
+        # over the bridge, to its device (no copy where a tensor is already there); over a torch group, as they are
+        tensors = [(t if self.channel is None else t.to(self.device)).contiguous() for _, t in bucket]
         self._header(("bucket", [(name, tuple(t.shape), str(t.dtype)) for (name, _), t in zip(bucket, tensors)]))
         for t in tensors:
             self._broadcast(t)
