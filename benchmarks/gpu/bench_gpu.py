@@ -5,7 +5,12 @@ code, nothing downloaded), written as JSON + Markdown to --out:
   optimizer step), bf16, TransformerEngine spec when importable else megatron's local spec: tokens/s and MFU;
 - decoupled, length-adaptive GAE (vapo_megatron.algorithms.decoupled_gae) on a rollout-sized batch;
 - vocab-parallel log-prob + entropy forward and backward (vapo_megatron/parallel/vocab_parallel.py);
-- weight sync Megatron -> vLLM (bucketed push into a dummy-weight engine) when vLLM imports.
+- weight sync Megatron -> vLLM (bucketed push into a dummy-weight engine) when vLLM imports;
+- with `--placements`: both placements and both weight transports, by running the CPU benchmarks on this machine
+  (`benchmarks/bench_async.py`: colocated sync, separate sync, separate k = 1, samples/s and idle fractions;
+  `benchmarks/bench_weight_sync.py`: the colocated push and the broadcast transport against a copy), each in its
+  own processes with a time limit; their tables go into the report as printed. On one GPU both pools share it,
+  so the bridge carries weights over gloo (rollout/channel.py); NCCL between the pools needs two GPUs.
 
     python benchmarks/gpu/bench_gpu.py --size 1.5B --seq-len 4096 --out runs/bench_gpu
     python benchmarks/gpu/bench_gpu.py --device cpu --tiny --out /tmp/bench     # smoke test of the code paths
@@ -192,6 +197,32 @@ def bench_weight_sync(arch, args, model) -> dict:
     return {"status": "ok", "seconds": statistics.median(times), "bucket_bytes": args.bucket_bytes}
 
 
+PLACEMENT_BENCHES = (
+    ("async", ["benchmarks/bench_async.py", "--steps", "6"]),
+    ("weight_sync", ["benchmarks/bench_weight_sync.py", "--hidden", "1024", "--layers", "8", "--tp", "1"]),
+)
+
+
+def bench_placements(timeout_s: float, benches=PLACEMENT_BENCHES) -> dict:
+    """Each placement benchmark in a subprocess of this checkout (its own process group and engines), its last
+    lines kept: {name: {"status", "seconds", "output"}}."""
+    import subprocess
+
+    root, out = Path(__file__).resolve().parents[2], {}
+    for name, command in benches:
+        start = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, *command], cwd=root, capture_output=True, text=True,
+                                  timeout=timeout_s, env={**os.environ, "PYTHONPATH": str(root)})
+            status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+            text = done.stdout if done.returncode == 0 else done.stdout + done.stderr
+        except subprocess.TimeoutExpired as exc:
+            status, text = f"timed out after {timeout_s:g} s", (exc.stdout or b"").decode(errors="replace")
+        lines = text.strip().splitlines()[-12:]
+        out[name] = {"status": status, "seconds": round(time.perf_counter() - start, 1), "output": lines}
+    return out
+
+
 def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_gpu.json").write_text(json.dumps(report, indent=2))
@@ -211,6 +242,8 @@ def write_report(report: dict, out: Path) -> None:
              f"| vocab-parallel log-prob fwd+bwd ({report['logprobs']['tokens']} x {report['logprobs']['vocab']}) | "
              f"{report['logprobs']['seconds'] * 1e3:.2f} ms |",
              f"| weight sync to vLLM | {sync} |", ""]
+    for name, res in report.get("placements", {}).items():
+        lines += [f"## {name} ({res['status']}, {res['seconds']} s)", "", "```", *res["output"], "```", ""]
     (out / "bench_gpu.md").write_text("\n".join(lines))
 
 
@@ -228,6 +261,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bucket-bytes", type=int, default=256 * 1024**2)
     p.add_argument("--no-vllm", action="store_true", help="skip the weight-sync measurement")
+    p.add_argument("--placements", action="store_true",
+                   help="also run benchmarks/bench_async.py and bench_weight_sync.py (both placements and transports)")
+    p.add_argument("--placement-timeout", type=float, default=900, help="seconds each placement benchmark may take")
     p.add_argument("--out", required=True, help="directory for bench_gpu.json and bench_gpu.md")
     return p
 
@@ -261,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["weight_sync"] = ({"status": "skipped (--no-vllm)"} if args.no_vllm
                              else bench_weight_sync(arch, args, model))
+    if args.placements:
+        report["placements"] = bench_placements(args.placement_timeout)
     write_report(report, Path(args.out))
     print((Path(args.out) / "bench_gpu.md").read_text())
     return 0

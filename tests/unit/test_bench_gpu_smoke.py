@@ -50,3 +50,17 @@ def test_tiny_cpu_run_writes_reports(tmp_path):
     assert report["mfu"] is None and report["device_name"] == "cpu"
     assert report["train_step"]["tokens_per_s"] > 0 and report["gae"]["seconds"] > 0
     assert "MFU n/a" in (tmp_path / "bench_gpu.md").read_text()
+
+
+def test_placement_benchmarks_are_run_and_reported_whatever_happens(tmp_path):
+    """--placements runs each CPU placement benchmark in its own process; one that fails or overruns is reported
+    as such with its last lines, and the others still run (stand-in commands here; the real ones need minutes)."""
+    bench = _module()
+    res = bench.bench_placements(3, (("ok", ["-c", "print('async/separate-sync: 1.50x')"]),
+                                     ("bad", ["-c", "import sys; print('half'); sys.exit(3)"]),
+                                     ("slow", ["-c", "import time; time.sleep(30)"])))
+    assert res["ok"]["status"] == "ok" and res["ok"]["output"] == ["async/separate-sync: 1.50x"]
+    assert res["bad"]["status"] == "failed (exit 3)" and res["bad"]["output"] == ["half"]
+    assert res["slow"]["status"].startswith("timed out after 3")
+    assert [name for name, _ in bench.PLACEMENT_BENCHES] == ["async", "weight_sync"]
+    assert all((Path(bench.__file__).parents[2] / cmd[0]).exists() for _, cmd in bench.PLACEMENT_BENCHES)
