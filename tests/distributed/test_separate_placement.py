@@ -1,7 +1,8 @@
 """Separate placement on CPU ranks (rank 0 trains, rank 1 runs only vLLM, weights by the broadcast transport over
-the bridge). k = 0: the same samples and metrics as colocated at the same seeds. k = 1: every trained batch at
-most 1 version old, and logged. A rollout rank that dies or hangs stops the run with RolloutRankError. A failure
-pinpoints rollout/placement.py (the split), rollout/async_pool.py (the protocol) or rollout/channel.py."""
+the bridge). k = 0: the same samples and metrics as colocated at the same seeds, also at trainer TP=2 with vLLM
+TP=1 and TP=2 (one engine over two rollout ranks). k = 1: every trained batch at most 1 version old, and logged.
+A rollout rank that dies or hangs stops the run with RolloutRankError. A failure pinpoints rollout/placement.py
+(the split), rollout/async_pool.py (the protocol) or rollout/channel.py."""
 from __future__ import annotations
 
 import json
@@ -49,6 +50,62 @@ def _separate_body(overrides, fault=None, resume=False):
     return Trainer(cfg, resume=resume, pools=pools).run()
 
 
+def _record_samples():
+    """Make this process's `RolloutEngine.generate` keep what its engine sampled (before any gather over ranks),
+    and the vLLM TP size and rank it ran at. Returns the list it fills: one
+    (tp size, tp rank, {(prompt, sample): (tokens, logprobs)}) per call."""
+    from vapo_megatron.rollout.vllm_engine import RolloutEngine
+
+    calls, generate = [], RolloutEngine.generate
+
+    def recording(self, prompt_token_ids, params, *, prompt_offset=0):
+        from vllm.distributed import parallel_state
+
+        out = generate(self, prompt_token_ids, params, prompt_offset=prompt_offset)
+        calls.append((parallel_state.get_tensor_model_parallel_world_size(),
+                      parallel_state.get_tensor_model_parallel_rank(),
+                      {(p, s): (tokens, logprobs) for p, s, tokens, logprobs in zip(
+                          out.prompt_index.tolist(), out.sample_index.tolist(), out.response_ids,
+                          out.rollout_logprobs)}))
+        return out
+
+    RolloutEngine.generate = recording
+    return calls
+
+
+def _recorded(body, *args):
+    calls = _record_samples()
+    return {"result": body(*args), "calls": calls}
+
+
+def _samples_by_call(ranks, vllm_tp):
+    """The ranks' recorded calls merged into one {(prompt, sample): (tokens, logprobs)} per call. Every recorded
+    engine ran at `vllm_tp`, and the TP peers of one engine sampled exactly the same tokens and log-probs."""
+    merged = []
+    for r in ranks:
+        for i, (tp, _, samples) in enumerate(r["calls"]):
+            assert tp == vllm_tp, (tp, vllm_tp)
+            if i == len(merged):
+                merged.append({})
+            for key, value in samples.items():
+                assert merged[i].setdefault(key, value) == value, f"call {i}, sample {key}: TP peers differ"
+    assert {tuple(sorted({c[1] for c in r["calls"]})) for r in ranks} == {(t,) for t in range(vllm_tp)}
+    return merged
+
+
+def _assert_same_samples(calls_a, calls_b):
+    assert len(calls_a) == len(calls_b), (len(calls_a), len(calls_b))
+    for i, (a, b) in enumerate(zip(calls_a, calls_b)):
+        assert a.keys() == b.keys(), i
+        for key in a:
+            (tokens_a, lp_a), (tokens_b, lp_b) = a[key], b[key]
+            assert tokens_a == tokens_b, f"batch {i + 1}, sample {key}: {tokens_b} vs {tokens_a}"
+            assert len(lp_a) == len(lp_b) == len(tokens_a), key
+            differ = [(t, y, x) for t, (x, y) in enumerate(zip(lp_a, lp_b))
+                      if not abs(y - x) <= 1e-5 * max(1.0, abs(x))]
+            assert not differ, f"batch {i + 1}, sample {key}: log-probs (position, separate, colocated) {differ}"
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return tiny_task_assets(tmp_path_factory.mktemp("assets"), num_val=8)
@@ -89,18 +146,24 @@ def test_separate_sync_equals_colocated(assets, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vllm_tp", [1])  # vLLM TP=2 (world 4: 2 rollout ranks) not run yet
+@pytest.mark.parametrize("vllm_tp", [1, 2])
 def test_separate_sync_equals_colocated_trainer_tp2(assets, tmp_path, vllm_tp):
-    """Trainer TP=2 (policy and critic) on 2 ranks; vLLM TP=1 (colocated: 2 engines; separate: 1 rollout rank,
-    world 3)."""
-    extra = ("policy_parallel.tp=2", "critic_parallel.tp=2", f"rollout.vllm_tensor_parallel={vllm_tp}",
-             "train.steps=1")
-    colocated = run_distributed(_colocated_body, 2, _overrides(assets, tmp_path / "a", *extra), timeout=900)[0]
-    sep = run_distributed(_separate_body, 2 + vllm_tp, _overrides(
+    """Trainer TP=2 (policy and critic) on 2 ranks. vLLM TP=1: colocated, 2 engines (one per trainer rank);
+    separate, 1 rollout rank (world 3). vLLM TP=2: colocated, one engine over both trainer ranks; separate, one
+    engine over rollout ranks 2-3 (world 4), each fed the whole tensors by the broadcast transport and keeping its
+    shard. Value pretraining, then 2 PPO steps: batch 3 is sampled after a weight push. Every batch's samples
+    (tokens exactly, log-probs to 1e-5) and every step's metrics (1e-5) equal colocated's, the TP peers of an
+    engine sampled the same tokens, and each rollout rank generated and answered each batch once."""
+    extra = ("policy_parallel.tp=2", "critic_parallel.tp=2", f"rollout.vllm_tensor_parallel={vllm_tp}")
+    colocated = run_distributed(_recorded, 2, _colocated_body, _overrides(assets, tmp_path / "a", *extra),
+                                timeout=1200)
+    sep = run_distributed(_recorded, 2 + vllm_tp, _separate_body, _overrides(
         assets, tmp_path / "b", *extra, "rollout.placement=separate", f"rollout.rollout_ranks={vllm_tp}"),
-        timeout=900)
-    _assert_same_metrics(tmp_path / "a", tmp_path / "b", colocated, 2)
-    assert all(r["generated"] == 2 and r["answered"] == 2 for r in sep[2:]), sep[2:]
+        timeout=1200)
+    _assert_same_metrics(tmp_path / "a", tmp_path / "b", colocated[0]["result"], 3)
+    assert not any(r["calls"] for r in sep[:2]), "the trainer pool has no engine"
+    _assert_same_samples(_samples_by_call(colocated, vllm_tp), _samples_by_call(sep[2:], vllm_tp))
+    assert all(r["result"]["generated"] == 3 and r["result"]["answered"] == 3 for r in sep[2:]), sep[2:]
 
 
 @pytest.mark.parametrize("k", [0, pytest.param(1, marks=pytest.mark.slow)])  # default tier: about 20 min in all
