@@ -89,6 +89,8 @@ class AlgorithmConfig:
     """Per-response lam_policy = 1 - 1 / (alpha * length) (paper: on)."""
     alpha: float = 0.05
     """Length-adaptive GAE coefficient (paper: 0.05)."""
+    ev_horizon: bool = False
+    """PPO: lambda_policy toward 1 as the step's ev_mc falls below value_pretrain_ev_threshold (a departure)."""
     eps_low: float = 0.2
     """Lower clip range of the ratio: 1 - eps_low (paper: 0.2)."""
     eps_high: float = 0.28
@@ -522,6 +524,9 @@ def _combination_problems(cfg: VapoConfig, world_size: int) -> list[str]:
                  "algorithm.value_source='mc' (Monte-Carlo values)")
     if a.value_source == "mc" and a.advantage != "gae":
         p.append(f"algorithm.value_source='mc' needs algorithm.advantage='gae', got {a.advantage!r}")
+    if a.ev_horizon and (a.advantage != "gae" or not a.use_critic or a.value_pretrain_ev_threshold is None):
+        p.append("algorithm.ev_horizon=true scales the GAE horizon by the critic's ev_mc: needs algorithm.advantage"
+                 "='gae', use_critic=true and a value_pretrain_ev_threshold (the ev at which the critic is trusted)")
     if a.advantage == "grpo" and r.n < 2:
         p.append(f"algorithm.advantage='grpo' normalises within groups: needs rollout.n >= 2, got rollout.n={r.n}")
     if a.loss_agg not in loss_agg_names():

@@ -147,6 +147,26 @@ def test_critic_fits_monte_carlo_values_in_pretraining_and_ppo(assets, tmp_path)
 
 
 @pytest.mark.slow
+def test_ev_horizon_lengthens_lambda_for_a_critic_that_explains_nothing(assets, tmp_path):
+    """algorithm.ev_horizon with a threshold no critic reaches: every PPO step's lambda_policy is
+    1 - (1 - base) * clip(ev_mc / threshold, 0, 1), here >= 0.999, where the length-adaptive lambda of these
+    16-token responses is 0 (alpha * L <= 1); value pretraining is unchanged (lambda 1 targets, no policy step)."""
+    run_dir = tmp_path / "run"
+    overrides = _small_run(assets, run_dir, "algorithm.ev_horizon=true", "algorithm.critic_unready=continue",
+                           "algorithm.value_pretrain_ev_threshold=1000", "algorithm.alpha=0.05")
+    run_distributed(_run_body, 1, overrides, False, timeout=600)
+    rows = _rows(run_dir)
+    assert [r["phase"] for r in rows] == ["value_pretrain", "ppo", "ppo"]
+    for r in rows[1:]:
+        expected = 1 - min(max(r["ev_mc"] / 1000, 0.0), 1.0)  # base 0 for every response: lambda = 1 - trust
+        assert r["lam_policy_mean"] == pytest.approx(expected, abs=1e-6) and r["lam_policy_mean"] >= 0.999, r
+    run_distributed(_run_body, 1, _small_run(assets, tmp_path / "off", "algorithm.critic_unready=continue",
+                                             "algorithm.value_pretrain_ev_threshold=1000", "algorithm.alpha=0.05"),
+                    False, timeout=600)
+    assert all(r["lam_policy_mean"] == 0.0 for r in _rows(tmp_path / "off")[1:]), "without it: the paper's horizon"
+
+
+@pytest.mark.slow
 def test_critic_larger_than_the_policy(assets, tmp_path):
     """model.critic_hf_dir of another size (issue 25 item 2): a critic twice as wide as the policy (6 layers
     against 4), with the same tokenizer, is built at its own shape, pretrains and trains through PPO, and the run

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from vapo_megatron.algorithms import (
     decoupled_gae,
+    ev_lengthened_lambda,
     gae,
     group_normalized_advantages,
     length_adaptive_lambda,
@@ -223,6 +224,17 @@ def test_length_adaptive_lambda_formula_and_clamp():
     assert (1 / (1 - lam[5].double())).item() == pytest.approx(0.05 * 100, rel=1e-5)  # sum of GAE weights = alpha L
     with pytest.raises(ValueError, match="alpha"):
         length_adaptive_lambda(lengths, 0.0)
+
+
+def test_ev_lengthened_lambda_by_hand():
+    """Failure: the horizon does not reach 1 for a critic that explains nothing, moves for a trusted one, or is
+    not the linear blend in between (reference: the values worked out by hand)."""
+    lam = torch.tensor([0.0, 0.5, 0.9])
+    for ev, expected in [(0.6, [0.0, 0.5, 0.9]), (0.5, [0.0, 0.5, 0.9]), (-0.3, [1.0, 1.0, 1.0]), (0.0, [1.0] * 3),
+                         (0.25, [0.5, 0.75, 0.95]), (0.4, [0.2, 0.6, 0.92]), (math.nan, [0.0, 0.5, 0.9])]:
+        torch.testing.assert_close(ev_lengthened_lambda(lam, ev, 0.5), torch.tensor(expected), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="threshold"):
+        ev_lengthened_lambda(lam, 0.1, 0.0)
 
 
 @FAST

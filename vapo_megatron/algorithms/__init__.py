@@ -6,6 +6,7 @@ See docs/VAPO.md for the formulas. Global normalisers are passed explicitly; the
 from vapo_megatron.algorithms.advantages import (
     DecoupledGAE,
     decoupled_gae,
+    ev_lengthened_lambda,
     gae,
     gae_deltas,
     group_normalized_advantages,
@@ -61,6 +62,7 @@ __all__ = [
     "gae_deltas",
     "get_loss_agg",
     "group_normalized_advantages",
+    "ev_lengthened_lambda",
     "length_adaptive_lambda",
     "loss_agg_names",
     "masked_max",

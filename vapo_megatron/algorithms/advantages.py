@@ -183,6 +183,26 @@ def length_adaptive_lambda(lengths: Tensor, alpha: float) -> Tensor:
     return lam.clamp(max=below_one).to(torch.float32)
 
 
+def ev_lengthened_lambda(lam: Tensor, ev: float, threshold: float) -> Tensor:
+    """Policy lambdas lengthened toward 1 as the critic explains less of the return (issue 25; a departure from the
+    paper, whose horizon ignores the critic's quality): ``lam + (1 - lam) * (1 - clip(ev / threshold, 0, 1))``.
+
+    ``ev >= threshold`` leaves ``lam``; ``ev <= 0`` gives 1 (Monte-Carlo advantages with the critic only as a
+    baseline, unbiased whatever it predicts); a NaN ``ev`` (undefined: every return equal) leaves ``lam``.
+
+    Args:
+        lam: ``[B]`` float lambdas (length-adaptive or fixed).
+        ev: the step's explained variance of the critic's values against the return (``ev_mc``).
+        threshold: the ev at and above which the critic is trusted as configured (> 0).
+    """
+    if not threshold > 0:
+        raise ValueError(f"threshold must be positive, got {threshold}")
+    if math.isnan(ev):
+        return lam.clone()
+    trust = min(max(ev / threshold, 0.0), 1.0)
+    return lam + (1 - lam) * (1 - trust)
+
+
 @dataclass(frozen=True)
 class DecoupledGAE:
     """Output of :func:`decoupled_gae`."""

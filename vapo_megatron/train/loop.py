@@ -34,7 +34,10 @@ import torch.distributed as dist
 from vapo_megatron import platform
 from vapo_megatron.algorithms import (
     decoupled_gae,
+    ev_lengthened_lambda,
+    explained_variance_mc,
     group_normalized_advantages,
+    length_adaptive_lambda,
     token_rewards_from_scores,
     uniform_group_mask,
     whiten_advantages,
@@ -244,9 +247,14 @@ class Trainer:
         values = (self._mc_step.values if mc else batch.old_values) * mask
         lengthen = not self.critic_ready and not mc  # departure: lambda_policy = 1 while the critic explains too little
         adaptive = alg.length_adaptive and not lengthen
+        lam, alpha = (None, alg.alpha) if adaptive else (1.0 if lengthen else alg.lam_policy, None)
+        if alg.ev_horizon and not (pretrain or mc or lengthen):  # departure (issue 25): the horizon from ev_mc
+            base = length_adaptive_lambda(mask.sum(-1), alg.alpha) if adaptive else \
+                torch.full((mask.shape[0],), alg.lam_policy)
+            ev = explained_variance_mc(batch.old_values, batch.scores, mask).item()
+            lam, alpha = ev_lengthened_lambda(base, ev, alg.value_pretrain_ev_threshold), None
         gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=1.0 if pretrain else alg.lam_critic,
-                            lam_policy=None if adaptive else (1.0 if lengthen else alg.lam_policy),
-                            alpha=alg.alpha if adaptive else None, coupled=alg.couple_gae and not pretrain)
+                            lam_policy=lam, alpha=alpha, coupled=alg.couple_gae and not pretrain)
         raw = gae.advantages
         if mc and alg.mc_advantage == "step":  # VinePPO's one-step form: V(next boundary) - V(boundary)
             raw = (self._mc_step.next_values - self._mc_step.values) * mask
