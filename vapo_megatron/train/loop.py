@@ -388,6 +388,8 @@ class Trainer:
             if not saved:
                 self._emit(step, "value_pretrain", {**metrics, "critic_ready": 0.0, **self.timer.as_metrics()})
                 self.save(step, step)
+            if self.remote:  # separate placement: the rollout pool ends now, not at rollout.rollout_timeout_s
+                self.remote.stop()
             raise CriticNotReadyError(
                 f"{message}; stopping (algorithm.critic_unready=stop) with the critic saved at step {step}. Go on "
                 f"with --resume and a larger algorithm.value_pretrain_steps to pretrain further, or with "
