@@ -95,7 +95,8 @@ class MonteCarlo:
                 out[f"{prefix}_boundaries"] = sum(map(len, est.boundaries)) / max(1, len(est.boundaries))
         if mc.probe is not None and batch.has("old_values"):
             out["ev_oracle"] = oracle_explained_variance(batch.old_values, mc.probe_rows, mc.probe)
-        theirs = batch.has("old_values") and batch.old_values is mc.values  # value_source "mc": ev_mc is theirs
+        theirs = (mc.values is not None and batch.has("old_values")  # value_source "mc": ev_mc is already theirs
+                  and batch.old_values.shape == mc.values.shape and torch.equal(batch.old_values, mc.values))
         if mc.values is not None and not theirs:  # the Monte-Carlo values' own ev_mc, beside the critic's
             out["mc_ev_mc"] = explained_variance_mc(mc.values, batch.scores, batch.resp_mask).item()
         return out
