@@ -4,10 +4,15 @@
         ...                             # torch.distributed is initialised (gloo); return anything picklable
     results = run_distributed(_body, 4, 2)   # list of return values, by rank
 
-Each rank is a fresh `spawn`ed process with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set
+Each rank is a fresh process with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set
 exactly as torchrun sets them (vLLM's external launcher and megatron-core read these). A failure on any rank
 re-raises here with that rank's traceback; a rank that hangs fails the call after `timeout` seconds and every
 rank is killed.
+
+Ranks start from a fork server that has imported torch and megatron-core once (testing/_preload.py), not by
+`spawn`, which imports them again in every rank of every call: several seconds a rank on 2 cores, for each of the
+suite's ~100 process groups. A forked rank is still a fresh process (the server never initialises a process
+group, a thread pool or a device). `VAPO_TEST_START_METHOD=spawn` restores spawning; on CUDA ranks are spawned.
 """
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ def _worker(rank: int, world_size: int, port: int, fn_bytes: bytes, args: bytes,
     """One rank. `fn` and its arguments arrive pickled and are unpickled only after `platform.setup()`:
     unpickling imports the test module, which may import megatron-core, which needs the CPU shims first."""
     os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:  # the fork server may have started under another setting
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -87,10 +96,23 @@ def _collect(procs, queue, timeout: float, results: dict, errors: dict) -> None:
             raise DistributedTestError(f"ranks {missing} gave no result within {timeout:.0f}s")
 
 
+def _context():
+    """The fork server (imports preloaded) on CPU; `spawn` on CUDA or when VAPO_TEST_START_METHOD says so."""
+    import torch
+
+    method = os.environ.get("VAPO_TEST_START_METHOD", "spawn" if torch.cuda.is_available() else "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"VAPO_TEST_START_METHOD={method!r}: expected 'forkserver' or 'spawn'")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["vapo_megatron.testing._preload"])
+    return ctx
+
+
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0,
                     env: dict | None = None, **kwargs: Any) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return the per-rank results in rank order."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
     base_env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
