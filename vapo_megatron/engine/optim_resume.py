@@ -32,7 +32,7 @@ _KEEP_SAVED = ("params", "step")
 def optimizer_settings(engine: Any) -> dict[str, Any]:
     """The role's optimizer settings as saved in meta.json (from megatron's OptimizerConfig and the engine's
     warmup)."""
-    from vapo_megatron.engine.checkpoint import _uses_distributed_optimizer
+    from vapo_megatron.engine.optim_state import uses_distributed_optimizer
 
     cfg = getattr(engine.optimizer, "config", None)
     if cfg is None:  # a chained optimizer: its parts share one config
@@ -40,7 +40,7 @@ def optimizer_settings(engine: Any) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in ("optimizer", "lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1",
                                         "adam_beta2", "adam_eps", "bf16")}
     out["warmup_steps"] = int(engine.optim.warmup_steps)
-    out["distributed_optimizer"] = _uses_distributed_optimizer(engine.optimizer)
+    out["distributed_optimizer"] = uses_distributed_optimizer(engine.optimizer)
     return out
 
 

@@ -77,6 +77,7 @@ class Trainer:
         self.critic_ready = True  # False while the horizon is lengthened for a critic that explains too little
         self.mc = MonteCarlo(cfg, self.tokenizer)  # the "mc" value source and the critic probe (values/mc.py)
         self._mc_step: StepMC = StepMC()
+        self._ev_mc: float | None = None  # this step's ev_mc of the old values (old_logprobs_and_values)
 
     # ---- the loop: one screen ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -94,7 +95,7 @@ class Trainer:
             self.old_logprobs_and_values(batch)                               # + old_logprobs, old_values
             self.advantages(batch, phase)                                     # + advantages, returns, lam_policy
             self.guard.before_update(self._engines())
-            metrics = {**batch_metrics(batch), **self.off_policy(batch), **self.mc_metrics(batch),
+            metrics = {**batch_metrics(batch, self._ev_mc), **self.off_policy(batch), **self.mc_metrics(batch),
                        **self.update(batch, phase, step)}
             self.guard.after_update(step, metrics, self._engines(), metrics["rollout_logprob_diff"])  # not synced yet
             if phase == "ppo":
@@ -230,7 +231,9 @@ class Trainer:
             with self.timer("critic_forward"):
                 batch.old_values = self.critic.forward(batch, lambda out, mb: response_values(out, mb))
         elif self._mc_step.values is not None:  # value_source "mc" alone: every token takes its step's MC value
-            batch.old_values = self._mc_step.values
+            batch.old_values, self._mc_step.are_old_values = self._mc_step.values, True
+        self._ev_mc = explained_variance_mc(batch.old_values, batch.scores, batch.resp_mask).item() \
+            if batch.has("old_values") else None  # once a step: the horizon (ev_horizon), the metrics, readiness
 
     def advantages(self, batch: RLBatch, phase: str = "ppo") -> None:
         """`advantages` (GRPO: group-normalised scores; else decoupled GAE, which also sets `returns` and
@@ -251,8 +254,7 @@ class Trainer:
         if alg.ev_horizon and not (pretrain or mc or lengthen):  # departure (issue 25): the horizon from ev_mc
             base = length_adaptive_lambda(mask.sum(-1), alg.alpha) if adaptive else \
                 torch.full((mask.shape[0],), alg.lam_policy)
-            ev = explained_variance_mc(batch.old_values, batch.scores, mask).item()
-            lam, alpha = ev_lengthened_lambda(base, ev, alg.value_pretrain_ev_threshold), None
+            lam, alpha = ev_lengthened_lambda(base, self._ev_mc, alg.value_pretrain_ev_threshold), None
         gae = decoupled_gae(rewards, values, mask, gamma=alg.gamma, lam_critic=1.0 if pretrain else alg.lam_critic,
                             lam_policy=lam, alpha=alpha, coupled=alg.couple_gae and not pretrain)
         raw = gae.advantages

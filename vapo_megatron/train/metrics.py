@@ -17,9 +17,10 @@ def logprob_diff(batch: RLBatch) -> float:
     return masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), batch.resp_mask).item()
 
 
-def batch_metrics(batch: RLBatch) -> dict[str, float]:
+def batch_metrics(batch: RLBatch, ev_mc: float | None = None) -> dict[str, float]:
     """The step's batch-level metrics. `lam_policy_mean` only when the advantages come from GAE (GRPO has no
-    lam_policy); the critic's numbers only when there is a critic."""
+    lam_policy); the critic's numbers only when there is a critic. `ev_mc`: the old values' explained variance
+    against the Monte-Carlo return when the caller already has it (computed here otherwise)."""
     mask, lengths = batch.resp_mask, batch.lengths.float()
     out = {"reward_mean": batch.scores.mean().item(), "accuracy": batch.is_correct.float().mean().item(),
            "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
@@ -32,7 +33,7 @@ def batch_metrics(batch: RLBatch) -> dict[str, float]:
         # against the variant's own critic targets (bootstrapped when lam_critic < 1): not comparable across variants
         out["explained_variance"] = explained_variance(batch.returns, batch.old_values, mask).item()
         # against the Monte-Carlo return (final reward, gamma 1): the same target for every variant
-        out["ev_mc"] = explained_variance_mc(batch.old_values, batch.scores, mask).item()
+        out["ev_mc"] = explained_variance_mc(batch.old_values, batch.scores, mask).item() if ev_mc is None else ev_mc
         out["value_mean"] = masked_mean(batch.old_values, mask).item()
     return {**out, **credit_metrics(batch)}
 

@@ -36,6 +36,9 @@ class StepMC:
     source: MCEstimate | None = None
     probe: MCEstimate | None = None
     probe_rows: list[int] | None = None
+    are_old_values: bool = False
+    """`values` serve as the batch's old values (value_source "mc" without a critic; set by the loop): their own
+    ev_mc is then the step's `ev_mc`, and `mc_ev_mc` is not logged beside it."""
 
 
 class MonteCarlo:
@@ -95,8 +98,6 @@ class MonteCarlo:
                 out[f"{prefix}_boundaries"] = sum(map(len, est.boundaries)) / max(1, len(est.boundaries))
         if mc.probe is not None and batch.has("old_values"):
             out["ev_oracle"] = oracle_explained_variance(batch.old_values, mc.probe_rows, mc.probe)
-        theirs = (mc.values is not None and batch.has("old_values")  # value_source "mc": ev_mc is already theirs
-                  and batch.old_values.shape == mc.values.shape and torch.equal(batch.old_values, mc.values))
-        if mc.values is not None and not theirs:  # the Monte-Carlo values' own ev_mc, beside the critic's
+        if mc.values is not None and not mc.are_old_values:  # the Monte-Carlo values' own ev_mc, beside the critic's
             out["mc_ev_mc"] = explained_variance_mc(mc.values, batch.scores, batch.resp_mask).item()
         return out
