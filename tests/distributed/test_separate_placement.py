@@ -217,7 +217,6 @@ def _stopped_body(overrides):
         return {"stopped": str(e)}
 
 
-@pytest.mark.slow
 def test_unready_critic_stop_ends_both_pools(assets, tmp_path):
     """algorithm.critic_unready=stop (the default) with separate placement: value pretraining ends at its cap below
     an unreachable threshold; the trainer saves, tells the rollout pool to stop and raises CriticNotReadyError;
@@ -233,7 +232,6 @@ def test_unready_critic_stop_ends_both_pools(assets, tmp_path):
     assert time.monotonic() - start < 250, "the rollout rank waited for its timeout"
 
 
-@pytest.mark.slow  # the death test below keeps a rollout-rank fault in the default tier
 def test_rollout_rank_hang_stops_the_run(assets, tmp_path):
     """The rollout rank stops answering at step 2: the trainer raises RolloutRankError naming it within
     rollout.rollout_timeout_s (20 s), and the harness ends every rank."""
