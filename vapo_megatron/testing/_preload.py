@@ -1,7 +1,8 @@
 """Imported once by the fork server of `run_distributed` (testing/dist.py), so that every test rank forks with
-torch and megatron-core already imported instead of importing them again (several seconds a rank on 2 cores).
-Only imports: no process group, no thread pool, no device is touched here, so each forked rank starts as clean
-as a spawned one. The CPU shims go in first, as every entry point installs them (platform/__init__.py)."""
+torch, megatron-core, transformers and vLLM already imported instead of importing them again (several seconds a
+rank on 2 cores). Only imports: no process group, no thread pool, no device is touched here, so each forked rank
+starts as clean as a spawned one. The CPU shims go in first, as every entry point installs them
+(platform/__init__.py)."""
 from vapo_megatron import platform
 
 platform.install_shims()

@@ -9,10 +9,11 @@ exactly as torchrun sets them (vLLM's external launcher and megatron-core read t
 re-raises here with that rank's traceback; a rank that hangs fails the call after `timeout` seconds and every
 rank is killed.
 
-Ranks start from a fork server that has imported torch and megatron-core once (testing/_preload.py), not by
-`spawn`, which imports them again in every rank of every call: several seconds a rank on 2 cores, for each of the
-suite's ~100 process groups. A forked rank is still a fresh process (the server never initialises a process
-group, a thread pool or a device). `VAPO_TEST_START_METHOD=spawn` restores spawning; on CUDA ranks are spawned.
+Ranks start from a fork server that has imported torch, megatron-core, transformers and vLLM once
+(testing/_preload.py), not by `spawn`, which imports them again in every rank of every call: several seconds a rank
+on 2 cores, for each of the suite's ~100 process groups. A forked rank is still a fresh process (the server never
+initialises a process group, a thread pool or a device). `VAPO_TEST_START_METHOD=spawn` restores spawning; on CUDA
+ranks are spawned.
 """
 from __future__ import annotations
 

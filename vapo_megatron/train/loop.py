@@ -231,7 +231,7 @@ class Trainer:
             with self.timer("critic_forward"):
                 batch.old_values = self.critic.forward(batch, lambda out, mb: response_values(out, mb))
         elif self._mc_step.values is not None:  # value_source "mc" alone: every token takes its step's MC value
-            batch.old_values, self._mc_step.are_old_values = self._mc_step.values, True
+            batch.old_values = self._mc_step.values
         self._ev_mc = explained_variance_mc(batch.old_values, batch.scores, batch.resp_mask).item() \
             if batch.has("old_values") else None  # once a step: the horizon (ev_horizon), the metrics, readiness
 

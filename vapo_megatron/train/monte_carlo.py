@@ -37,8 +37,8 @@ class StepMC:
     probe: MCEstimate | None = None
     probe_rows: list[int] | None = None
     are_old_values: bool = False
-    """`values` serve as the batch's old values (value_source "mc" without a critic; set by the loop): their own
-    ev_mc is then the step's `ev_mc`, and `mc_ev_mc` is not logged beside it."""
+    """`values` serve as the batch's old values (value_source "mc" without a critic, Trainer.old_logprobs_and_values):
+    their own ev_mc is then the step's `ev_mc`, and `mc_ev_mc` is not logged beside it."""
 
 
 class MonteCarlo:
@@ -81,6 +81,7 @@ class MonteCarlo:
                 out.source = estimate(list(range(batch.n)), m.k)
             out.values, out.next_values = token_values(out.source, batch.lengths.tolist(), batch.scores.tolist(),
                                                        batch.resp_mask.shape[1])
+            out.are_old_values = not with_critic  # no critic: the loop takes them as the old values
         if with_critic and m.probe_every and step % m.probe_every == 0:
             out.probe_rows = probe_rows(batch.n, self.cfg.rollout.n, m.probe_rows)
             with timer("mc_probe"):
