@@ -144,6 +144,30 @@ def test_report_numbers_match_a_hand_computation(tmp_path):
     assert "**What is compared.** A toy model on a toy task, not Qwen2.5-32B" in text  # the grid file's task
 
 
+def test_manifest_accumulates_a_grid_run_in_parts(tmp_path):
+    """Failure: a second `--only` call forgets the first call's rows (so --report-only reports only the last
+    call's variants), a variant's seeds are the grid's instead of its own, or a call with another base config
+    is mixed into the same report."""
+    path = _grid(tmp_path, {"vapo": {"paper": 60}, "ppo": {"paper": 5, "group": "method"}})
+    out = tmp_path / "out"
+    first = plan_runs(load_grid(path, only=["vapo", "ppo"]), [0, 1, 2, 3, 4], out)
+    write_manifest(out, load_grid(path).base, first, "call 1")
+    second = plan_runs(load_grid(path, only=["vapo"]), [5], out)
+    manifest = write_manifest(out, load_grid(path).base, second, "call 2")
+    assert [(v["name"], v["seeds"]) for v in manifest["variants"]] == [("vapo", [0, 1, 2, 3, 4, 5]),
+                                                                       ("ppo", [0, 1, 2, 3, 4])]
+    assert manifest["commands"] == ["call 1", "call 2"] and read_manifest(out) == manifest
+    for spec in first:
+        _fake_run(spec, 0.1, [0.2, 0.3, 0.4], 60.0)
+    results = collect(out, manifest)
+    assert sorted(results["ppo"]) == [0, 1, 2, 3, 4] and results["vapo"][5] is None  # vapo seed 5 not run yet
+    text = write_report(out, tmp_path / "docs" / "parts.md")[0].read_text()
+    assert "| vapo | 60 |" in text and "| ppo | 5 |" in text and "`call 1`, `call 2`" in text
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**BASE, "train": {**BASE.get("train", {}), "seed": 9}}))
+    with pytest.raises(GridError, match="another base config text"):
+        write_manifest(out, load_grid(path).base, second, "call 3")
+
+
 def _fake_trainer(monkeypatch, code: str) -> None:
     monkeypatch.setattr(runner, "train_command", lambda base, spec: [sys.executable, "-c", code, str(spec.run_dir)])
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vapo_megatron.ablation.grid import RunSpec, budget
+from vapo_megatron.ablation.grid import GridError, RunSpec, budget
 from vapo_megatron.ablation.runner import DONE, LOG
 
 MANIFEST = "manifest.json"
@@ -108,25 +108,56 @@ def _ev_mc(rows: list[dict]) -> tuple[float | None, float | None, float | None, 
 
 
 def write_manifest(out: Path, base: str, specs: Sequence[RunSpec], command: str, task: str = "") -> dict[str, Any]:
-    """Record what the grid runs in ``out/manifest.json``: command, date, machine, base config text, overrides, and
-    the grid file's description of the task."""
-    first = {}
+    """Record what the grid runs in ``out/manifest.json``: command, date, machine, base config text, overrides,
+    each variant's seeds, and the grid file's description of the task.
+
+    A grid run in parts (``--only vapo``, then ``--only ppo``, perhaps at other seeds) accumulates: the variants
+    and seeds of earlier calls stay, a variant named again takes this call's entry and the union of its seeds,
+    and ``commands`` lists every call. So ``--report-only`` reports every row that ran into ``out``. A call with
+    another base config text, budget or common overrides than the manifest's raises GridError: its rows would
+    not be comparable."""
+    first: dict[str, RunSpec] = {}
+    seeds: dict[str, set[int]] = {}
     for spec in specs:
         first.setdefault(spec.variant.name, spec)
+        seeds.setdefault(spec.variant.name, set()).add(spec.seed)
+    base_text, grid_budget = Path(base).read_text(encoding="utf-8"), budget(specs[0].cfg)
+    earlier = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else None
+    common = list(specs[0].common)
+    if earlier is not None and (earlier["base_text"] != base_text or earlier["budget"] != grid_budget
+                                or earlier["common"] != common):
+        what = "base config text" if earlier["base_text"] != base_text else \
+            f"budget ({earlier['budget']} there, {grid_budget} here)" if earlier["budget"] != grid_budget else \
+            f"set of common overrides ({earlier['common']} there, {common} here)"
+        raise GridError(f"{out} holds the runs of a grid with another {what}: its rows and these would not be "
+                        f"comparable; give another --out (or move {out / MANIFEST} away to start afresh)")
+    variants = {v["name"]: v for v in (earlier or {}).get("variants", [])}
+    for name, s in first.items():
+        old = set(variants.get(name, {}).get("seeds", []))
+        variants[name] = {"name": name, "paper": s.variant.paper, "group": s.variant.group,
+                          "overrides": list(s.variant.overrides), "resolved": list(s.resolved),
+                          "note": s.variant.note, "seeds": sorted(old | seeds[name]),
+                          "value_pretrain_steps": s.cfg.algorithm.value_pretrain_steps if s.cfg.algorithm.use_critic
+                          else 0}
     manifest = {
-        "command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "task": task,
+        "command": command, "commands": [*(earlier or {}).get("commands", []), command],
+        "date": (earlier or {}).get("date") or time.strftime("%Y-%m-%d %H:%M %Z"), "task": task,
         "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, {platform.system()} "
                    f"{platform.release()}, Python {platform.python_version()}",
-        "base": base, "base_text": Path(base).read_text(encoding="utf-8"), "common": list(specs[0].common),
-        "seeds": sorted({s.seed for s in specs}), "budget": budget(specs[0].cfg),
-        "variants": [{"name": name, "paper": s.variant.paper, "group": s.variant.group,
-                      "overrides": list(s.variant.overrides), "resolved": list(s.resolved), "note": s.variant.note,
-                      "value_pretrain_steps": s.cfg.algorithm.value_pretrain_steps if s.cfg.algorithm.use_critic
-                      else 0} for name, s in first.items()],
+        "base": base, "base_text": base_text, "common": common,
+        "seeds": sorted({x for v in variants.values() for x in v["seeds"]}), "budget": grid_budget,
+        "variants": list(variants.values()),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / MANIFEST)
     return manifest
+
+
+def variant_seeds(manifest: dict[str, Any], variant: dict[str, Any]) -> list[int]:
+    """The seeds `variant` ran at (manifests before per-variant seeds: the grid's)."""
+    return variant.get("seeds", manifest["seeds"])
 
 
 def read_manifest(out: Path) -> dict[str, Any]:
@@ -138,7 +169,7 @@ def read_manifest(out: Path) -> dict[str, Any]:
 
 def collect(out: Path, manifest: dict[str, Any]) -> dict[str, dict[int, RunResult | None]]:
     """variant -> seed -> its RunResult (None: not finished)."""
-    return {v["name"]: {s: read_run(out / v["name"] / f"seed{s}") for s in manifest["seeds"]}
+    return {v["name"]: {s: read_run(out / v["name"] / f"seed{s}") for s in variant_seeds(manifest, v)}
             for v in manifest["variants"]}
 
 
@@ -201,7 +232,8 @@ def render_markdown(manifest: dict[str, Any], results: dict[str, dict[int, RunRe
     per_step = b['samples per PPO step (rollout.num_prompts x rollout.n)']
     lines = [
         "# Ablation: VAPO vs vanilla PPO vs DAPO, and VAPO without each component (Table 1 in miniature)", "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} from the runs of `{manifest['command']}` "
+        f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} from the runs of "
+        f"{', '.join(f'`{c}`' for c in manifest.get('commands', [manifest['command']]))} "
         f"(started {manifest['date']}).", "",
         f"Machine: {manifest['machine']}.", "",
         f"**What is compared.** {manifest.get('task') or 'The model and task of the base config (below)'}, not "
@@ -305,5 +337,5 @@ def write_report(out: Path, md_path: Path, absolute: float | None = None, delta:
 def failure_lines(out: Path, manifest: dict[str, Any]) -> list[str]:
     """A line per run directory without DONE: where its log is."""
     return [f"{v['name']} seed {s}: not finished, log {out / v['name'] / f'seed{s}' / LOG}"
-            for v in manifest["variants"] for s in manifest["seeds"]
+            for v in manifest["variants"] for s in variant_seeds(manifest, v)
             if not (out / v["name"] / f"seed{s}" / DONE).is_file()]
