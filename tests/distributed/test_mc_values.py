@@ -6,7 +6,8 @@ prefix is known exactly: R = 1 iff the response's second token is even.
   the first token: both computed exactly from the HF model's softmax (128 tokens, one batched forward).
 
 The batched estimate (one `generate_distributed` call for every prefix) must equal, sample for sample, a slow
-reference that asks the engine for each prefix alone; with K = 48 continuations the estimates must sit within
+reference that asks the engine for each prefix alone (so must the continuations' sample variances, the noise
+`ev_ceiling` removes); with K = 48 continuations the estimates must sit within
 4.5 standard errors of the exact values. DP=2 (two engines, each its share) runs in the default tier, vLLM TP=2
 (one engine over both ranks) in the slow tier. The trainer's probe at TP=2 is in test_trainer_run.py.
 """
@@ -34,20 +35,23 @@ def _slow_values(engine, prompts, responses, boundaries):
     from vapo_megatron.rollout.sampler import SamplingConfig
 
     min_b = min(b for bounds in boundaries for b in bounds)
-    values, index = [], 0
+    values, variances, index = [], [], 0
     for prompt, response, bounds in zip(prompts, responses, boundaries):
-        row = []
+        row, spread = [], []
         for b in bounds:
             params = SamplingConfig(n=K, max_tokens=MAX_LEN - min_b, seed=SEED, logprobs=False)
             out = engine.generate([[*prompt, *response[:b]]], params, prompt_offset=index)
-            total = 0.0
+            scores = []
             for cont in out.response_ids:
                 full = [*response[:b], *cont[:MAX_LEN - b]]
-                total += float(len(full) > 1 and full[1] % 2 == 0)
-            row.append(total / K)
+                scores.append(float(len(full) > 1 and full[1] % 2 == 0))
+            mean = sum(scores) / K
+            row.append(mean)
+            spread.append(sum((x - mean) ** 2 for x in scores) / (K - 1))
             index += 1
         values.append(row)
-    return values
+        variances.append(spread)
+    return values, variances
 
 
 def _mc_body(model_dir: str, tp: int):
@@ -62,11 +66,11 @@ def _mc_body(model_dir: str, tp: int):
         boundaries = [list(range(len(r))) for r in responses]     # every position a step: values from every prefix
         est = estimate_values(engine, PROMPTS, responses, boundaries, _toy_score, k=K, max_response_length=MAX_LEN,
                               seed=SEED)
-        slow = _slow_values(engine, PROMPTS, responses, boundaries)
+        slow, slow_var = _slow_values(engine, PROMPTS, responses, boundaries)
     finally:
         engine.shutdown()
     return dict(responses=responses, boundaries=est.boundaries, values=est.values, slow=slow, tokens=est.tokens,
-                requests=est.requests)
+                requests=est.requests, variances=est.variances, slow_var=slow_var, k=est.k)
 
 
 def _exact_values(model_dir, prompt, response):
@@ -95,6 +99,9 @@ def _check(results, model_dir):
     assert results[0] == results[1], "ranks disagree"
     r = results[0]
     assert r["values"] == r["slow"], "batched call differs from one call per prefix"
+    assert r["k"] == K and all(math.isclose(a, b, abs_tol=1e-12) for va, vb in zip(r["variances"], r["slow_var"])
+                               for a, b in zip(va, vb)), "the continuations' variances (ev_ceiling's noise) differ"
+    assert all(v[2:] == [0.0] * (len(v) - 2) for v in r["variances"]), "a decided prefix has no spread"
     assert r["requests"] == K * sum(map(len, r["boundaries"])) and r["tokens"] > 0
     worst = 0.0
     for prompt, response, values in zip(PROMPTS, r["responses"], r["values"]):

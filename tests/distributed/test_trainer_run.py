@@ -58,6 +58,7 @@ def test_two_ppo_steps_policy_tp2_pp2_sp_critic_tp2(assets, tmp_path):
     assert [r["phase"] for r in rows] == ["init", "value_pretrain", "ppo", "ppo"]
     # the critic probe (values/mc.py) at policy TP2 x PP2, critic TP2: every 2nd step, 4 responses x K=2
     assert "ev_oracle" in rows[2] and "ev_oracle" not in rows[1] and "ev_oracle" not in rows[3]
+    assert {"ev_ceiling", "probe_ev_mc"} <= rows[2].keys() and "ev_ceiling" not in rows[3]  # beside ev_oracle
     assert rows[2]["probe_requests"] == 2 * 4 * rows[2]["probe_boundaries"] and rows[2]["probe_tokens"] > 0
     for key in REQUIRED:
         assert key in rows[-1], f"metrics.jsonl lacks {key}"

@@ -1,5 +1,5 @@
-"""Step boundaries, step token values, the probe's rows and `ev_oracle` (values/), each against a slow, obviously
-correct reference written here."""
+"""Step boundaries, step token values, the probe's rows, `ev_oracle` and `ev_ceiling` (values/), each against a slow,
+obviously correct reference written here."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from vapo_megatron.values.boundaries import boundary_token_values, step_boundaries
-from vapo_megatron.values.mc import MCEstimate, oracle_explained_variance, probe_rows, token_values
+from vapo_megatron.values.mc import (
+    MCEstimate,
+    explained_variance_ceiling,
+    oracle_explained_variance,
+    probe_rows,
+    token_values,
+)
 
 NL = 10
 
@@ -80,3 +86,63 @@ def test_oracle_explained_variance_matches_numpy_formula():
     assert math.isclose(oracle_explained_variance(critic, rows, est), ref, rel_tol=1e-9)
     flat = MCEstimate([[0]], [[0.5]], 0, 0, 0.0)
     assert math.isnan(oracle_explained_variance(critic, [0], flat))
+
+
+def _ceiling_slow(boundaries, values, finals, lengths):
+    """1 - Var(G - V) / Var(G) over every token, V the value of the token's step start: loops, floats."""
+    pairs = []
+    for bounds, vals, g, n in zip(boundaries, values, finals, lengths):
+        for t in range(n):
+            j = max(i for i, b in enumerate(bounds) if b <= t)
+            pairs.append((g, vals[j]))
+    mean_g = sum(g for g, _ in pairs) / len(pairs)
+    mean_r = sum(g - v for g, v in pairs) / len(pairs)
+    var_g = sum((g - mean_g) ** 2 for g, _ in pairs) / len(pairs)
+    var_r = sum((g - v - mean_r) ** 2 for g, v in pairs) / len(pairs)
+    return 1 - var_r / var_g
+
+
+def _fatal_walk(n, k, gen, q=0.15, a=0.8, steps=4, span=(2, 7)):
+    """Responses of `steps` steps; each step is fatal with probability q (the value is 0 from the next boundary
+    on), a surviving response scores 1 with probability a. The true value at boundary j of a live response is
+    a (1 - q)^(steps - j). The Monte-Carlo estimate at each boundary: k Bernoulli draws of the true value."""
+    bounds, exact, mc, var, finals, lengths = [], [], [], [], [], []
+    for _ in range(n):
+        alive, b, e, m, s, pos = True, [], [], [], [], 0
+        for j in range(steps):
+            v = a * (1 - q) ** (steps - j) if alive else 0.0
+            draws = torch.bernoulli(torch.full((k,), v, dtype=torch.float64), generator=gen)
+            b.append(pos), e.append(v), m.append(draws.mean().item()), s.append(draws.var().item())
+            pos += int(torch.randint(span[0], span[1], (1,), generator=gen))
+            alive = alive and torch.rand(1, generator=gen).item() >= q
+        finals.append(float(alive and torch.rand(1, generator=gen).item() < a))
+        bounds.append(b), exact.append(e), mc.append(m), var.append(s), lengths.append(pos)
+    return bounds, exact, mc, var, finals, lengths
+
+
+def test_ev_ceiling_of_exact_values_matches_slow_reference():
+    gen = torch.Generator().manual_seed(1)
+    bounds, exact, _, _, finals, lengths = _fatal_walk(60, 2, gen)
+    est = MCEstimate(bounds, exact, 0, 0, 0.0, variances=[[0.0] * len(b) for b in bounds], k=2)
+    got = explained_variance_ceiling(est, lengths, finals)
+    assert math.isclose(got, _ceiling_slow(bounds, exact, finals, lengths), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_ev_ceiling_corrects_the_monte_carlo_noise(k):
+    """From noisy K-sample values the corrected ceiling lands on the exact values' ceiling; the uncorrected
+    explained variance of the same noisy values reads low by about E[V(1 - V)] / (K Var G)."""
+    gen = torch.Generator().manual_seed(k)
+    bounds, exact, mc, var, finals, lengths = _fatal_walk(4000, k, gen)
+    truth = _ceiling_slow(bounds, exact, finals, lengths)
+    got = explained_variance_ceiling(MCEstimate(bounds, mc, 0, 0, 0.0, variances=var, k=k), lengths, finals)
+    naive = _ceiling_slow(bounds, mc, finals, lengths)
+    assert abs(got - truth) < 0.02, (got, truth)
+    assert truth - naive > 0.3 / k, (naive, truth)  # the correction is needed, most of all at small K
+
+
+def test_ev_ceiling_is_undefined_without_spread_or_repeats():
+    est = MCEstimate([[0, 2]], [[0.5, 1.0]], 0, 0, 0.0, variances=[[0.25, 0.0]], k=1)
+    assert math.isnan(explained_variance_ceiling(est, [4], [1.0]))                    # K = 1: no noise estimate
+    est = MCEstimate([[0], [0]], [[1.0], [1.0]], 0, 0, 0.0, variances=[[0.0], [0.0]], k=4)
+    assert math.isnan(explained_variance_ceiling(est, [3, 5], [1.0, 1.0]))            # every reward equal

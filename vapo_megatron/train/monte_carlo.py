@@ -18,6 +18,7 @@ from vapo_megatron.values.mc import (
     MCEstimate,
     StepSplit,
     estimate_values,
+    explained_variance_ceiling,
     oracle_explained_variance,
     probe_rows,
     response_tokens,
@@ -99,6 +100,11 @@ class MonteCarlo:
                 out[f"{prefix}_boundaries"] = sum(map(len, est.boundaries)) / max(1, len(est.boundaries))
         if mc.probe is not None and batch.has("old_values"):
             out["ev_oracle"] = oracle_explained_variance(batch.old_values, mc.probe_rows, mc.probe)
+            rows = torch.tensor(mc.probe_rows)  # the ceiling of ev_mc on the probe's rows, and the critic's ev_mc there
+            out["ev_ceiling"] = explained_variance_ceiling(mc.probe, batch.lengths[rows].tolist(),
+                                                           batch.scores[rows].tolist())
+            out["probe_ev_mc"] = explained_variance_mc(batch.old_values[rows], batch.scores[rows],
+                                                       batch.resp_mask[rows]).item()
         if mc.values is not None and not mc.are_old_values:  # the Monte-Carlo values' own ev_mc, beside the critic's
             out["mc_ev_mc"] = explained_variance_mc(mc.values, batch.scores, batch.resp_mask).item()
         return out

@@ -18,9 +18,10 @@ every rank gets the same estimates.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,6 +62,11 @@ class MCEstimate:
     """Continuations sampled: K per boundary."""
     seconds: float
     """Wall time of generation and scoring."""
+    variances: list[list[float]] = field(default_factory=list)
+    """Per response, the sample variance (denominator K - 1; NaN at K = 1) of the K continuation rewards at each
+    boundary: the Monte-Carlo value's own noise is this / K."""
+    k: int = 0
+    """Continuations per boundary (0: not recorded)."""
 
 
 def estimate_values(engine, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
@@ -93,12 +99,16 @@ def estimate_values(engine, prompt_ids: Sequence[Sequence[int]], response_ids: S
         full.append([*prefix_resp, *cont[:budget]])
         cut.append(len(cont) > budget or out.finish_reason[i] == "length")
         owner.append(rows[p])
-    scores = score(owner, full, cut).to(torch.float64).reshape(len(prefixes), k).mean(dim=1).tolist()
+    per_prefix = score(owner, full, cut).to(torch.float64).reshape(len(prefixes), k)
+    means = per_prefix.mean(dim=1).tolist()
+    spreads = per_prefix.var(dim=1).tolist() if k > 1 else [math.nan] * len(prefixes)
     values: list[list[float]] = [[] for _ in boundaries]
-    for r, v in zip(rows, scores):
+    variances: list[list[float]] = [[] for _ in boundaries]
+    for r, v, s2 in zip(rows, means, spreads):
         values[r].append(v)
+        variances[r].append(s2)
     return MCEstimate(boundaries=[list(b) for b in boundaries], values=values, tokens=int(out.lengths.sum()),
-                      requests=len(out), seconds=time.perf_counter() - start)
+                      requests=len(out), seconds=time.perf_counter() - start, variances=variances, k=k)
 
 
 def response_tokens(input_ids: torch.Tensor, prompt_lens: torch.Tensor, lengths: torch.Tensor,
@@ -133,6 +143,32 @@ def oracle_explained_variance(critic_values: torch.Tensor, rows: Sequence[int], 
         return float("nan")
     target, pred = torch.tensor(mc, dtype=torch.float64), torch.tensor(critic, dtype=torch.float64)
     return explained_variance(target[None], pred[None], torch.ones(1, len(mc), dtype=torch.bool)).item()
+
+
+def explained_variance_ceiling(estimate: MCEstimate, lengths: Sequence[int], finals: Sequence[float]) -> float:
+    """`ev_ceiling`: the ev_mc that the true step values of these responses would reach, 1 - E[(G - V)^2] / Var(G)
+    over their tokens (G the response's reward, V(s_t) the value of token t's step start), estimated without bias
+    from K continuations per boundary. The Monte-Carlo mean V_hat carries noise of variance sigma^2 / K,
+    independent of G given the prefix, so E[(G - V_hat)^2] = E[(G - V)^2] + E[sigma^2 / K], and the sample
+    variance s^2 (denominator K - 1) estimates sigma^2 without bias. No critic that sees only the prefix up to
+    its step start can beat it in expectation; a critic that reads tokens inside a step can, by what those
+    tokens reveal (so it is a step-level ceiling). NaN at K < 2 or when every reward is equal."""
+    k = estimate.k
+    if k < 2 or len(estimate.variances) != len(estimate.values) or \
+            any(len(v) != len(s) for v, s in zip(estimate.values, estimate.variances)):
+        return float("nan")
+    width = max(lengths, default=0)
+    noise = MCEstimate(estimate.boundaries, estimate.variances, 0, 0, 0.0)  # s^2 spread over each step's tokens
+    value, _ = token_values(estimate, lengths, finals, width)
+    spread, _ = token_values(noise, lengths, finals, width)
+    mask = torch.arange(width)[None] < torch.tensor(list(lengths))[:, None]
+    g = torch.tensor(list(finals), dtype=torch.float64)[:, None].expand(-1, width)[mask]
+    v, s2 = value.to(torch.float64)[mask], spread.to(torch.float64)[mask]
+    var_g = g.var(unbiased=False)
+    if not g.numel() or var_g <= 1e-12 or not torch.isfinite(s2).all():
+        return float("nan")
+    residual = (g - v).pow(2).mean() - (g - v).mean().pow(2) - (s2 / k).mean()
+    return float(1.0 - residual / var_g)
 
 
 def probe_rows(num_rows: int, group_size: int, count: int) -> list[int]:
