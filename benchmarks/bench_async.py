@@ -5,7 +5,14 @@ prompts, seeds, steps) three ways, on the same cores:
 - separate sync: 1 trainer rank + 1 rollout rank, rollout.max_staleness=0;
 - separate k=1: the same two ranks, rollout.max_staleness=1 (generation of step s+1 overlaps training of s).
 
-    .venv/bin/python benchmarks/bench_async.py [--steps 6 --prompts 8 --n 4 --response 48]
+    .venv/bin/python benchmarks/bench_async.py [--steps 12 --prompts 8 --n 4 --response 192]
+
+The default workload balances the two pools (generation of responses up to 192 tokens takes about as long as
+the trainer's step on one core each), the regime separate placement is for: long reasoning responses, where
+generation is most of an RL step. The speed-up is bounded by (train + generate) / max(train, generate), so
+it shrinks where one pool dominates: at `--response 48` (generation about a third of the trainer's step) it
+measured 1.18-1.19x (docs/async.md). 12 steps, not fewer: the first batch of an asynchronous run cannot
+overlap anything, and a short run weighs it more.
 
 samples/s = trained samples / the summed step wall time of metrics.jsonl (t_* of every step; start-up and the
 engines' construction excluded, the same for all three). Idle fractions: the trainer's share of step time spent
@@ -62,10 +69,10 @@ def _measure(run_dir: Path, samples_per_step: int) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--n", type=int, default=4)
-    p.add_argument("--response", type=int, default=48)
+    p.add_argument("--response", type=int, default=192)
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_async_"))
     assets = tiny_task_assets(root / "assets", num_val=8)
