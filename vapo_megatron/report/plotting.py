@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PANELS = (("accuracy", "val_accuracy"), ("reward_mean",), ("critic/value_loss",), ("ev_mc", "explained_variance"),
-          ("response_length_mean",), ("policy/entropy",))
+PANELS = (("accuracy", "val_accuracy"), ("reward_mean",), ("critic/value_loss",),
+          ("ev_mc", "explained_variance", "ev_oracle", "ev_ceiling"), ("response_length_mean",), ("policy/entropy",))
+SPARSE = ("val_accuracy", "ev_oracle", "ev_ceiling")
+"""Keys logged only at some steps (validation, the critic probe): drawn with markers."""
 
 
 def plot_curves(rows: list[dict], path: str | Path) -> Path:
@@ -18,7 +20,7 @@ def plot_curves(rows: list[dict], path: str | Path) -> Path:
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), float)]
             if pts:
-                ax.plot(*zip(*pts), marker="o" if key == "val_accuracy" else None, ms=3, label=key)
+                ax.plot(*zip(*pts), marker="o" if key in SPARSE else None, ms=3, label=key)
         ax.set_title(" / ".join(keys))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
