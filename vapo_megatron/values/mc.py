@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vapo_megatron.algorithms import explained_variance
+from vapo_megatron.algorithms import explained_variance, explained_variance_mc, masked_mean, monte_carlo_returns
 from vapo_megatron.rollout.sampler import SamplingConfig, generate_distributed
 from vapo_megatron.values.boundaries import boundary_token_values, step_boundaries
 
@@ -162,13 +162,13 @@ def explained_variance_ceiling(estimate: MCEstimate, lengths: Sequence[int], fin
     value, _ = token_values(estimate, lengths, finals, width)
     spread, _ = token_values(noise, lengths, finals, width)
     mask = torch.arange(width)[None] < torch.tensor(list(lengths))[:, None]
-    g = torch.tensor(list(finals), dtype=torch.float64)[:, None].expand(-1, width)[mask]
-    v, s2 = value.to(torch.float64)[mask], spread.to(torch.float64)[mask]
-    var_g = g.var(unbiased=False)
-    if not g.numel() or var_g <= 1e-12 or not torch.isfinite(s2).all():
+    scores = torch.tensor(list(finals), dtype=torch.float64)
+    ev = explained_variance_mc(value, scores, mask).item()  # of the noisy V_hat: NaN when every reward is equal
+    if math.isnan(ev) or not torch.isfinite(spread[mask]).all():
         return float("nan")
-    residual = (g - v).pow(2).mean() - (g - v).mean().pow(2) - (s2 / k).mean()
-    return float(1.0 - residual / var_g)
+    g = monte_carlo_returns(scores, mask)
+    var_g = masked_mean(g * g, mask) - masked_mean(g, mask) ** 2
+    return ev + float(masked_mean(spread.to(torch.float64) / k, mask) / var_g)  # the noise E[s^2 / K] given back
 
 
 def probe_rows(num_rows: int, group_size: int, count: int) -> list[int]:
